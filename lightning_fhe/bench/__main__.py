@@ -1,0 +1,45 @@
+"""``python -m lightning_fhe.bench codec [--model M] [--clients K] [--json PATH]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lightning_fhe.models import SEGRESNET_FILTERS
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_fhe.bench", description="Measure what homomorphic encryption costs, as ratios in one run."
+    )
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    codec = sub.add_parser("codec", help="encrypted update size and speed: Clara/NVFlare's way against ours")
+    codec.add_argument("--model", default="segresnet-16", choices=sorted(SEGRESNET_FILTERS), help="network whose state dict is encrypted")
+    codec.add_argument("--clients", type=int, default=2, help="sites whose updates are averaged (default 2)")
+    codec.add_argument("--seed", type=int, default=0)
+    codec.add_argument("--json", type=Path, help="also write the measurements to this JSON file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.clients < 1:
+        _parser().error(f"--clients must be at least 1, got {args.clients}")
+    from lightning_fhe.bench import codec
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    result = codec.run(args.model, args.clients, args.seed, log=log)
+    print(codec.format_table(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
