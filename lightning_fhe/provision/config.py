@@ -1,0 +1,260 @@
+"""The provisioning config (``configs/provision.yaml``): loading and validation, with no side effects.
+
+Every error names the offending field as a YAML path (``server.port``, ``clients[2]``, ``he.config.scale_bits``)
+and, when the config came from a file, the file, so a user can fix it without reading this code.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lightning_fhe.he.params import CKKSParams, HEConfigError
+
+SUPPORTED_HE_LIBS = ("tenseal",)
+
+# Kit folders that live next to the site kits in the output folder, so no site may take their names.
+RESERVED_NAMES = ("ca", "server")
+
+# Site names become folder names and certificate common names (at most 64 characters in X.509). Requiring a
+# letter or digit first keeps them away from hidden folders ('.x'), '..' and names a shell reads as options ('-x').
+_SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_PROJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
+_DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+_KEYS = {"project", "server", "clients", "he"}
+_SERVER_KEYS = {"host", "port"}
+_HE_KEYS = {"lib", "config"}
+
+
+class ProvisionConfigError(ValueError):
+    """An invalid provisioning config. The message names the file (when there is one) and the field."""
+
+
+@dataclass(frozen=True)
+class ProvisionConfig:
+    """What to provision: one federation, its aggregator address, its sites and its CKKS parameters.
+
+    Constructing one validates it, so a config built in code (by the simulator, by tests) gets the same checks as
+    one read from YAML.
+
+    Args:
+        project: federation name; it goes into the certificates' subjects and the kits' YAML.
+        host: the name or address sites connect to; the server certificate is issued for it.
+        port: the aggregator's TCP port.
+        clients: the site names, each one kit folder and one client certificate common name.
+        params: the CKKS parameters every participant shares.
+    """
+
+    project: str
+    host: str
+    port: int
+    clients: tuple[str, ...]
+    params: CKKSParams = field(default_factory=CKKSParams)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.clients, (list, tuple)):
+            object.__setattr__(self, "clients", tuple(self.clients))
+        _check_project(self.project)
+        _check_host(self.host)
+        _check_port(self.port)
+        _check_clients(self.clients)
+        if not isinstance(self.params, CKKSParams):
+            raise ProvisionConfigError(f"he.config: expected CKKSParams, got {type(self.params).__name__}")
+        # A lower-case scheme is accepted, but written one way so that fingerprints of equal parameters agree.
+        object.__setattr__(self, "params", replace(self.params, scheme=self.params.scheme.upper()))
+
+    @property
+    def server_address(self) -> str:
+        """``host:port`` as gRPC wants it, with an IPv6 address in brackets."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config in the shape of ``provision.yaml``, so it can be written back and reloaded."""
+        return {
+            "project": self.project,
+            "server": {"host": self.host, "port": self.port},
+            "clients": list(self.clients),
+            "he": {"lib": "tenseal", "config": self.params.to_dict()},
+        }
+
+
+def load_provision_config(
+    source: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str] = ()
+) -> ProvisionConfig:
+    """Reads and validates a provisioning config.
+
+    Args:
+        source: a YAML file path, or a mapping (a dict or an OmegaConf ``DictConfig``) of the same shape.
+        overrides: OmegaConf ``key=value`` strings applied on top, e.g. ``["server.port=9443"]``.
+
+    Raises:
+        ProvisionConfigError: the file cannot be read or any field is invalid; the message names it.
+    """
+    where = "provision config" if isinstance(source, Mapping) else str(source)
+    try:
+        raw = _read(source, overrides)
+        return _build(raw)
+    except (ProvisionConfigError, HEConfigError) as err:
+        raise ProvisionConfigError(f"{where}: {err}") from None
+
+
+def _read(source: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str]) -> Any:
+    """The config as plain Python containers, overrides merged and interpolations resolved."""
+    try:
+        if isinstance(source, Mapping):
+            base = source if isinstance(source, DictConfig) else OmegaConf.create(dict(source))
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise ProvisionConfigError("no such config file" if not path.exists() else "not a file")
+            base = OmegaConf.load(path)
+        if overrides:
+            base = OmegaConf.merge(base, _parse_overrides(overrides))
+        return OmegaConf.to_container(base, resolve=True, throw_on_missing=True)
+    except ProvisionConfigError:
+        raise
+    except OmegaConfBaseException as err:
+        raise ProvisionConfigError(_omegaconf_message(err)) from None
+    except OSError as err:
+        raise ProvisionConfigError(f"cannot read the file ({err.strerror})") from None
+    except yaml.YAMLError as err:  # the parser's errors reach us unwrapped by omegaconf
+        raise ProvisionConfigError(f"not valid YAML: {_yaml_message(err)}") from None
+    except UnicodeDecodeError:
+        raise ProvisionConfigError("not a YAML file (it is not UTF-8 text)") from None
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
+    if bad:
+        raise ProvisionConfigError(f"override {bad[0]!r}: expected key=value, e.g. server.port=9443")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ProvisionConfigError(f"overrides: {_omegaconf_message(err)}") from None
+
+
+def _build(raw: Any) -> ProvisionConfig:
+    config = _mapping(raw, "the top level", _KEYS)
+    server = _mapping(_required(config, "server", ""), "server", _SERVER_KEYS)
+    he = _mapping(config.get("he") or {}, "he", _HE_KEYS)
+    lib = he.get("lib", "tenseal")
+    if lib not in SUPPORTED_HE_LIBS:
+        raise ProvisionConfigError(f"he.lib: {lib!r} is not supported; use one of {list(SUPPORTED_HE_LIBS)}")
+    params = CKKSParams.from_mapping(he.get("config", {}) or {}, where="he.config")
+    clients = _required(config, "clients", "")
+    if not isinstance(clients, list):
+        raise ProvisionConfigError(f"clients: expected a list of site names, got {clients!r}")
+    return ProvisionConfig(
+        project=_required(config, "project", ""),
+        host=_required(server, "host", "server."),
+        port=_required(server, "port", "server."),
+        clients=tuple(clients),
+        params=params,
+    )
+
+
+def _mapping(value: Any, where: str, known: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ProvisionConfigError(f"{where}: expected a mapping, got {value!r}")
+    unknown = sorted(str(k) for k in set(value) - known)
+    if unknown:
+        prefix = "" if where == "the top level" else f"{where}: "
+        raise ProvisionConfigError(f"{prefix}unknown key(s) {unknown}; expected {sorted(known)}")
+    return value
+
+
+def _required(mapping: dict[str, Any], key: str, prefix: str) -> Any:
+    if mapping.get(key) is None:
+        raise ProvisionConfigError(f"{prefix}{key}: missing")
+    return mapping[key]
+
+
+def _check_project(project: object) -> None:
+    if not isinstance(project, str) or not _PROJECT_NAME.fullmatch(project):
+        raise ProvisionConfigError(
+            f"project: {project!r} is not a valid project name (1 to 64 letters, digits, spaces, '-', '_', '.', "
+            "starting with a letter or digit)"
+        )
+
+
+def _check_host(host: object) -> None:
+    if not isinstance(host, str) or not host:
+        raise ProvisionConfigError(f"server.host: expected the host name or IP address sites connect to, got {host!r}")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is not None:
+        if address.is_unspecified:
+            raise ProvisionConfigError(
+                f"server.host: {host} means 'listen on every interface', not an address sites can connect to; "
+                "give the host name or IP address sites use to reach the server"
+            )
+        return
+    labels = host.split(".")
+    if len(host) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise ProvisionConfigError(
+            f"server.host: {host!r} is neither an IP address nor a valid DNS name (letters, digits and '-' in "
+            "dot-separated labels)"
+        )
+
+
+def _check_port(port: object) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ProvisionConfigError(f"server.port: expected an integer from 1 to 65535, got {port!r}")
+
+
+def _check_clients(clients: object) -> None:
+    if not isinstance(clients, tuple):
+        raise ProvisionConfigError(f"clients: expected a list of site names, got {clients!r}")
+    if not clients:
+        raise ProvisionConfigError("clients: empty; list at least one site name")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(clients):
+        if not isinstance(name, str) or not _SITE_NAME.fullmatch(name):
+            raise ProvisionConfigError(
+                f"clients[{i}]: {name!r} is not a valid site name (letters, digits, '-', '_', '.'; starting with a "
+                "letter or digit; at most 64 characters)"
+            )
+        if name.lower() in RESERVED_NAMES:
+            raise ProvisionConfigError(
+                f"clients[{i}]: {name!r} is reserved for the {name.lower()} kit folder; choose another site name"
+            )
+        # Compared without case: each name is a folder, and on macOS or Windows 'Site-1' and 'site-1' are one folder.
+        first = seen.setdefault(name.lower(), i)
+        if first != i:
+            raise ProvisionConfigError(
+                f"clients[{i}]: {name!r} duplicates clients[{first}] {clients[first]!r}; site names must be unique "
+                "(ignoring case)"
+            )
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    """OmegaConf's message, led by the key it concerns, which it keeps apart from the text."""
+    key = getattr(err, "full_key", None)
+    message = _first_line(err)
+    return f"{key}: {message}" if key and not message.startswith(f"{key}:") else message
+
+
+def _yaml_message(err: yaml.YAMLError) -> str:
+    """PyYAML's problem and where it is; its first line alone ('while parsing a flow node') says neither."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return _first_line(err)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
