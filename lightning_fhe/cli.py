@@ -7,6 +7,7 @@ import sys
 
 SUBCOMMANDS = {
     "provision": "make the CA, TLS certificates and CKKS keys for a federation",
+    "server": "run the aggregation server (sums encrypted updates without any key)",
     "bench": "measure what homomorphic encryption costs",
 }
 

@@ -1,4 +1,4 @@
-"""``python -m lightning_fhe.bench codec [--model M] [--clients K] [--json PATH]``."""
+"""``python -m lightning_fhe.bench {codec,server-memory} ...``: benchmarks measured as ratios within one run."""
 
 from __future__ import annotations
 
@@ -20,11 +20,19 @@ def _parser() -> argparse.ArgumentParser:
     codec.add_argument("--clients", type=int, default=2, help="sites whose updates are averaged (default 2)")
     codec.add_argument("--seed", type=int, default=0)
     codec.add_argument("--json", type=Path, help="also write the measurements to this JSON file")
+    memory = sub.add_parser("server-memory", help="aggregator peak memory: few against many sites uploading at once")
+    from lightning_fhe.bench import server_memory
+
+    server_memory.add_arguments(memory)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.bench == "server-memory":
+        from lightning_fhe.bench import server_memory
+
+        return server_memory.run_from_args(args)
     if args.clients < 1:
         _parser().error(f"--clients must be at least 1, got {args.clients}")
     from lightning_fhe.bench import codec

@@ -1,0 +1,221 @@
+"""Peak memory of the aggregator with few against many sites uploading at once.
+
+The server sums each update into the round's running sum as its chunks arrive and accumulates at most
+``max_concurrent_uploads`` streams at a time, so its memory should stay about one model whatever the number of
+sites. This runs the real thing: ``python -m lightning_fhe.server`` as its own process (so its memory is its alone)
+over mutual TLS on loopback, and K sites in this process, each encrypting its update of the model with the
+federation's key while uploading it. The server reports its own peak RSS (``getrusage`` high-water mark) when it
+exits.
+
+    python -m lightning_fhe.bench.server_memory --model segresnet-8 --sites 2 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_fhe.client import AggregatorClient
+from lightning_fhe.he.codec import UpdateCipher
+from lightning_fhe.he.layout import TensorLayout
+from lightning_fhe.models import SEGRESNET_FILTERS, build_model
+from lightning_fhe.provision import ProvisionConfig, load_site_kit, provision
+
+# The issue's acceptance target: peak server memory with the most sites over that with the fewest.
+TARGET_GROWTH = 1.5
+
+
+def _rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory from /proc (Linux); 0 where there is none."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024 * 1.048576  # kB -> MB (10^6 bytes)
+    except OSError:
+        pass
+    return 0.0
+
+
+def _site(
+    kit_dir: Path, address: str, layout: TensorLayout, base: np.ndarray, index: int, rounds: int, out: dict
+) -> None:
+    """One site: join, round 0 if told to, then upload and download every round; checks its first decryption."""
+    empty = TensorLayout(())
+    kit = load_site_kit(kit_dir)
+    cipher = UpdateCipher(kit.he_context)
+    try:
+        with AggregatorClient(kit, address, retry_budget_s=120, rpc_timeout_s=1200) as client:
+            info = client.join(1.0, layout, empty)
+            if info.send_initial_model:
+                client.submit(0, [], base)
+            client.fetch_global(0)
+            for r in range(info.current_round, rounds + 1):
+                values = base * (1.0 + 0.01 * index) + 0.001 * r  # every site different, the average known
+                receipt = client.submit(r, cipher.iter_encrypt(values, info.share), np.zeros(0))
+                model = client.fetch_global(r)
+                out.setdefault("upload_mb", receipt.bytes_sent / 1e6)
+                out.setdefault("download_mb", model.bytes_received / 1e6)
+                if index == 1 and r == 1:
+                    decrypted = cipher.decrypt(model.encrypted_chunks, layout.numel, model.total_share)
+                    out["decrypted"] = decrypted
+    except BaseException as err:  # reported by the caller
+        out["error"] = err
+
+
+def measure(model: str, sites: int, rounds: int, workdir: Path, log=print) -> dict[str, Any]:
+    """Runs one federation of ``sites`` sites for ``rounds`` rounds and returns the server's memory."""
+    names = [f"site-{i}" for i in range(1, sites + 1)]
+    kits = provision(ProvisionConfig("bench", "localhost", 8443, tuple(names)), workdir / "kits")
+    state = {k: v for k, v in build_model(model).state_dict().items() if v.is_floating_point()}
+    layout = TensorLayout.from_tensors(state)
+    base = layout.flatten(state)
+    port_file, server_log = workdir / "port", workdir / "server.log"
+    (workdir / "empty.yaml").write_text("{}\n")
+    command = [sys.executable, "-m", "lightning_fhe.server", "--kit", str(kits["server"])]
+    command += ["--config", str(workdir / "empty.yaml"), "port=0", "bind=127.0.0.1", f"rounds={rounds}"]
+    command += [f"state_dir={workdir / 'state'}", f"port_file={port_file}", "linger_s=60", "keep_rounds=1"]
+    with open(server_log, "wb") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not port_file.exists():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start:\n{server_log.read_text()}")
+            time.sleep(0.05)
+        address = f"127.0.0.1:{int(port_file.read_text())}"
+        idle_mb = _rss_mb(server.pid)
+        log(f"  {sites} sites: server up at {address}, {idle_mb:.0f} MB resident; running {rounds} round(s)")
+        results: dict[int, dict] = {i: {} for i in range(1, sites + 1)}
+        started = time.monotonic()
+        threads = [
+            threading.Thread(target=_site, args=(kits[name], address, layout, base, i, rounds, results[i]), daemon=True)
+            for i, name in zip(results, names)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seconds = time.monotonic() - started
+        code = server.wait(120)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    text = server_log.read_text()
+    errors = [f"site-{i}: {r['error']!r}" for i, r in results.items() if "error" in r]
+    if errors or code != 0:
+        raise RuntimeError(f"the federation did not complete (server exit {code}): {errors}\n{text[-3000:]}")
+    peak = re.search(r"peak memory \(RSS high-water mark\) ([\d.]+) MB", text)
+    if peak is None:
+        raise RuntimeError(f"the server did not report its peak memory:\n{text[-3000:]}")
+    expected = base * (1.0 + 0.01 * np.mean(range(1, sites + 1))) + 0.001
+    error = float(np.abs(results[1]["decrypted"] - expected).max())
+    return {
+        "sites": sites,
+        "values": layout.numel,
+        "upload_mb": results[1]["upload_mb"],
+        "download_mb": results[1]["download_mb"],
+        "idle_rss_mb": idle_mb,
+        "peak_rss_mb": float(peak.group(1)),
+        "seconds": seconds,
+        "max_abs_error": error,
+        "round_summaries": re.findall(r"round \d+ closed: .*", text),
+    }
+
+
+def run(model: str = "segresnet-8", sites: tuple[int, ...] = (2, 16), rounds: int = 2, log=print) -> dict[str, Any]:
+    log(f"server memory: {model}, {list(sites)} sites, {rounds} round(s) each")
+    measurements = []
+    for k in sites:
+        with tempfile.TemporaryDirectory(prefix="lfhe-server-memory-") as tmp:
+            measurements.append(measure(model, k, rounds, Path(tmp), log))
+    first, last = measurements[0], measurements[-1]
+    growth = last["peak_rss_mb"] / first["peak_rss_mb"]
+    above_idle = (last["peak_rss_mb"] - last["idle_rss_mb"]) / max(first["peak_rss_mb"] - first["idle_rss_mb"], 1e-9)
+    return {
+        "model": model,
+        "rounds": rounds,
+        "measurements": measurements,
+        "growth": growth,
+        "growth_above_idle": above_idle,
+        "target_growth": TARGET_GROWTH,
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    m = result["measurements"]
+    lines = [
+        f"Aggregator peak memory, {result['model']} ({m[0]['values']:,} encrypted values), "
+        f"{result['rounds']} round(s), server in its own process, mutual TLS on loopback",
+        "",
+        "| sites | upload per site | global model | server idle RSS | server peak RSS | peak - idle | wall time |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in m:
+        lines.append(
+            f"| {row['sites']} | {row['upload_mb']:.1f} MB | {row['download_mb']:.1f} MB | "
+            f"{row['idle_rss_mb']:.0f} MB | {row['peak_rss_mb']:.0f} MB | "
+            f"{row['peak_rss_mb'] - row['idle_rss_mb']:.0f} MB | {row['seconds']:.1f} s |"
+        )
+    ok = "meets" if result["growth"] <= result["target_growth"] else "MISSES"
+    lines += [
+        "",
+        f"peak RSS {m[-1]['sites']} sites / {m[0]['sites']} sites: {result['growth']:.2f}x ({ok} the <= "
+        f"{result['target_growth']}x target); growth above the idle server: {result['growth_above_idle']:.2f}x",
+        f"largest decryption error of the global model (site-1, round 1): {max(r['max_abs_error'] for r in m):.1e}",
+    ]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options, for ``python -m lightning_fhe.bench server-memory`` as well as this module's own ``main``."""
+    parser.add_argument(
+        "--model", default="segresnet-8", choices=sorted(SEGRESNET_FILTERS), help="network whose updates the sites send"
+    )
+    parser.add_argument(
+        "--sites", type=int, nargs="+", default=[2, 16], help="federation sizes to compare (default: 2 16)"
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per federation (default 2)")
+    parser.add_argument("--json", type=Path, help="also write the measurements to this JSON file")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_fhe.bench.server_memory", description=__doc__.split("\n\n")[0]
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_from_args(args)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    if min(args.sites) < 1 or args.rounds < 1:
+        print("error: --sites and --rounds must be at least 1", file=sys.stderr)
+        return 2
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    result = run(args.model, tuple(args.sites), args.rounds, log=log)
+    print(format_table(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,831 @@
+"""The federation as the aggregator runs it: formation, the open round, its running sum, and the state on disk.
+
+This is where the pure pieces meet: :class:`~lightning_fhe.server.membership.Formation` and
+:class:`~lightning_fhe.server.rounds.RoundState` decide, :class:`~lightning_fhe.server.accumulator.RoundAccumulator`
+sums, :class:`~lightning_fhe.server.store.StateStore` persists. It adds one lock, the clock, and waiting (a Join
+until the federation forms, a download until its round closes). It knows nothing of gRPC: requests come in as the
+small dataclasses below and refusals leave as :class:`~lightning_fhe.server.errors.Refusal`, which the servicer
+translates. Tests drive it directly with a fake clock.
+
+Life cycle: FORMING (sites join) -> OPEN (round 0 when a site sends the initial model, then rounds 1..rounds)
+-> FINISHED, or FAILED when formation or a round misses its quorum at the timeout. A failed federation is not
+recorded as such: restarting the server reopens the failed round, with every earlier round still on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+import numpy as np
+import torch
+
+from lightning_fhe.he.codec import num_chunks
+from lightning_fhe.he.context import HEContext
+from lightning_fhe.server.accumulator import Aggregate, RoundAccumulator, Upload
+from lightning_fhe.server.config import ServerConfig
+from lightning_fhe.server.errors import Reason, Refusal, Status
+from lightning_fhe.server.initial_model import InitialModelError, flatten_initial_state
+from lightning_fhe.server.membership import Formation, Membership, SiteDeclaration, check_identity
+from lightning_fhe.server.rounds import Decision, Outcome, QuorumRule, RoundState
+from lightning_fhe.server.store import AggregateReader, FederationRecord, StateError, StateStore
+
+logger = logging.getLogger("lightning_fhe.server")
+
+# How often a waiting call looks up whether its caller is still there.
+_POLL_S = 0.25
+
+
+class Phase(Enum):
+    FORMING = "forming"
+    OPEN = "open"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+# -- requests and answers, free of gRPC ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UploadHeader:
+    """First message of an update: its round and sizes, checked against the layout before anything is read."""
+
+    round: int
+    num_chunks: int
+    plaintext_count: int
+
+
+@dataclass(frozen=True)
+class ChunkPart:
+    index: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class PlaintextPart:
+    offset: int  # in values
+    data: bytes  # float64 little-endian
+
+
+UploadPart = UploadHeader | ChunkPart | PlaintextPart
+
+
+@dataclass(frozen=True)
+class JoinResult:
+    formed: bool  # False: still forming when the wait ended; join again
+    site: str
+    joined: int
+    expected: int
+    members: tuple[str, ...] = ()
+    total_weight: float = 0.0
+    share: float = 0.0
+    rounds: int = 0
+    current_round: int = 0
+    send_initial_model: bool = False
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    round: int
+    bytes_received: int
+    submitted: int  # updates recorded in this round so far, this one included
+    members: int
+
+
+@dataclass(frozen=True)
+class StatusView:
+    phase: Phase
+    current_round: int  # the round open for submissions; rounds + 1 once finished
+    rounds: int
+    last_closed_round: int  # -1 when none
+    members: tuple[str, ...]
+    submitted: tuple[str, ...]  # whose update for current_round is recorded
+    this_site_submitted: bool
+    failure: str
+    joined: tuple[str, ...] = ()  # while forming
+
+
+@dataclass
+class _RoundStats:
+    opened_at: float
+    bytes_in: int = 0
+    bytes_out: int = 0
+    aborted: list[str] = field(default_factory=list)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (its high-water mark), for the round summaries.
+
+    Linux: ``VmHWM`` from ``/proc/self/status``. Not ``getrusage``: its ``ru_maxrss`` survives ``exec``, so a server
+    started by a big process (a test runner, a benchmark) would report its parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux kibibytes
+
+
+class Federation:
+    """One federation, driven by the servicer's threads and a timer thread calling :meth:`tick`.
+
+    Args:
+        config: the options, resolved against the kit (:meth:`ServerConfig.with_kit`).
+        context: the server's keyless HE context.
+        he_fingerprint: the server kit's HE fingerprint; sites must present the same.
+        project: the federation's name, recorded in ``state_dir``.
+        store: where the federation record and aggregates live.
+        initial_state: the configured initial model's state dict, or None (a site sends it).
+        clock: seconds on a monotonic clock; tests pass a fake one.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        context: HEContext,
+        he_fingerprint: str,
+        project: str,
+        store: StateStore,
+        initial_state: Mapping[str, torch.Tensor] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.context = context
+        self.params = context.params
+        self.he_fingerprint = he_fingerprint
+        self.params_fingerprint = self.params.fingerprint()
+        self.project = project
+        self.store = store
+        self._initial_state = initial_state
+        self._initial_values: np.ndarray | None = None
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._slots = threading.BoundedSemaphore(config.max_concurrent_uploads)
+        self._rule = QuorumRule(config.quorum, config.wait_after_min_s, config.round_timeout_s)
+
+        self.phase = Phase.FORMING
+        self.formation: Formation | None = None
+        self.membership: Membership | None = None
+        self.round: RoundState | None = None
+        self.accumulator: RoundAccumulator | None = None
+        self.last_closed_round = -1
+        self.failure = ""
+        self.ended_at: float | None = None
+        self.fetched_final: set[str] = set()
+        self._stats = _RoundStats(opened_at=clock())
+        self._last_close_why = ""
+        self._restore()
+
+    # -- start-up ---------------------------------------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        store, now = self.store, self._clock()
+        store.prepare()
+        record = store.load_federation()
+        if record is None:
+            if store.stored_rounds():
+                raise StateError(
+                    f"state_dir {store.root} holds round aggregates but no federation.json; it was not written by "
+                    "this server, or was damaged: move it aside to start afresh"
+                )
+            self.formation = Formation(
+                self.config.expected, self._rule, now, self.he_fingerprint, self.params_fingerprint
+            )
+            logger.info(
+                "forming the federation: expecting %s (quorum %d, round_timeout_s=%g)",
+                ", ".join(self.config.expected),
+                min(self.config.quorum, len(self.config.expected)),
+                self.config.round_timeout_s,
+            )
+            return
+        if record.he_fingerprint != self.he_fingerprint:
+            raise StateError(
+                f"state_dir {store.root} belongs to a federation with HE fingerprint {record.he_fingerprint}, but "
+                f"this server kit has {self.he_fingerprint}: use another state_dir, or the matching kit"
+            )
+        membership = record.membership
+        self.last_closed_round = max(record.last_closed_round, store.last_closed_round())
+        if self.last_closed_round >= 0:
+            try:
+                store.open_aggregate(self.last_closed_round).close()
+            except (OSError, StateError) as err:
+                raise StateError(
+                    f"cannot resume: round {self.last_closed_round}'s aggregate is unreadable ({err})"
+                ) from None
+        if self.last_closed_round < 0 and self._initial_state is None and membership.initial_model_site is None:
+            # Formed with a configured initial model that is no longer configured: a member sends it instead.
+            membership = replace(membership, initial_model_site=membership.members[0])
+        self.membership = membership
+        dropped = [m for m in membership.members if m not in self.config.expected]
+        if dropped:
+            logger.warning("members %s are no longer in 'clients' and will be refused", ", ".join(dropped))
+        logger.info(
+            "resuming federation %r from %s: members %s, last closed round %d of %d",
+            record.project,
+            store.root,
+            ", ".join(membership.members),
+            self.last_closed_round,
+            self.config.rounds,
+        )
+        self.phase = Phase.OPEN
+        if self.last_closed_round < 0 and self._initial_state is not None:
+            self._write_initial_model(now)
+        self._save_record()
+        if self.last_closed_round >= self.config.rounds:
+            self._finish(now)
+        elif self.phase is Phase.OPEN:
+            self._open_round(self.last_closed_round + 1, now)
+
+    # -- joining ----------------------------------------------------------------------------------------------------
+
+    def join(
+        self,
+        site: str,
+        declaration: SiteDeclaration,
+        max_wait_s: float = 0.0,
+        is_active: Callable[[], bool] = lambda: True,
+    ) -> JoinResult:
+        """Records a site's join, then waits up to ``max_wait_s`` for the federation to form."""
+        with self._cond:
+            now = self._clock()
+            self._tick_locked(now)
+            self._refuse_if_failed()
+            if self.phase is Phase.FORMING:
+                assert self.formation is not None
+                self.formation.check(site, declaration)
+                joined = self.formation.joined
+                if self._initial_state is not None and (not joined or (len(joined) == 1 and site in joined)):
+                    # The first site's layouts become the federation's: check the configured model fits them now.
+                    self._initial_values = self._flatten_initial(declaration)
+                first_time = site not in joined
+                self.formation.join(site, declaration, now)
+                if first_time:  # a waiting site asks again every max_wait_s: log it once
+                    expected = len(self.formation.expected)
+                    logger.info("site %s joined (weight %g): %d of %d", site, declaration.weight, len(joined), expected)
+                self._tick_locked(now)
+            else:
+                check_identity(site, declaration, self.config.expected, self.he_fingerprint, self.params_fingerprint)
+                assert self.membership is not None
+                self.membership.check_rejoin(site, declaration)
+                logger.info("member %s joined again", site)
+            deadline = now + max_wait_s
+            while self.phase is Phase.FORMING:
+                remaining = deadline - self._clock()
+                if remaining <= 0 or not is_active():
+                    assert self.formation is not None
+                    return JoinResult(False, site, len(self.formation.joined), len(self.formation.expected))
+                self._cond.wait(min(remaining, _POLL_S))
+            self._refuse_if_failed()
+            return self._join_result(site)
+
+    def _flatten_initial(self, declaration: SiteDeclaration) -> np.ndarray:
+        assert self._initial_state is not None
+        try:
+            return flatten_initial_state(
+                self._initial_state,
+                declaration.encrypted_layout,
+                declaration.plaintext_layout,
+                str(self.config.initial_model),
+            )
+        except InitialModelError as err:
+            logger.error("%s", err)
+            raise Refusal(Status.FAILED_PRECONDITION, Reason.MISMATCH, str(err)) from None
+
+    def _join_result(self, site: str) -> JoinResult:
+        membership = self.membership
+        assert membership is not None
+        if site not in membership.members:
+            raise Refusal(
+                Status.PERMISSION_DENIED,
+                Reason.NOT_MEMBER,
+                f"site {site!r} is not a member: the federation formed with {', '.join(membership.members)}",
+            )
+        return JoinResult(
+            formed=True,
+            site=site,
+            joined=len(membership.members),
+            expected=len(self.config.expected),
+            members=membership.members,
+            total_weight=membership.total_weight,
+            share=membership.share(site),
+            rounds=self.config.rounds,
+            current_round=max(self.current_round, 1),
+            send_initial_model=self.last_closed_round < 0 and membership.initial_model_site == site,
+        )
+
+    # -- submitting -------------------------------------------------------------------------------------------------
+
+    def submit(
+        self, site: str, parts: Iterator[UploadPart], is_active: Callable[[], bool] = lambda: True
+    ) -> SubmitResult:
+        """Accumulates one update as its parts arrive; on any refusal or a broken stream, nothing of it remains.
+
+        ``parts`` is read outside the lock (it blocks on the network); each part is added under it.
+        """
+        header = next(parts, None)
+        if not isinstance(header, UploadHeader):
+            raise Refusal(
+                Status.INVALID_ARGUMENT,
+                Reason.BAD_REQUEST,
+                "an update stream must start with its header (round and sizes)",
+            )
+        with self._cond:
+            self._tick_locked(self._clock())
+            round_state = self._reserve_submission(site, header)
+        recorded = False
+        try:
+            self._acquire_slot(site, header.round, is_active)
+            try:
+                with self._cond:
+                    self._check_still_open(header.round)
+                    assert self.accumulator is not None and self.membership is not None
+                    share = 1.0 if header.round == 0 else self.membership.share(site)
+                    upload = self.accumulator.begin(site, share)
+                try:
+                    for part in parts:
+                        with self._cond:
+                            self._check_alive(upload, header.round)
+                            if isinstance(part, ChunkPart):
+                                upload.add_chunk(part.index, part.data)
+                            elif isinstance(part, PlaintextPart):
+                                upload.add_plaintext(part.offset, part.data)
+                            else:
+                                raise Refusal(
+                                    Status.INVALID_ARGUMENT, Reason.BAD_REQUEST, "a second header in one update stream"
+                                )
+                            self._stats.bytes_in += len(part.data)
+                    with self._cond:
+                        self._check_alive(upload, header.round)
+                        upload.commit()
+                        now = self._clock()
+                        round_state.finish_upload(site, recorded=True, now=now)
+                        recorded = True
+                        submitted = len(round_state.submitted)
+                        logger.info(
+                            "round %d: update from %s recorded (%s), %d of %d",
+                            header.round,
+                            site,
+                            _mb(upload.bytes_received),
+                            submitted,
+                            len(round_state.members),
+                        )
+                        result = SubmitResult(header.round, upload.bytes_received, submitted, len(round_state.members))
+                        self._tick_locked(now)
+                        return result
+                except BaseException as err:
+                    with self._cond:
+                        if upload.state == "open":
+                            received = upload.chunks_received
+                            upload.abort()
+                            self._stats.aborted.append(site)
+                            why = err.message if isinstance(err, Refusal) else "the stream broke"
+                            logger.warning(
+                                "round %d: update from %s discarded after %d chunks: %s",
+                                header.round,
+                                site,
+                                received,
+                                why,
+                            )
+                    raise
+            finally:
+                self._slots.release()
+        finally:
+            if not recorded:
+                with self._cond:
+                    round_state.finish_upload(site, recorded=False, now=self._clock())
+                    self._cond.notify_all()
+
+    def _reserve_submission(self, site: str, header: UploadHeader) -> RoundState:
+        """Every check that needs no data: who, which round, duplicate, sizes. Marks the site as uploading."""
+        if self.phase is Phase.FAILED:
+            raise Refusal(Status.ABORTED, Reason.FAILED, self.failure)
+        if site not in self.config.expected:
+            raise Refusal(
+                Status.PERMISSION_DENIED,
+                Reason.UNKNOWN_SITE,
+                f"site {site!r} is not one of the expected sites ({', '.join(self.config.expected)})",
+            )
+        if self.phase is Phase.FORMING:
+            assert self.formation is not None
+            joined = site in self.formation.joined
+            raise Refusal(
+                Status.FAILED_PRECONDITION,
+                Reason.ROUND_NOT_OPEN if joined else Reason.NOT_JOINED,
+                f"round {header.round} is not open yet: the federation is still forming"
+                + ("" if joined else f", and site {site!r} has not joined"),
+            )
+        assert self.membership is not None
+        if site not in self.membership.members:
+            raise Refusal(
+                Status.PERMISSION_DENIED,
+                Reason.NOT_MEMBER,
+                f"site {site!r} never joined: the federation formed with {', '.join(self.membership.members)} and "
+                "members are fixed from then on",
+            )
+        if not 0 <= header.round <= self.config.rounds:
+            raise Refusal(
+                Status.INVALID_ARGUMENT,
+                Reason.NO_SUCH_ROUND,
+                f"round {header.round} does not exist: the federation runs rounds 1..{self.config.rounds} "
+                "(0: the initial model)",
+            )
+        if self.phase is Phase.FINISHED:
+            raise Refusal(
+                Status.FAILED_PRECONDITION,
+                Reason.ROUND_CLOSED,
+                f"round {header.round} is closed: the federation finished its {self.config.rounds} rounds",
+            )
+        round_state, accumulator = self.round, self.accumulator
+        assert round_state is not None and accumulator is not None
+        round_state.check_round(header.round)
+        if header.round == 0 and site != self.membership.initial_model_site:
+            raise Refusal(
+                Status.PERMISSION_DENIED,
+                Reason.NOT_MEMBER,
+                f"round 0 is the initial model, which site {self.membership.initial_model_site!r} sends, not {site!r}",
+            )
+        if site in round_state.submitted:
+            raise Refusal(
+                Status.ALREADY_EXISTS,
+                Reason.DUPLICATE,
+                f"site {site!r} already submitted its update for round {header.round}",
+            )
+        if header.num_chunks != accumulator.num_chunks:
+            values = self.membership.encrypted_layout.numel if header.round else 0
+            raise Refusal(
+                Status.INVALID_ARGUMENT,
+                Reason.CHUNK_COUNT,
+                f"the update declares {header.num_chunks} ciphertext chunks, but round {header.round} takes "
+                f"{accumulator.num_chunks} ({values} encrypted values, {self.params.values_per_ciphertext} per chunk)",
+            )
+        if header.plaintext_count != accumulator.plaintext_count:
+            what = (
+                "encrypted and plaintext values of the initial model"
+                if header.round == 0
+                else "values in the plaintext layout"
+            )
+            raise Refusal(
+                Status.INVALID_ARGUMENT,
+                Reason.CHUNK_COUNT,
+                f"the update declares {header.plaintext_count} plaintext values, but there are "
+                f"{accumulator.plaintext_count} {what}",
+            )
+        round_state.start_upload(site, header.round)
+        return round_state
+
+    def _acquire_slot(self, site: str, round_number: int, is_active: Callable[[], bool]) -> None:
+        """Waits for one of ``max_concurrent_uploads`` slots; the sender is held back by gRPC flow control."""
+        while not self._slots.acquire(timeout=_POLL_S):
+            if not is_active():
+                raise Refusal(
+                    Status.CANCELLED, Reason.GONE, f"site {site!r} went away while its update waited for an upload slot"
+                )
+            with self._cond:
+                self._check_still_open(round_number)
+
+    def _check_still_open(self, round_number: int) -> None:
+        if self.phase is Phase.FAILED:
+            raise Refusal(Status.ABORTED, Reason.FAILED, self.failure)
+        if self.round is None or self.round.number != round_number:
+            raise Refusal(
+                Status.FAILED_PRECONDITION,
+                Reason.ROUND_CLOSED,
+                f"round {round_number} closed while this update waited ({self._last_close_why}); it is not included",
+            )
+
+    def _check_alive(self, upload: Upload, round_number: int) -> None:
+        if upload.state == "aborted":
+            if self.phase is Phase.FAILED:
+                raise Refusal(Status.ABORTED, Reason.FAILED, self.failure)
+            raise Refusal(
+                Status.FAILED_PRECONDITION,
+                Reason.ROUND_CLOSED,
+                f"round {round_number} closed while this update was arriving ({self._last_close_why}); "
+                "it is not included",
+            )
+
+    # -- downloading ------------------------------------------------------------------------------------------------
+
+    def open_global(
+        self,
+        site: str,
+        round_number: int,
+        max_wait_s: float = 0.0,
+        is_active: Callable[[], bool] = lambda: True,
+    ) -> AggregateReader | StatusView:
+        """The stored aggregate of ``round_number`` once it is on disk, or the status if it is still open after
+        ``max_wait_s`` (the site asks again)."""
+        with self._cond:
+            now = self._clock()
+            self._tick_locked(now)
+            self._check_known(site)
+            if self.phase is Phase.FORMING:
+                raise Refusal(
+                    Status.FAILED_PRECONDITION, Reason.NOT_JOINED, "the federation is still forming: join first"
+                )
+            if not 0 <= round_number <= self.config.rounds:
+                raise Refusal(
+                    Status.INVALID_ARGUMENT,
+                    Reason.NO_SUCH_ROUND,
+                    f"round {round_number} does not exist: the federation runs rounds 1..{self.config.rounds} "
+                    "(0: the initial model)",
+                )
+            deadline = now + max_wait_s
+            while True:
+                if round_number <= self.last_closed_round:
+                    if not self.store.aggregate_path(round_number).exists():
+                        raise Refusal(
+                            Status.NOT_FOUND,
+                            Reason.PRUNED,
+                            f"round {round_number}'s aggregate is no longer kept "
+                            f"(keep_rounds={self.config.keep_rounds}); "
+                            f"the latest is round {self.last_closed_round}",
+                        )
+                    return self.store.open_aggregate(round_number)
+                self._refuse_if_failed()
+                remaining = deadline - self._clock()
+                if remaining <= 0 or not is_active():
+                    return self._status_locked(site)
+                self._cond.wait(min(remaining, _POLL_S))
+
+    def note_download(self, site: str, round_number: int, nbytes: int, complete: bool) -> None:
+        """Counts bytes sent; a member that fetched the last global model lets the server exit sooner."""
+        with self._cond:
+            self._stats.bytes_out += nbytes
+            if complete and round_number == self.config.rounds:
+                self.fetched_final.add(site)
+                self._cond.notify_all()
+
+    # -- status -----------------------------------------------------------------------------------------------------
+
+    def status(self, site: str) -> StatusView:
+        with self._cond:
+            self._tick_locked(self._clock())
+            self._check_known(site)
+            return self._status_locked(site)
+
+    @property
+    def current_round(self) -> int:
+        if self.round is not None:
+            return self.round.number
+        return self.config.rounds + 1 if self.phase is Phase.FINISHED else max(self.last_closed_round + 1, 0)
+
+    def _status_locked(self, site: str) -> StatusView:
+        submitted = self.round.participants if self.round is not None else ()
+        return StatusView(
+            phase=self.phase,
+            current_round=self.current_round,
+            rounds=self.config.rounds,
+            last_closed_round=self.last_closed_round,
+            members=self.membership.members if self.membership else (),
+            submitted=submitted,
+            this_site_submitted=site in submitted,
+            failure=self.failure,
+            joined=tuple(self.formation.joined) if self.phase is Phase.FORMING and self.formation else (),
+        )
+
+    def _check_known(self, site: str) -> None:
+        if site not in self.config.expected:
+            raise Refusal(
+                Status.PERMISSION_DENIED,
+                Reason.UNKNOWN_SITE,
+                f"site {site!r} is not one of the expected sites ({', '.join(self.config.expected)})",
+            )
+
+    def _refuse_if_failed(self) -> None:
+        if self.phase is Phase.FAILED:
+            raise Refusal(Status.ABORTED, Reason.FAILED, self.failure)
+
+    def uploads_in_progress(self) -> dict[str, int]:
+        """Sites whose update is being accumulated right now, and how many of its chunks are in the sum."""
+        with self._cond:
+            if self.accumulator is None:
+                return {}
+            return {upload.site: upload.chunks_received for upload in self.accumulator.active}
+
+    def snapshot(self) -> tuple:
+        """Everything a refusal must leave unchanged: phase, round, who submitted, the sum's digest (for tests)."""
+        with self._cond:
+            return (
+                self.phase,
+                self.current_round,
+                self.last_closed_round,
+                self.round.participants if self.round else (),
+                self.accumulator.digest() if self.accumulator else "",
+                tuple(self.formation.joined) if self.formation and self.phase is Phase.FORMING else (),
+            )
+
+    # -- time -------------------------------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Closes or fails formation or the open round when their time has come; the server calls it regularly."""
+        with self._cond:
+            self._tick_locked(self._clock())
+
+    def seconds_to_next_event(self, cap: float = 1.0) -> float:
+        with self._cond:
+            now = self._clock()
+            decision = self._decide(now)
+            wake = decision.wake_at if decision else None
+            if self.ended_at is not None:
+                wake = self.ended_at + self.config.linger_s
+            return cap if wake is None else max(0.0, min(cap, wake - now))
+
+    def exit_code(self) -> int | None:
+        """0 once finished and every member fetched the last model (or linger_s passed); 1 after a failure and
+        linger_s; None while running."""
+        with self._cond:
+            if self.ended_at is None:
+                return None
+            lingered = self._clock() >= self.ended_at + self.config.linger_s
+            if self.phase is Phase.FINISHED:
+                members = set(self.membership.members) if self.membership else set()
+                return 0 if lingered or members <= self.fetched_final else None
+            return 1 if lingered else None
+
+    def _decide(self, now: float) -> Decision | None:
+        if self.phase is Phase.FORMING and self.formation is not None:
+            return self.formation.decide(now)
+        if self.phase is Phase.OPEN and self.round is not None:
+            return self.round.decide(now)
+        return None
+
+    def _tick_locked(self, now: float) -> None:
+        decision = self._decide(now)
+        if decision is None or decision.outcome is Outcome.WAIT:
+            return
+        if self.phase is Phase.FORMING:
+            if decision.outcome is Outcome.CLOSE:
+                self._close_formation(decision, now)
+            else:
+                assert self.formation is not None
+                joined = ", ".join(self.formation.joined) or "none"
+                self._fail(f"the federation could not form: {decision.why} (joined: {joined})", now)
+        elif decision.outcome is Outcome.CLOSE:
+            self._close_round(decision, now)
+        else:
+            assert self.round is not None
+            submitted = ", ".join(self.round.participants) or "none"
+            self._fail(f"round {self.round.number} failed: {decision.why} (submitted: {submitted})", now)
+
+    # -- transitions ------------------------------------------------------------------------------------------------
+
+    def _close_formation(self, decision: Decision, now: float) -> None:
+        assert self.formation is not None
+        self.membership = self.formation.close(server_has_initial_model=self._initial_values is not None)
+        self.formation = None
+        membership = self.membership
+        logger.info(
+            "federation formed (%s): members %s, total weight %g",
+            decision.why,
+            ", ".join(f"{m} ({w:g})" for m, w in zip(membership.members, membership.weights)),
+            membership.total_weight,
+        )
+        self.phase = Phase.OPEN
+        try:
+            self._save_record()
+            if self._initial_values is not None:
+                self._write_initial_model(now)
+        except OSError as err:
+            self._fail(f"cannot write to state_dir {self.store.root}: {err}", now)
+            return
+        self._open_round(self.last_closed_round + 1, now)
+        self._cond.notify_all()
+
+    def _write_initial_model(self, now: float) -> None:
+        assert self.membership is not None
+        values = self._initial_values
+        if values is None:
+            assert self._initial_state is not None
+            m = self.membership
+            values = flatten_initial_state(
+                self._initial_state, m.encrypted_layout, m.plaintext_layout, str(self.config.initial_model)
+            )
+        size = self.store.write_aggregate(Aggregate(0, [], values, 1.0, ()))
+        self._initial_values = None
+        self.last_closed_round = 0
+        self._save_record()
+        logger.info("round 0 (initial model from %s) stored: %s", self.config.initial_model, _mb(size))
+
+    def _open_round(self, number: int, now: float) -> None:
+        membership = self.membership
+        assert membership is not None
+        encrypted, plaintext = membership.encrypted_layout, membership.plaintext_layout
+        if number == 0:
+            assert membership.initial_model_site is not None
+            members: tuple[str, ...] = (membership.initial_model_site,)
+            rule = QuorumRule(1, 0.0, self.config.round_timeout_s)
+            split = encrypted.numel
+
+            def describe(i: int) -> str:
+                return encrypted.locate(i) if i < split else plaintext.locate(i - split)
+
+            accumulator = RoundAccumulator(self.context, 0, encrypted.numel + plaintext.numel, describe)
+        else:
+            members = tuple(m for m in membership.members if m in self.config.expected)
+            rule = self._rule
+            accumulator = RoundAccumulator(
+                self.context, num_chunks(encrypted.numel, self.params), plaintext.numel, plaintext.locate
+            )
+        self.round = RoundState(number, members, rule, now)
+        self.accumulator = accumulator
+        self._stats = _RoundStats(opened_at=now)
+        what = f"the initial model from {members[0]}" if number == 0 else f"updates from {', '.join(members)}"
+        logger.info("round %d open: waiting for %s", number, what)
+
+    def _close_round(self, decision: Decision, now: float) -> None:
+        round_state, accumulator, membership = self.round, self.accumulator, self.membership
+        assert round_state is not None and accumulator is not None and membership is not None
+        number = round_state.number
+        self._last_close_why = decision.why
+        accumulator.abort_all()  # streams still arriving are excluded, exactly: their chunks come back out
+        aggregate = accumulator.result(number)
+        # Listed in the members' order, not the order uploads finished: the same federation gives the same list.
+        aggregate = replace(
+            aggregate, participants=tuple(m for m in round_state.members if m in aggregate.participants)
+        )
+        try:
+            size = self.store.write_aggregate(aggregate)
+            self.last_closed_round = number
+            self._save_record()
+        except OSError as err:
+            self._fail(f"round {number} could not be stored in state_dir {self.store.root}: {err}", now)
+            return
+        pruned = self.store.prune(self.config.keep_rounds)
+        stats = self._stats
+        missing = [m for m in round_state.members if m not in aggregate.participants]
+        logger.info(
+            "round %d closed: %d/%d sites (%s)%s, in %s, out %s, %.1f s, stored %s, peak RSS %s; %s",
+            number,
+            len(aggregate.participants),
+            len(round_state.members),
+            ", ".join(aggregate.participants),
+            f", missing {', '.join(missing)}" if missing else "",
+            _mb(stats.bytes_in),
+            _mb(stats.bytes_out),
+            now - stats.opened_at,
+            _mb(size),
+            _mb(peak_rss_bytes()),
+            decision.why,
+        )
+        if pruned:
+            logger.debug("pruned aggregates of rounds %s", pruned)
+        self.round = self.accumulator = None
+        if number >= self.config.rounds:
+            self._finish(now)
+        else:
+            self._open_round(number + 1, now)
+        self._cond.notify_all()
+
+    def _finish(self, now: float) -> None:
+        self.phase = Phase.FINISHED
+        self.round = self.accumulator = None
+        self.ended_at = now
+        logger.info(
+            "federation finished its %d rounds; serving the last global model for up to linger_s=%g s",
+            self.config.rounds,
+            self.config.linger_s,
+        )
+        self._cond.notify_all()
+
+    def _fail(self, why: str, now: float) -> None:
+        if self.accumulator is not None:
+            self.accumulator.abort_all()
+        self.phase = Phase.FAILED
+        self.failure = why
+        self.ended_at = now
+        self.round = self.accumulator = None
+        logger.error(
+            "%s; the server stops after linger_s=%g s (restart it to retry the round)", why, self.config.linger_s
+        )
+        self._cond.notify_all()
+
+    def _save_record(self) -> None:
+        assert self.membership is not None
+        self.store.save_federation(
+            FederationRecord(
+                project=self.project,
+                he_fingerprint=self.he_fingerprint,
+                params=self.params.to_dict(),
+                membership=self.membership,
+                rounds=self.config.rounds,
+                last_closed_round=self.last_closed_round,
+            )
+        )

@@ -1,0 +1,234 @@
+"""Who is in the federation: sites join with a weight and their layouts; formation fixes the members.
+
+Formation is "round 0" of membership. It closes under the same :class:`~lightning_fhe.server.rounds.QuorumRule` as
+a training round: when every expected site joined, or ``min_clients`` joined and ``wait_after_min_s`` passed. At
+that moment the members and their total weight ``W`` are fixed: each site scales its encrypted update by its share
+``w_i / W`` (the server cannot multiply ciphertexts), so ``W`` must never change afterwards.
+
+Pure logic: no clock, no locks, no gRPC.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lightning_fhe.he.layout import TensorLayout
+from lightning_fhe.server.errors import Reason, Refusal, Status
+from lightning_fhe.server.rounds import Decision, QuorumRule
+
+
+@dataclass(frozen=True)
+class SiteDeclaration:
+    """What a site declares when it joins.
+
+    Args:
+        weight: its weight ``w_i`` (typically its number of training samples), > 0.
+        encrypted_layout: the tensors it encrypts, in stream order.
+        plaintext_layout: the tensors it sends unencrypted, in stream order.
+        he_fingerprint: its kit's HE fingerprint (same provisioning run as the server's kit).
+        params_fingerprint: the fingerprint of its CKKS parameters.
+    """
+
+    weight: float
+    encrypted_layout: TensorLayout
+    plaintext_layout: TensorLayout
+    he_fingerprint: str
+    params_fingerprint: str
+
+
+def layout_difference(kind: str, ours: TensorLayout, theirs: TensorLayout) -> str | None:
+    """Says where two layouts differ, in words naming the first differing tensor; None when equal."""
+    if ours == theirs:
+        return None
+    for i, (a, b) in enumerate(zip(theirs.specs, ours.specs)):
+        if a != b:
+            return (
+                f"{kind} tensor {i} is {a.name!r} {a.dtype} {list(a.shape)} at this site but {b.name!r} {b.dtype} "
+                f"{list(b.shape)} in the federation"
+            )
+    longer = theirs if len(theirs.specs) > len(ours.specs) else ours
+    extra = longer.specs[min(len(theirs.specs), len(ours.specs))].name
+    return (
+        f"{kind} layout has {len(theirs.specs)} tensors at this site but {len(ours.specs)} in the federation "
+        f"(first extra: {extra!r})"
+    )
+
+
+@dataclass(frozen=True)
+class Membership:
+    """The federation as fixed at formation: members in join order, their weights and the shared layouts."""
+
+    members: tuple[str, ...]
+    weights: tuple[float, ...]
+    encrypted_layout: TensorLayout
+    plaintext_layout: TensorLayout
+    initial_model_site: str | None  # the site that sends round 0, or None when the server has initial_model
+
+    @property
+    def total_weight(self) -> float:
+        return math.fsum(self.weights)
+
+    def weight(self, site: str) -> float:
+        return self.weights[self.members.index(site)]
+
+    def share(self, site: str) -> float:
+        """``w_i / W``: what the site multiplies its encrypted update by, and what the server weights plaintext with."""
+        return self.weight(site) / self.total_weight
+
+    def check_rejoin(self, site: str, declaration: SiteDeclaration) -> None:
+        """A member that restarts joins again; it must declare what it declared at formation."""
+        if site not in self.members:
+            raise Refusal(
+                Status.PERMISSION_DENIED,
+                Reason.NOT_MEMBER,
+                f"site {site!r} is not a member: the federation formed with {', '.join(self.members)} and members "
+                "are fixed from then on",
+            )
+        if declaration.weight != self.weight(site):
+            raise Refusal(
+                Status.FAILED_PRECONDITION,
+                Reason.MISMATCH,
+                f"site {site!r} joined with weight {self.weight(site):g}; it now declares {declaration.weight:g}, but "
+                "weights are fixed when the federation forms",
+            )
+        check_layouts(declaration, self.encrypted_layout, self.plaintext_layout)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "members": [{"name": m, "weight": w} for m, w in zip(self.members, self.weights)],
+            "total_weight": self.total_weight,
+            "encrypted_layout": self.encrypted_layout.to_dict(),
+            "plaintext_layout": self.plaintext_layout.to_dict(),
+            "initial_model_site": self.initial_model_site,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Membership:
+        return cls(
+            members=tuple(str(m["name"]) for m in data["members"]),
+            weights=tuple(float(m["weight"]) for m in data["members"]),
+            encrypted_layout=TensorLayout.from_dict(data["encrypted_layout"]),
+            plaintext_layout=TensorLayout.from_dict(data["plaintext_layout"]),
+            initial_model_site=data.get("initial_model_site"),
+        )
+
+
+def check_layouts(declaration: SiteDeclaration, encrypted: TensorLayout, plaintext: TensorLayout) -> None:
+    for kind, ours, theirs in (
+        ("encrypted", encrypted, declaration.encrypted_layout),
+        ("plaintext", plaintext, declaration.plaintext_layout),
+    ):
+        difference = layout_difference(kind, ours, theirs)
+        if difference:
+            raise Refusal(
+                Status.FAILED_PRECONDITION,
+                Reason.MISMATCH,
+                f"layout mismatch: {difference}; every site must select the same tensors of the same model",
+            )
+
+
+class Formation:
+    """Sites joining until the members are fixed.
+
+    Example::
+
+        >>> from lightning_fhe.he.layout import TensorLayout
+        >>> empty = TensorLayout(())
+        >>> formation = Formation(("a", "b"), QuorumRule(2, 0.0, 60.0), opened_at=0.0, he_fingerprint="f",
+        ...                       params_fingerprint="p")
+        >>> for site, weight in (("a", 3.0), ("b", 1.0)):
+        ...     formation.join(site, SiteDeclaration(weight, empty, empty, "f", "p"), now=1.0)
+        >>> formation.decide(now=1.0).outcome.value, formation.close(server_has_initial_model=False).share("a")
+        ('close', 0.75)
+    """
+
+    def __init__(
+        self,
+        expected: Sequence[str],
+        rule: QuorumRule,
+        opened_at: float,
+        he_fingerprint: str,
+        params_fingerprint: str,
+    ) -> None:
+        self.expected = tuple(expected)
+        self.rule = rule
+        self.opened_at = opened_at
+        self.he_fingerprint = he_fingerprint
+        self.params_fingerprint = params_fingerprint
+        self.joined: dict[str, tuple[SiteDeclaration, float]] = {}  # insertion order is join order
+
+    @property
+    def layouts(self) -> tuple[TensorLayout, TensorLayout] | None:
+        """The layouts every site must have: those of the first site that joined."""
+        if not self.joined:
+            return None
+        first, _ = next(iter(self.joined.values()))
+        return first.encrypted_layout, first.plaintext_layout
+
+    def check(self, site: str, declaration: SiteDeclaration) -> None:
+        """Refuses a join that must not be recorded, without changing anything."""
+        check_identity(site, declaration, self.expected, self.he_fingerprint, self.params_fingerprint)
+        layouts = self.layouts
+        if layouts is not None and not (len(self.joined) == 1 and site in self.joined):
+            check_layouts(declaration, *layouts)
+
+    def join(self, site: str, declaration: SiteDeclaration, now: float) -> None:
+        """Records (or, for a site that joins again before formation closes, updates) a site's declaration."""
+        self.check(site, declaration)
+        previous = self.joined.get(site)
+        self.joined[site] = (declaration, previous[1] if previous else now)
+
+    def decide(self, now: float) -> Decision:
+        return self.rule.decide(len(self.expected), [t for _, t in self.joined.values()], self.opened_at, now)
+
+    def close(self, server_has_initial_model: bool) -> Membership:
+        """Fixes the members (in join order) and their weights."""
+        if not self.joined:
+            raise ValueError("no site joined: a federation needs at least one member")
+        members = tuple(self.joined)
+        layouts = self.layouts
+        assert layouts is not None
+        return Membership(
+            members=members,
+            weights=tuple(self.joined[m][0].weight for m in members),
+            encrypted_layout=layouts[0],
+            plaintext_layout=layouts[1],
+            initial_model_site=None if server_has_initial_model else members[0],
+        )
+
+
+def check_identity(
+    site: str, declaration: SiteDeclaration, expected: Sequence[str], he_fingerprint: str, params_fingerprint: str
+) -> None:
+    """The checks that hold before and after formation: expected site, valid weight, same key and parameters."""
+    if site not in expected:
+        raise Refusal(
+            Status.PERMISSION_DENIED,
+            Reason.UNKNOWN_SITE,
+            f"site {site!r} is not one of the expected sites ({', '.join(expected)}); the server's 'clients' "
+            "option lists them",
+        )
+    weight = declaration.weight
+    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+        raise Refusal(
+            Status.INVALID_ARGUMENT,
+            Reason.BAD_REQUEST,
+            f"weight must be a finite number > 0 (e.g. the sample count), got {weight!r}",
+        )
+    if declaration.he_fingerprint != he_fingerprint:
+        raise Refusal(
+            Status.FAILED_PRECONDITION,
+            Reason.MISMATCH,
+            f"HE fingerprint mismatch: this site's kit has {declaration.he_fingerprint!r}, the server's "
+            f"{he_fingerprint!r}; the kits come from different provisioning runs",
+        )
+    if declaration.params_fingerprint != params_fingerprint:
+        raise Refusal(
+            Status.FAILED_PRECONDITION,
+            Reason.MISMATCH,
+            f"CKKS parameters mismatch: this site's parameters have fingerprint {declaration.params_fingerprint!r}, "
+            f"the server's {params_fingerprint!r}",
+        )

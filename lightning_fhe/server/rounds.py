@@ -1,0 +1,165 @@
+"""When a round closes: the quorum rule and one round's submissions, as pure logic with time passed in.
+
+The same rule decides federation formation ("round 0" of membership: who joined) and every training round (who
+submitted): close as soon as every expected site arrived; once ``min_clients`` arrived, wait ``wait_after_min_s``
+more for the rest, then close; if the quorum is still missing ``timeout_s`` after the start, fail. ``timeout_s``
+also caps the grace period, so a round never lasts longer than it.
+
+Nothing here reads a clock, sleeps or locks: callers pass ``now`` (seconds on any monotonic clock), which is what
+lets the tests walk through hours of rounds in microseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from lightning_fhe.server.errors import Reason, Refusal, Status
+
+
+class Outcome(Enum):
+    WAIT = "wait"
+    CLOSE = "close"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do now: wait (until ``wake_at`` at the latest), close, or fail; ``why`` is for logs and sites."""
+
+    outcome: Outcome
+    why: str
+    wake_at: float | None = None
+
+
+@dataclass(frozen=True)
+class QuorumRule:
+    """Args:
+    min_clients: arrivals needed for the round to close without everyone.
+    wait_after_min_s: once the quorum is reached, how long to wait for the others.
+    timeout_s: from the start, when a round below quorum fails (and when one above it closes at the latest).
+    """
+
+    min_clients: int
+    wait_after_min_s: float
+    timeout_s: float
+
+    def __post_init__(self) -> None:
+        if self.min_clients < 1:
+            raise ValueError(f"min_clients must be at least 1, got {self.min_clients}")
+        if self.wait_after_min_s < 0 or self.timeout_s <= 0:
+            raise ValueError(
+                f"wait_after_min_s must be >= 0 and timeout_s > 0, got {self.wait_after_min_s} and {self.timeout_s}"
+            )
+
+    def decide(self, expected: int, arrivals: Iterable[float], opened_at: float, now: float) -> Decision:
+        """Args:
+        expected: how many sites may arrive.
+        arrivals: when each arrived site arrived (any order).
+        opened_at: when the round started.
+        now: the current time, on the same clock.
+        """
+        times = sorted(arrivals)
+        count, quorum = len(times), min(self.min_clients, expected)
+        deadline = opened_at + self.timeout_s
+        if expected > 0 and count >= expected:
+            return Decision(Outcome.CLOSE, f"all {expected} expected site(s) arrived")
+        if count >= quorum > 0:
+            grace_end = min(times[quorum - 1] + self.wait_after_min_s, deadline)
+            if now >= grace_end:
+                if grace_end == deadline:
+                    why = (
+                        f"timeout_s={self.timeout_s:g} passed with {count} of {expected} site(s), at or above the "
+                        f"quorum of {quorum}"
+                    )
+                else:
+                    why = (
+                        f"the quorum of {quorum} (min_clients) was reached and "
+                        f"wait_after_min_s={self.wait_after_min_s:g} passed with {count} of {expected} site(s)"
+                    )
+                return Decision(Outcome.CLOSE, why)
+            return Decision(
+                Outcome.WAIT, f"quorum reached, waiting for the others until +{grace_end - opened_at:.1f} s", grace_end
+            )
+        if now >= deadline:
+            return Decision(
+                Outcome.FAIL,
+                f"timeout_s={self.timeout_s:g} passed with {count} of {expected} site(s); min_clients is {quorum}",
+            )
+        return Decision(Outcome.WAIT, f"{count} of {expected} site(s), quorum {quorum}", deadline)
+
+
+class RoundState:
+    """One round's submissions: which members may submit, who is uploading, who submitted, when it closes.
+
+    Example::
+
+        >>> state = RoundState(2, ("a", "b", "c"), QuorumRule(2, 10.0, 600.0), opened_at=0.0)
+        >>> state.start_upload("a", round_number=2); state.finish_upload("a", recorded=True, now=5.0)
+        >>> state.start_upload("b", round_number=2); state.finish_upload("b", recorded=True, now=7.0)
+        >>> state.decide(now=16.9).outcome, state.decide(now=17.0).outcome
+        (<Outcome.WAIT: 'wait'>, <Outcome.CLOSE: 'close'>)
+    """
+
+    def __init__(self, number: int, members: Sequence[str], rule: QuorumRule, opened_at: float) -> None:
+        self.number = number
+        self.members = tuple(members)
+        self.rule = rule
+        self.opened_at = opened_at
+        self.submitted: dict[str, float] = {}  # site -> when its update was recorded
+        self.uploading: set[str] = set()
+
+    def check_round(self, round_number: int) -> None:
+        """Refuses a round number other than this round's: stale (closed, or replayed) or not open yet."""
+        if round_number < self.number:
+            raise Refusal(
+                Status.FAILED_PRECONDITION,
+                Reason.ROUND_CLOSED,
+                f"round {round_number} is closed (current round {self.number})",
+            )
+        if round_number > self.number:
+            raise Refusal(
+                Status.FAILED_PRECONDITION,
+                Reason.ROUND_NOT_OPEN,
+                f"round {round_number} is not open yet (current round {self.number})",
+            )
+
+    def start_upload(self, site: str, round_number: int) -> None:
+        """Reserves ``site``'s submission for this round, or refuses it without changing anything."""
+        self.check_round(round_number)
+        if site not in self.members:
+            raise Refusal(
+                Status.PERMISSION_DENIED,
+                Reason.NOT_MEMBER,
+                f"site {site!r} may not submit to round {self.number}; its members are {', '.join(self.members)}",
+            )
+        if site in self.submitted:
+            raise Refusal(
+                Status.ALREADY_EXISTS,
+                Reason.DUPLICATE,
+                f"site {site!r} already submitted its update for round {self.number}",
+            )
+        if site in self.uploading:
+            # Most likely the site's previous stream broke and the server has not noticed yet: worth a retry.
+            raise Refusal(
+                Status.UNAVAILABLE,
+                Reason.BUSY,
+                f"an update from site {site!r} for round {self.number} is still arriving on another stream; retry "
+                "once it ends",
+            )
+        self.uploading.add(site)
+
+    def finish_upload(self, site: str, recorded: bool, now: float) -> None:
+        """Ends ``site``'s upload; ``recorded`` says whether its update is now part of the round's sum."""
+        self.uploading.discard(site)
+        if recorded:
+            self.submitted[site] = now
+
+    def decide(self, now: float) -> Decision:
+        return self.rule.decide(len(self.members), self.submitted.values(), self.opened_at, now)
+
+    @property
+    def participants(self) -> tuple[str, ...]:
+        """The sites whose update is recorded, in the members' order."""
+        return tuple(site for site in self.members if site in self.submitted)

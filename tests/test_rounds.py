@@ -1,0 +1,229 @@
+"""The round state machine and federation formation, as pure logic: no network, no clock, no ciphertexts."""
+
+from __future__ import annotations
+
+import pytest
+
+from lightning_fhe.he.layout import TensorLayout, TensorSpec
+from lightning_fhe.server.errors import Reason, Refusal, Status
+from lightning_fhe.server.membership import Formation, Membership, SiteDeclaration, layout_difference
+from lightning_fhe.server.rounds import Outcome, QuorumRule, RoundState
+
+ENCRYPTED = TensorLayout((TensorSpec("conv.weight", (4, 3), "float32"), TensorSpec("conv.bias", (4,), "float32")))
+PLAINTEXT = TensorLayout((TensorSpec("norm.weight", (4,), "float32"),))
+
+
+def declaration(weight=1.0, encrypted=ENCRYPTED, plaintext=PLAINTEXT, he="he-fp", params="params-fp"):
+    return SiteDeclaration(weight, encrypted, plaintext, he, params)
+
+
+# -- the quorum rule -----------------------------------------------------------------------------------------------
+
+
+RULE = QuorumRule(min_clients=2, wait_after_min_s=10.0, timeout_s=100.0)
+
+
+def test_closes_as_soon_as_every_expected_site_arrived():
+    decision = RULE.decide(expected=3, arrivals=[1.0, 2.0, 3.0], opened_at=0.0, now=3.0)
+    assert decision.outcome is Outcome.CLOSE and "all 3" in decision.why
+
+
+def test_waits_for_the_others_during_the_grace_period_then_closes():
+    assert RULE.decide(3, [1.0, 5.0], 0.0, now=14.99).outcome is Outcome.WAIT
+    assert RULE.decide(3, [1.0, 5.0], 0.0, now=14.99).wake_at == 15.0  # quorum at 5 + grace 10
+    decision = RULE.decide(3, [1.0, 5.0], 0.0, now=15.0)
+    assert decision.outcome is Outcome.CLOSE and "wait_after_min_s=10" in decision.why
+
+
+def test_the_grace_period_starts_when_the_quorum_is_reached_not_at_the_first_arrival():
+    assert RULE.decide(3, [5.0, 1.0], 0.0, now=12.0).outcome is Outcome.WAIT  # order of arrivals does not matter
+
+
+def test_fails_below_quorum_at_the_timeout_and_says_why():
+    assert RULE.decide(3, [1.0], 0.0, now=99.9).outcome is Outcome.WAIT
+    decision = RULE.decide(3, [1.0], 0.0, now=100.0)
+    assert decision.outcome is Outcome.FAIL
+    assert "timeout_s=100" in decision.why and "1 of 3" in decision.why and "min_clients is 2" in decision.why
+
+
+def test_the_timeout_caps_the_grace_period():
+    decision = RULE.decide(3, [1.0, 95.0], 0.0, now=100.0)
+    assert decision.outcome is Outcome.CLOSE and "timeout_s=100" in decision.why
+
+
+def test_a_quorum_larger_than_the_expected_sites_means_all_of_them():
+    rule = QuorumRule(min_clients=5, wait_after_min_s=0.0, timeout_s=10.0)
+    assert rule.decide(2, [1.0, 2.0], 0.0, now=2.0).outcome is Outcome.CLOSE
+
+
+def test_nobody_arriving_fails_at_the_timeout():
+    assert RULE.decide(3, [], 0.0, now=50.0).outcome is Outcome.WAIT
+    assert RULE.decide(3, [], 0.0, now=100.0).outcome is Outcome.FAIL
+
+
+@pytest.mark.parametrize("kwargs", [dict(min_clients=0), dict(wait_after_min_s=-1.0), dict(timeout_s=0.0)])
+def test_an_invalid_rule_is_refused(kwargs):
+    with pytest.raises(ValueError):
+        QuorumRule(**{"min_clients": 1, "wait_after_min_s": 0.0, "timeout_s": 1.0, **kwargs})
+
+
+# -- one round -----------------------------------------------------------------------------------------------------
+
+
+def open_round(number=3, members=("a", "b", "c")):
+    return RoundState(number, members, RULE, opened_at=0.0)
+
+
+def refusal(call, *args, **kwargs) -> Refusal:
+    with pytest.raises(Refusal) as info:
+        call(*args, **kwargs)
+    return info.value
+
+
+def test_a_round_records_submissions_and_closes_when_all_arrived():
+    state = open_round()
+    for t, site in enumerate("abc", start=1):
+        state.start_upload(site, round_number=3)
+        state.finish_upload(site, recorded=True, now=float(t))
+    assert state.participants == ("a", "b", "c")
+    assert state.decide(now=3.0).outcome is Outcome.CLOSE
+
+
+def test_a_stale_round_is_refused_as_closed():
+    err = refusal(open_round().start_upload, "a", round_number=2)
+    assert (err.status, err.reason) == (Status.FAILED_PRECONDITION, Reason.ROUND_CLOSED)
+    assert str(err) == "round 2 is closed (current round 3)"
+
+
+def test_a_future_round_is_refused_as_not_open_yet():
+    err = refusal(open_round().start_upload, "a", round_number=5)
+    assert (err.status, err.reason) == (Status.FAILED_PRECONDITION, Reason.ROUND_NOT_OPEN)
+    assert str(err) == "round 5 is not open yet (current round 3)"
+
+
+def test_a_duplicate_submission_is_refused_and_changes_nothing():
+    state = open_round()
+    state.start_upload("a", 3)
+    state.finish_upload("a", recorded=True, now=1.0)
+    err = refusal(state.start_upload, "a", 3)
+    assert err.status is Status.ALREADY_EXISTS and "already submitted" in str(err)
+    assert state.submitted == {"a": 1.0} and not state.uploading
+
+
+def test_a_second_stream_while_the_first_is_arriving_is_a_retryable_refusal():
+    state = open_round()
+    state.start_upload("a", 3)
+    err = refusal(state.start_upload, "a", 3)
+    assert err.status is Status.UNAVAILABLE and "still arriving" in str(err)
+
+
+def test_a_broken_upload_leaves_the_site_free_to_submit_again():
+    state = open_round()
+    state.start_upload("a", 3)
+    state.finish_upload("a", recorded=False, now=1.0)
+    assert not state.submitted
+    state.start_upload("a", 3)  # accepted
+
+
+def test_a_non_member_may_not_submit():
+    err = refusal(open_round().start_upload, "z", 3)
+    assert err.status is Status.PERMISSION_DENIED and "'z'" in str(err)
+
+
+def test_uploads_in_progress_do_not_count_towards_the_quorum():
+    state = open_round()
+    for site in "abc":
+        state.start_upload(site, 3)
+    state.finish_upload("a", recorded=True, now=1.0)
+    assert state.decide(now=99.0).outcome is Outcome.WAIT
+    assert state.decide(now=100.0).outcome is Outcome.FAIL
+
+
+# -- formation -----------------------------------------------------------------------------------------------------
+
+
+def formation(expected=("a", "b", "c"), rule=RULE):
+    return Formation(expected, rule, opened_at=0.0, he_fingerprint="he-fp", params_fingerprint="params-fp")
+
+
+def test_formation_fixes_members_in_join_order_and_their_shares():
+    f = formation()
+    f.join("b", declaration(weight=30.0), now=1.0)
+    f.join("a", declaration(weight=10.0), now=2.0)
+    assert f.decide(now=5.0).outcome is Outcome.WAIT
+    assert f.decide(now=12.0).outcome is Outcome.CLOSE  # quorum of 2 at t=2, grace 10
+    membership = f.close(server_has_initial_model=False)
+    assert membership.members == ("b", "a")
+    assert membership.total_weight == 40.0
+    assert membership.share("b") == 0.75 and membership.share("a") == 0.25
+    assert membership.initial_model_site == "b"  # the first site that joined sends round 0
+    assert f.close(server_has_initial_model=True).initial_model_site is None
+
+
+def test_formation_fails_below_quorum_at_the_timeout():
+    f = formation()
+    f.join("a", declaration(), now=1.0)
+    assert f.decide(now=100.0).outcome is Outcome.FAIL
+
+
+def test_joining_again_before_formation_closes_updates_the_weight_but_keeps_the_join_time():
+    f = formation()
+    f.join("a", declaration(weight=1.0), now=1.0)
+    f.join("a", declaration(weight=2.0), now=50.0)
+    assert f.joined["a"][0].weight == 2.0 and f.joined["a"][1] == 1.0
+
+
+@pytest.mark.parametrize(
+    "site, decl, status, words",
+    [
+        ("x", declaration(), Status.PERMISSION_DENIED, "'x' is not one of the expected sites"),
+        ("b", declaration(weight=0.0), Status.INVALID_ARGUMENT, "weight must be a finite number > 0"),
+        ("b", declaration(weight=float("nan")), Status.INVALID_ARGUMENT, "weight"),
+        ("b", declaration(he="other"), Status.FAILED_PRECONDITION, "HE fingerprint mismatch"),
+        ("b", declaration(params="other"), Status.FAILED_PRECONDITION, "CKKS parameters mismatch"),
+        (
+            "b",
+            declaration(plaintext=TensorLayout((TensorSpec("norm.weight", (5,), "float32"),))),
+            Status.FAILED_PRECONDITION,
+            "plaintext tensor 0 is 'norm.weight' float32 [5] at this site but 'norm.weight' float32 [4]",
+        ),
+        (
+            "b",
+            declaration(encrypted=TensorLayout(ENCRYPTED.specs[:1])),
+            Status.FAILED_PRECONDITION,
+            "encrypted layout has 1 tensors at this site but 2 in the federation (first extra: 'conv.bias')",
+        ),
+    ],
+)
+def test_a_bad_join_is_refused_with_what_was_wrong_and_changes_nothing(site, decl, status, words):
+    f = formation()
+    f.join("a", declaration(), now=1.0)
+    err = refusal(f.join, site, decl, now=2.0)
+    assert err.status is status and words in str(err)
+    assert list(f.joined) == ["a"]
+
+
+def test_the_only_site_joined_may_join_again_with_another_layout():
+    f = formation()
+    f.join("a", declaration(), now=1.0)
+    other = TensorLayout(ENCRYPTED.specs[:1])
+    f.join("a", declaration(encrypted=other), now=2.0)
+    assert f.layouts == (other, PLAINTEXT)
+
+
+def test_a_member_joining_again_must_declare_what_it_declared_at_formation():
+    membership = Membership(("a", "b"), (1.0, 3.0), ENCRYPTED, PLAINTEXT, None)
+    membership.check_rejoin("b", declaration(weight=3.0))
+    assert "weights are fixed" in str(refusal(membership.check_rejoin, "b", declaration(weight=4.0)))
+    assert "layout mismatch" in str(refusal(membership.check_rejoin, "b", declaration(3.0, plaintext=ENCRYPTED)))
+    err = refusal(membership.check_rejoin, "c", declaration())
+    assert err.status is Status.PERMISSION_DENIED and "formed with a, b" in str(err)
+
+
+def test_membership_round_trips_through_its_dict():
+    membership = Membership(("a", "b"), (1.0, 3.0), ENCRYPTED, PLAINTEXT, "a")
+    assert Membership.from_dict(membership.to_dict()) == membership
+
+
+def test_layout_difference_is_none_for_equal_layouts():
+    assert layout_difference("encrypted", ENCRYPTED, TensorLayout.from_dict(ENCRYPTED.to_dict())) is None

@@ -1,0 +1,142 @@
+"""Streaming accumulation with real CKKS ciphertexts: sums as chunks arrive, exact undo of broken streams."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lightning_fhe.he.codec import UpdateCipher, num_chunks
+from lightning_fhe.server.accumulator import RoundAccumulator
+from lightning_fhe.server.errors import Reason, Refusal, Status
+
+COUNT = 20_000  # 3 chunks of 8192 values
+PLAIN = 5
+
+
+@pytest.fixture(scope="module")
+def cipher(site_context) -> UpdateCipher:
+    return UpdateCipher(site_context)
+
+
+@pytest.fixture(scope="module")
+def updates(cipher):
+    rng = np.random.default_rng(0)
+    shares = [0.5, 0.3, 0.2]
+    values = [rng.normal(0, 0.05, COUNT) for _ in shares]
+    plain = [rng.normal(0, 1, PLAIN) for _ in shares]
+    chunks = [cipher.encrypt(v, weight_fraction=s) for v, s in zip(values, shares)]
+    return shares, values, plain, chunks
+
+
+def new_accumulator(server_context) -> RoundAccumulator:
+    return RoundAccumulator(server_context, num_chunks(COUNT, server_context.params), PLAIN)
+
+
+def send(acc, site, share, chunks, plain, stop_after=None):
+    upload = acc.begin(site, share)
+    upload.add_plaintext(0, plain.astype("<f8").tobytes())
+    for i, blob in enumerate(chunks):
+        if stop_after is not None and i == stop_after:
+            return upload
+        upload.add_chunk(i, blob)
+    return upload
+
+
+def test_the_sum_decrypts_to_the_weighted_average(server_context, cipher, updates):
+    shares, values, plain, chunks = updates
+    acc = new_accumulator(server_context)
+    for site, share, c, p in zip("abc", shares, chunks, plain):
+        send(acc, site, share, c, p).commit()
+    aggregate = acc.result(4)
+    assert aggregate.participants == ("a", "b", "c") and aggregate.total_share == pytest.approx(1.0)
+    expected = sum(s * v for s, v in zip(shares, values))
+    decrypted = cipher.decrypt(aggregate.encrypted_chunks, COUNT, aggregate.total_share)
+    assert np.abs(decrypted - expected).max() < 1e-6
+    np.testing.assert_allclose(aggregate.plaintext, sum(s * p for s, p in zip(shares, plain)), rtol=0, atol=1e-12)
+
+
+def test_a_broken_stream_is_taken_back_out_bit_for_bit(server_context, updates):
+    shares, _, plain, chunks = updates
+    acc = new_accumulator(server_context)
+    send(acc, "a", shares[0], chunks[0], plain[0]).commit()
+    before = acc.digest()
+    broken = send(acc, "b", shares[1], chunks[1], plain[1], stop_after=2)
+    assert acc.digest() != before  # two chunks are in the sum now
+    broken.abort()
+    assert acc.digest() == before
+    send(acc, "b", shares[1], chunks[1], plain[1]).commit()  # and the site may submit again
+
+
+def test_a_broken_first_stream_leaves_a_fresh_sum(server_context, updates):
+    shares, _, plain, chunks = updates
+    acc = new_accumulator(server_context)
+    fresh = acc.digest()
+    send(acc, "a", shares[0], chunks[0], plain[0], stop_after=1).abort()
+    assert acc.digest() == fresh
+
+
+def test_two_interleaved_streams_one_broken(server_context, cipher, updates):
+    shares, values, plain, chunks = updates
+    acc = new_accumulator(server_context)
+    a, b = acc.begin("a", shares[0]), acc.begin("b", shares[1])
+    a.add_plaintext(0, plain[0].tobytes())
+    b.add_plaintext(0, plain[1].tobytes())
+    for i in range(3):
+        a.add_chunk(i, chunks[0][i])
+        if i < 2:
+            b.add_chunk(i, chunks[1][i])
+    b.abort()
+    a.commit()
+    aggregate = acc.result(1)
+    assert aggregate.participants == ("a",)
+    decrypted = cipher.decrypt(aggregate.encrypted_chunks, COUNT, aggregate.total_share)
+    assert np.abs(decrypted - values[0]).max() < 1e-6
+
+
+def refused(call, *args) -> Refusal:
+    with pytest.raises(Refusal) as info:
+        call(*args)
+    assert info.value.status is Status.INVALID_ARGUMENT
+    return info.value
+
+
+def test_chunk_errors_name_the_chunk_and_change_nothing(server_context, updates):
+    shares, _, plain, chunks = updates
+    acc = new_accumulator(server_context)
+    send(acc, "a", shares[0], chunks[0], plain[0]).commit()
+    before = acc.digest()
+    upload = send(acc, "b", shares[1], chunks[1], plain[1], stop_after=1)
+    corrupt = bytearray(chunks[1][1])
+    corrupt[100] ^= 0xFF
+    err = refused(upload.add_chunk, 1, bytes(corrupt))
+    assert err.reason is Reason.BAD_CHUNK and str(err).startswith("chunk 1: ") and "checksum" in str(err)
+    err = refused(upload.add_chunk, 2, chunks[1][2])
+    assert err.reason is Reason.CHUNK_ORDER and "chunk 2 arrived where chunk 1 was expected" in str(err)
+    err = refused(upload.add_chunk, 3, chunks[1][2])
+    assert err.reason is Reason.CHUNK_COUNT and "beyond the 3 chunks" in str(err)
+    err = refused(upload.commit)
+    assert err.reason is Reason.INCOMPLETE and "1 of 3 chunks" in str(err)
+    upload.abort()
+    assert acc.digest() == before
+
+
+def test_plaintext_errors(server_context, updates):
+    acc = new_accumulator(server_context)
+    upload = acc.begin("a", 0.5)
+    assert "multiple of 8" in str(refused(upload.add_plaintext, 0, b"1234567"))
+    assert "starts at value 2" in str(refused(upload.add_plaintext, 2, np.zeros(1).tobytes()))
+    assert "beyond the 5 plaintext values" in str(refused(upload.add_plaintext, 0, np.zeros(6).tobytes()))
+    err = refused(upload.add_plaintext, 0, np.array([1.0, np.nan]).tobytes())
+    assert "plaintext value 1 (value 1) is nan" in str(err)
+    err = refused(upload.add_chunk, 0, updates[3][0][0])
+    assert err.reason is Reason.CHUNK_ORDER and "plaintext values come first" in str(err)
+
+
+def test_plaintext_only_rounds_need_no_ciphertext(server_context):
+    acc = RoundAccumulator(server_context, 0, 3)
+    upload = acc.begin("a", 1.0)
+    upload.add_plaintext(0, np.array([1.0, 2.0]).tobytes())
+    upload.add_plaintext(2, np.array([3.0]).tobytes())
+    upload.commit()
+    aggregate = acc.result(0)
+    assert aggregate.encrypted_chunks == [] and aggregate.plaintext.tolist() == [1.0, 2.0, 3.0]
