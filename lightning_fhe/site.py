@@ -1,0 +1,152 @@
+"""A site's side of one federation, without Lightning: pack, encrypt, exchange, decrypt.
+
+:class:`~lightning_fhe.federation.HEFederation` drives this from Trainer hooks; anything else (a plain PyTorch
+loop, a test) can drive it the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lightning_fhe.client import AggregatorClient, GlobalModel, JoinInfo, RoundClosedError, SubmitReceipt
+from lightning_fhe.he.codec import UpdateCipher
+from lightning_fhe.he.context import HEContext
+from lightning_fhe.he.layout import TensorLayout
+from lightning_fhe.selection import TensorSplit
+
+Progress = Callable[[str, int, int], None]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundMetrics:
+    """What one round cost this site."""
+
+    round: int
+    participants: tuple[str, ...]
+    encrypt_s: float
+    upload_s: float
+    wait_s: float
+    decrypt_s: float
+    upload_bytes: int
+    download_bytes: int
+    encrypted_values: int  # how many values travelled encrypted ...
+    ciphertext_bytes: int  # ... in how many bytes of ciphertext (the rest of upload_bytes is plaintext and framing)
+
+    def as_log_dict(self) -> dict[str, float]:
+        return {
+            "fhe/round": float(self.round),
+            "fhe/encrypt_s": self.encrypt_s,
+            "fhe/upload_s": self.upload_s,
+            "fhe/wait_s": self.wait_s,
+            "fhe/decrypt_s": self.decrypt_s,
+            "fhe/upload_bytes": float(self.upload_bytes),
+            "fhe/download_bytes": float(self.download_bytes),
+            "fhe/ciphertext_bytes": float(self.ciphertext_bytes),
+            "fhe/participants": float(len(self.participants)),
+        }
+
+    def summary(self, rounds: int) -> str:
+        mb = 1e6
+        return (
+            f"fhe round {self.round}/{rounds}: {len(self.participants)} site(s); encrypt {self.encrypt_s:.2f} s, "
+            f"upload {self.upload_bytes / mb:.1f} MB in {self.upload_s:.2f} s, wait {self.wait_s:.2f} s, "
+            f"download {self.download_bytes / mb:.1f} MB, decrypt {self.decrypt_s:.2f} s"
+        )
+
+
+class FederatedSite:
+    """One site's federation session: it owns the layouts, the cipher and the client.
+
+    Args:
+        client: a connected :class:`~lightning_fhe.client.AggregatorClient`.
+        he_context: the site kit's CKKS context (with the secret key).
+        split: which tensors are encrypted, sent in plaintext, or kept local.
+        state: the model's state dict, to fix shapes and dtypes.
+    """
+
+    def __init__(
+        self, client: AggregatorClient, he_context: HEContext, split: TensorSplit, state: Mapping[str, torch.Tensor]
+    ) -> None:
+        self.client = client
+        self.cipher = UpdateCipher(he_context)
+        self.encrypted_layout = TensorLayout.from_tensors(state, split.encrypted)
+        self.plaintext_layout = TensorLayout.from_tensors(state, split.plaintext)
+        self.info: JoinInfo | None = None
+
+    def join(self, weight: float, state: Mapping[str, torch.Tensor]) -> JoinInfo:
+        """Joins and, when the server asks this site for the first global model, sends its initial state."""
+        self.info = self.client.join(weight, self.encrypted_layout, self.plaintext_layout)
+        if self.info.send_initial_model:
+            initial = np.concatenate([self.encrypted_layout.flatten(state), self.plaintext_layout.flatten(state)])
+            self.client.submit(0, iter(()), initial)
+        return self.info
+
+    def global_state(self, round: int, progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], GlobalModel]:
+        """The global model after ``round`` (0: the initial model), decrypted into named tensors."""
+        model = self.client.fetch_global(round, progress=_bind(progress, "download"))
+        return self._decode(model), model
+
+    def exchange(
+        self, round: int, state: Mapping[str, torch.Tensor], progress: Progress | None = None
+    ) -> tuple[dict[str, torch.Tensor], RoundMetrics]:
+        """Encrypts this site's selected tensors, submits them for ``round`` and returns the global model."""
+        if self.info is None:
+            raise RuntimeError("join() before exchange()")
+        start = time.perf_counter()
+        chunks = self.cipher.encrypt(
+            self.encrypted_layout.flatten(state), self.info.share, where=self.encrypted_layout.locate
+        )
+        encrypt_s = time.perf_counter() - start
+        try:
+            receipt = self.client.submit(
+                round, chunks, self.plaintext_layout.flatten(state), progress=_bind(progress, "upload")
+            )
+        except RoundClosedError as err:
+            # Too slow for this round: it closed at quorum without us. Our local work is dropped, and we carry on
+            # from the global model like everyone else.
+            log.warning("round %d closed before this site's update arrived (%s); loading its global model", round, err)
+            receipt = SubmitReceipt(round=round, bytes_sent=0, seconds=0.0)
+        model = self.client.fetch_global(round, progress=_bind(progress, "download"))
+        start = time.perf_counter()
+        tensors = self._decode(model)
+        metrics = RoundMetrics(
+            round=round,
+            participants=model.participants,
+            encrypt_s=encrypt_s,
+            upload_s=receipt.seconds,
+            wait_s=model.seconds,
+            decrypt_s=time.perf_counter() - start,
+            upload_bytes=receipt.bytes_sent,
+            download_bytes=model.bytes_received,
+            encrypted_values=self.encrypted_layout.numel,
+            ciphertext_bytes=sum(map(len, chunks)),
+        )
+        return tensors, metrics
+
+    def _decode(self, model: GlobalModel) -> dict[str, torch.Tensor]:
+        encrypted, plaintext = self.encrypted_layout, self.plaintext_layout
+        if model.round == 0:  # the initial model travels in plaintext: encrypted part, then plaintext part
+            values = model.plaintext
+            if values.size != encrypted.numel + plaintext.numel:
+                raise ValueError(
+                    f"initial model holds {values.size} values; this site's layout has "
+                    f"{encrypted.numel + plaintext.numel}"
+                )
+            return {**encrypted.unflatten(values[: encrypted.numel]), **plaintext.unflatten(values[encrypted.numel :])}
+        tensors = plaintext.unflatten(model.plaintext)
+        if encrypted.numel:
+            average = self.cipher.decrypt(model.encrypted_chunks, encrypted.numel, model.total_share)
+            tensors.update(encrypted.unflatten(average))
+        return tensors
+
+
+def _bind(progress: Progress | None, what: str) -> Callable[[int, int], None] | None:
+    return None if progress is None else (lambda done, total: progress(what, done, total))

@@ -1,0 +1,113 @@
+"""One federated site for the end-to-end tests: Lightning's BoringModel (or a small conv net) with HEFederation.
+
+Run as its own process (`python tests/sites/boring_site.py --kit ... --out ...`), like a real site. It records the
+state of the model right before and right after each round's exchange, and what the callback measured, to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
+from torch.utils.data import DataLoader
+
+from lightning_fhe import HEFederation
+
+
+class AdamBoringModel(BoringModel):
+    """BoringModel with Adam, whose per-parameter state shows whether optimizer state survived a round."""
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+class ConvBoringModel(BoringModel):
+    """A small conv net, so "conv" and "key_layers" have something to select."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Sequential(
+            torch.nn.Unflatten(1, (2, 16)),
+            torch.nn.Conv1d(2, 4, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv1d(4, 4, 3, padding=1),
+            torch.nn.BatchNorm1d(4),
+            torch.nn.Conv1d(4, 4, 3, padding=1),
+            torch.nn.Conv1d(4, 4, 3, padding=1),
+            torch.nn.Conv1d(4, 4, 3, padding=1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(64, 2),
+        )
+
+
+class RoundRecorder(Callback):
+    """Placed before and after HEFederation in the callback list, it sees the model on both sides of a round."""
+
+    def __init__(self, records: dict, when: str) -> None:
+        self.records, self.when = records, when
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx + 1 >= trainer.num_training_batches:
+            entry = self.records.setdefault(trainer.current_epoch, {})
+            entry[self.when] = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+            entry[f"{self.when}_optimizer_entries"] = len(trainer.optimizers[0].state)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kit", required=True)
+    parser.add_argument("--server")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weight", type=float)
+    parser.add_argument("--encrypt", default="all")
+    parser.add_argument("--model", choices=["boring", "adam", "conv"], default="boring")
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--max-epochs", type=int, default=3)
+    parser.add_argument("--optimizer-state", default="keep")
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--strategy", default="auto")
+    args = parser.parse_args()
+
+    # Same initial weights at every site whoever joins first, so runs are comparable; each site's own data.
+    L.seed_everything(0)
+    model = {"boring": BoringModel, "adam": AdamBoringModel, "conv": ConvBoringModel}[args.model]()
+    L.seed_everything(args.seed + 1)
+    data = DataLoader(RandomDataset(32, 64 + 16 * args.seed), batch_size=8)
+    records: dict = {}
+    encrypt = args.encrypt.split(",") if "," in args.encrypt or "*" in args.encrypt else args.encrypt
+    federation = HEFederation(
+        kit=args.kit,
+        server=args.server,
+        local_epochs=args.local_epochs,
+        encrypt=encrypt,
+        weight=args.weight,
+        optimizer_state=args.optimizer_state,
+        progress=False,
+    )
+    trainer = L.Trainer(
+        max_epochs=args.max_epochs,
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=args.strategy,
+        callbacks=[RoundRecorder(records, "before"), federation, RoundRecorder(records, "after")],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, train_dataloaders=data)
+    if trainer.is_global_zero:
+        history = [vars(m) | {"participants": list(m.participants)} for m in federation.history]
+        torch.save({"records": records, "history": history, "rank_state": None}, Path(args.out))
+    else:  # the test checks that the other DDP rank ends with the same weights
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, Path(args.out + f".rank{trainer.global_rank}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""HEFederation end to end: a real server with mutual TLS, real site processes running real Lightning Trainers.
+
+Each site is `tests/sites/boring_site.py` in its own process, as at a hospital. It records its model right before
+and right after every round's exchange; the tests compare those records across sites with the exact weighted
+average of what the sites uploaded.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_fhe.he.codec import num_chunks
+from lightning_fhe.he.params import CKKSParams
+from lightning_fhe.provision import load_provision_config, load_server_kit, provision
+from lightning_fhe.server.app import AggregatorServer
+from lightning_fhe.server.config import load_server_config
+
+REPO = Path(__file__).resolve().parents[1]
+SITE = REPO / "tests" / "sites" / "boring_site.py"
+ROUNDS = 3
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("kits")
+    provision(load_provision_config(REPO / "configs" / "provision.yaml", ["clients=[site-1,site-2]"]), out)
+    return out
+
+
+def federate(kits: Path, tmp: Path, sites: dict[str, list[str]], rounds: int = ROUNDS) -> dict[str, dict]:
+    """Runs a server and one process per site to the end; returns each site's records."""
+    config = load_server_config(
+        None, ["port=0", "bind=127.0.0.1", f"state_dir={tmp / 'state'}", f"rounds={rounds}", "linger_s=1"]
+    )
+    server = AggregatorServer(config, load_server_kit(kits / "server"))
+    port = server.start()
+    processes = {}
+    try:
+        for name, args in sites.items():
+            command = [sys.executable, str(SITE), "--kit", str(kits / name), "--server", f"localhost:{port}"]
+            command += ["--out", str(tmp / f"{name}.pt"), "--max-epochs", str(rounds), *args]
+            processes[name] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, process in processes.items():
+            output, _ = process.communicate(timeout=240)
+            assert process.returncode == 0, f"{name} failed:\n{output[-4000:]}"
+        assert server.wait(timeout=30) == 0
+    finally:
+        for process in processes.values():
+            process.kill()
+        server.stop()
+    return {name: torch.load(tmp / f"{name}.pt") for name in sites}
+
+
+def federated_names(state: dict[str, torch.Tensor]) -> list[str]:
+    return [name for name, tensor in state.items() if tensor.is_floating_point()]
+
+
+def assert_rounds_average(results: dict[str, dict], weights: dict[str, float], rounds: int = ROUNDS) -> None:
+    """After every round all sites hold the same weights: the weighted average of what they uploaded."""
+    total = sum(weights.values())
+    for epoch in range(rounds):
+        records = {name: result["records"][epoch] for name, result in results.items()}
+        first = next(iter(records.values()))
+        for tensor in federated_names(first["after"]):
+            expected = sum(weights[n] * r["before"][tensor].double() for n, r in records.items()) / total
+            for name, record in records.items():
+                torch.testing.assert_close(record["after"][tensor].double(), expected, rtol=0, atol=1e-6)
+        some = federated_names(first["after"])[0]
+        for name, record in records.items():  # the sites trained apart, so the average moved each of them
+            assert not torch.equal(record["before"][some], record["after"][some]), name
+
+
+@pytest.fixture(scope="module")
+def encrypted_run(kits, tmp_path_factory) -> dict[str, dict]:
+    tmp = tmp_path_factory.mktemp("all")
+    return federate(kits, tmp, {"site-1": ["--seed", "0"], "site-2": ["--seed", "1"]})
+
+
+def test_two_sites_hold_the_exact_weighted_average_after_every_round(encrypted_run):
+    # Default weights are the numbers of training samples: 64 and 80 (see boring_site.py).
+    assert_rounds_average(encrypted_run, {"site-1": 64.0, "site-2": 80.0})
+    history = encrypted_run["site-1"]["history"]
+    assert [h["round"] for h in history] == [1, 2, 3]
+    assert all(sorted(h["participants"]) == ["site-1", "site-2"] for h in history)
+    assert all(h["ciphertext_bytes"] > 0 and h["encrypt_s"] > 0 for h in history)
+
+
+def test_plain_federated_averaging_gives_the_same_global_weights(encrypted_run, kits, tmp_path):
+    plain = federate(kits, tmp_path, {"site-1": ["--seed", "0", "--encrypt", "none"], "site-2": ["--seed", "1", "--encrypt", "none"]})
+    assert all(h["ciphertext_bytes"] == 0 for h in plain["site-1"]["history"])
+    for epoch in range(ROUNDS):
+        encrypted_after = encrypted_run["site-1"]["records"][epoch]["after"]
+        plain_after = plain["site-1"]["records"][epoch]["after"]
+        for name in federated_names(plain_after):
+            torch.testing.assert_close(plain_after[name], encrypted_after[name], rtol=0, atol=1e-6)
+
+
+def test_ddp_site_federates_through_rank_zero(kits, tmp_path):
+    results = federate(
+        kits,
+        tmp_path,
+        {
+            "site-1": ["--seed", "0", "--weight", "3", "--strategy", "ddp", "--devices", "2"],
+            "site-2": ["--seed", "1", "--weight", "1"],
+        },
+    )
+    assert_rounds_average(results, {"site-1": 3.0, "site-2": 1.0})
+    other_rank = torch.load(tmp_path / "site-1.pt.rank1")
+    final = results["site-1"]["records"][ROUNDS - 1]["after"]
+    for name in federated_names(final):
+        torch.testing.assert_close(other_rank[name], final[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "mode, encrypted",
+    [
+        ("conv", [f"layer.{i}.{p}" for i in (1, 3, 5, 6, 7) for p in ("weight", "bias")]),
+        ("key_layers", [f"layer.{i}.{p}" for i in (1, 5, 7) for p in ("weight", "bias")]),  # first, middle, last
+    ],
+)
+def test_partial_encryption_sends_only_the_selection_encrypted(kits, tmp_path, mode, encrypted):
+    args = ["--model", "conv", "--encrypt", mode]
+    results = federate(kits, tmp_path, {"site-1": ["--seed", "0", *args], "site-2": ["--seed", "1", *args]})
+    assert_rounds_average(results, {"site-1": 64.0, "site-2": 80.0})
+    state = results["site-1"]["records"][0]["after"]
+    encrypted_values = sum(state[name].numel() for name in encrypted)
+    for h in results["site-1"]["history"]:
+        assert h["encrypted_values"] == encrypted_values
+        chunks = num_chunks(encrypted_values, CKKSParams())
+        assert 0 < h["ciphertext_bytes"] <= chunks * 70_000  # one seeded ciphertext is ~65.7 KB
+        assert h["upload_bytes"] > h["ciphertext_bytes"]  # the linear layer and norms travelled in plaintext
+    # Tensors outside the selection arrived averaged too (assert_rounds_average covers every floating tensor),
+    # and the selection is what the callback would choose on this model.
+    from lightning_fhe.selection import split_tensors
+
+    assert list(split_tensors(state, mode).encrypted) == encrypted
+
+
+def test_optimizer_state_is_kept_or_reset_between_rounds(kits, tmp_path):
+    results = federate(
+        kits,
+        tmp_path,
+        {
+            "site-1": ["--seed", "0", "--model", "adam", "--optimizer-state", "keep"],
+            "site-2": ["--seed", "1", "--model", "adam", "--optimizer-state", "reset"],
+        },
+    )
+    for epoch in range(ROUNDS):
+        kept, reset = results["site-1"]["records"][epoch], results["site-2"]["records"][epoch]
+        assert kept["after_optimizer_entries"] == kept["before_optimizer_entries"] > 0
+        assert reset["before_optimizer_entries"] > 0 and reset["after_optimizer_entries"] == 0
