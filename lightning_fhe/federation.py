@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from lightning_fhe.privacy import UpdateMechanism, mechanism_from_config
 from lightning_fhe.selection import Selection, split_tensors
 from lightning_fhe.site import FederatedSite, RoundMetrics
 
@@ -67,6 +69,11 @@ class HEFederation(Callback):
             parameter, keeping local training close to the last global model. 0 turns it off.
         insecure: connect without TLS, to a server started with ``--insecure``. For local experiments only.
         site_name: this site's name when ``insecure`` (there is no certificate to name it).
+        privacy: applied to this site's update (its difference from the last global model) before encryption:
+            an :class:`~lightning_fhe.privacy.UpdateMechanism` or its YAML form, e.g.
+            ``{"gaussian": {"clip_norm": 1.0, "noise_multiplier": 1.0}}``, ``{"partial": {"fraction": 0.1}}``,
+            ``{"svt": {...}}`` or a list of those. See ``docs/privacy.md``.
+        privacy_delta: the delta at which ``privacy/epsilon`` is reported.
         retry_budget_s: how long to keep retrying an unreachable server before failing.
         progress: show progress bars for uploads and downloads (global rank 0 only).
     """
@@ -84,6 +91,8 @@ class HEFederation(Callback):
         fedprox_mu: float = 0.0,
         insecure: bool = False,
         site_name: str | None = None,
+        privacy: UpdateMechanism | Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        privacy_delta: float = 1e-5,
         retry_budget_s: float = 60.0,
         progress: bool = True,
     ) -> None:
@@ -97,6 +106,10 @@ class HEFederation(Callback):
             raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATE}, got {optimizer_state!r}")
         if not fedprox_mu >= 0:
             raise ValueError(f"fedprox_mu must be >= 0, got {fedprox_mu!r}")
+        if not 0 < privacy_delta < 1:
+            raise ValueError(f"privacy_delta must be in (0, 1), got {privacy_delta!r}")
+        self.privacy = privacy if isinstance(privacy, UpdateMechanism) else mechanism_from_config(privacy, rounds=rounds)
+        self.privacy_delta = privacy_delta
         self.kit = Path(kit)
         self.server = server
         self.local_epochs = local_epochs
@@ -183,12 +196,17 @@ class HEFederation(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"completed_round": self._completed_round, "epochs_in_round": self._epochs_in_round}
+        state = {"completed_round": self._completed_round, "epochs_in_round": self._epochs_in_round}
+        if self.privacy is not None:  # the privacy already spent must survive a restart
+            state["privacy"] = self.privacy.state_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._completed_round = int(state_dict["completed_round"])
         self._epochs_in_round = int(state_dict["epochs_in_round"])
+        if self.privacy is not None and "privacy" in state_dict:
+            self.privacy.load_state_dict(state_dict["privacy"])
 
     # ----------------------------------------------------------------------------------------------- rounds
 
@@ -281,7 +299,9 @@ class HEFederation(Callback):
             site_name=self.site_name,
             retry_budget_s=self.retry_budget_s,
         )
-        self._site = FederatedSite(client, kit.he_context, self._split(pl_module), state)
+        self._site = FederatedSite(
+            client, kit.he_context, self._split(pl_module), state, self.privacy, self.privacy_delta
+        )
         info = self._site.join(weight, state)
         rounds = self._rounds(trainer, info.rounds)
         # A restarted site resumes from the last closed round; a fresh one from the initial model (round 0).

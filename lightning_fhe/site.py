@@ -18,6 +18,7 @@ from lightning_fhe.client import AggregatorClient, GlobalModel, JoinInfo, RoundC
 from lightning_fhe.he.codec import UpdateCipher
 from lightning_fhe.he.context import HEContext
 from lightning_fhe.he.layout import TensorLayout
+from lightning_fhe.privacy import UpdateMechanism
 from lightning_fhe.selection import TensorSplit
 
 Progress = Callable[[str, int, int], None]
@@ -39,6 +40,8 @@ class RoundMetrics:
     download_bytes: int
     encrypted_values: int  # how many values travelled encrypted ...
     ciphertext_bytes: int  # ... in how many bytes of ciphertext (the rest of upload_bytes is plaintext and framing)
+    shared_fraction: float = 1.0  # fraction of the update's components sent (below 1 with partial sharing or SVT)
+    epsilon: float | None = None  # this site's cumulative privacy loss, when its mechanism gives a formal one
 
     def as_log_dict(self) -> dict[str, float]:
         return {
@@ -51,7 +54,8 @@ class RoundMetrics:
             "fhe/download_bytes": float(self.download_bytes),
             "fhe/ciphertext_bytes": float(self.ciphertext_bytes),
             "fhe/participants": float(len(self.participants)),
-        }
+            "privacy/shared_fraction": self.shared_fraction,
+        } | ({} if self.epsilon is None else {"privacy/epsilon": self.epsilon})
 
     def summary(self, rounds: int) -> str:
         mb = 1e6
@@ -70,16 +74,29 @@ class FederatedSite:
         he_context: the site kit's CKKS context (with the secret key).
         split: which tensors are encrypted, sent in plaintext, or kept local.
         state: the model's state dict, to fix shapes and dtypes.
+        privacy: a mechanism applied to the update (its difference from the last global model) before encryption.
+        privacy_delta: the delta at which the mechanism's epsilon is reported.
     """
 
     def __init__(
-        self, client: AggregatorClient, he_context: HEContext, split: TensorSplit, state: Mapping[str, torch.Tensor]
+        self,
+        client: AggregatorClient,
+        he_context: HEContext,
+        split: TensorSplit,
+        state: Mapping[str, torch.Tensor],
+        privacy: UpdateMechanism | None = None,
+        privacy_delta: float = 1e-5,
     ) -> None:
         self.client = client
         self.cipher = UpdateCipher(he_context)
         self.encrypted_layout = TensorLayout.from_tensors(state, split.encrypted)
         self.plaintext_layout = TensorLayout.from_tensors(state, split.plaintext)
+        self.privacy = privacy
+        self.privacy_delta = privacy_delta
         self.info: JoinInfo | None = None
+        self._global: np.ndarray | None = None  # the last global model, flat: encrypted part, then plaintext part
+        # Noise must be unpredictable to anyone else: a fresh OS-seeded generator, never a configured seed.
+        self._rng = np.random.default_rng()
 
     def join(self, weight: float, state: Mapping[str, torch.Tensor]) -> JoinInfo:
         """Joins and, when the server asks this site for the first global model, sends its initial state."""
@@ -94,21 +111,35 @@ class FederatedSite:
         model = self.client.fetch_global(round, progress=_bind(progress, "download"))
         return self._decode(model), model
 
+    def _flatten(self, state: Mapping[str, torch.Tensor]) -> np.ndarray:
+        return np.concatenate([self.encrypted_layout.flatten(state), self.plaintext_layout.flatten(state)])
+
+    def _privatize(self, local: np.ndarray) -> tuple[np.ndarray, float, float | None]:
+        """The values to send instead of ``local``: the last global model plus the privatized update.
+
+        Every site starts the round from the same global model, so averaging ``global + d_i`` is averaging the
+        updates ``d_i``; a component sent as zero update keeps the global value there.
+        """
+        if self.privacy is None:
+            return local, 1.0, None
+        if self._global is None:
+            raise RuntimeError("privacy needs the global model the round started from; load it with global_state()")
+        released = self.privacy.privatize(local - self._global, self._rng)
+        return self._global + released.delta, released.shared_fraction, self.privacy.spent(self.privacy_delta)
+
     def exchange(
         self, round: int, state: Mapping[str, torch.Tensor], progress: Progress | None = None
     ) -> tuple[dict[str, torch.Tensor], RoundMetrics]:
         """Encrypts this site's selected tensors, submits them for ``round`` and returns the global model."""
         if self.info is None:
             raise RuntimeError("join() before exchange()")
+        values, shared_fraction, epsilon = self._privatize(self._flatten(state))
+        encrypted, plaintext = np.split(values, [self.encrypted_layout.numel])
         start = time.perf_counter()
-        chunks = self.cipher.encrypt(
-            self.encrypted_layout.flatten(state), self.info.share, where=self.encrypted_layout.locate
-        )
+        chunks = self.cipher.encrypt(encrypted, self.info.share, where=self.encrypted_layout.locate)
         encrypt_s = time.perf_counter() - start
         try:
-            receipt = self.client.submit(
-                round, chunks, self.plaintext_layout.flatten(state), progress=_bind(progress, "upload")
-            )
+            receipt = self.client.submit(round, chunks, plaintext, progress=_bind(progress, "upload"))
         except RoundClosedError as err:
             # Too slow for this round: it closed at quorum without us. Our local work is dropped, and we carry on
             # from the global model like everyone else.
@@ -128,6 +159,8 @@ class FederatedSite:
             download_bytes=model.bytes_received,
             encrypted_values=self.encrypted_layout.numel,
             ciphertext_bytes=sum(map(len, chunks)),
+            shared_fraction=shared_fraction,
+            epsilon=epsilon,
         )
         return tensors, metrics
 
@@ -140,11 +173,14 @@ class FederatedSite:
                     f"initial model holds {values.size} values; this site's layout has "
                     f"{encrypted.numel + plaintext.numel}"
                 )
-            return {**encrypted.unflatten(values[: encrypted.numel]), **plaintext.unflatten(values[encrypted.numel :])}
-        tensors = plaintext.unflatten(model.plaintext)
-        if encrypted.numel:
-            average = self.cipher.decrypt(model.encrypted_chunks, encrypted.numel, model.total_share)
-            tensors.update(encrypted.unflatten(average))
+            tensors = {**encrypted.unflatten(values[: encrypted.numel]), **plaintext.unflatten(values[encrypted.numel :])}
+        else:
+            tensors = plaintext.unflatten(model.plaintext)
+            if encrypted.numel:
+                average = self.cipher.decrypt(model.encrypted_chunks, encrypted.numel, model.total_share)
+                tensors.update(encrypted.unflatten(average))
+        # What was loaded, in the tensors' own dtypes: the reference the next round's update is measured from.
+        self._global = self._flatten(tensors)
         return tensors
 
 

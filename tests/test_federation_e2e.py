@@ -156,3 +156,40 @@ def test_optimizer_state_is_kept_or_reset_between_rounds(kits, tmp_path):
         kept, reset = results["site-1"]["records"][epoch], results["site-2"]["records"][epoch]
         assert kept["after_optimizer_entries"] == kept["before_optimizer_entries"] > 0
         assert reset["before_optimizer_entries"] > 0 and reset["after_optimizer_entries"] == 0
+
+
+@pytest.mark.parametrize(
+    "privacy, cap, formal",
+    [
+        ({"gaussian": {"clip_norm": 0.5, "noise_multiplier": 1.0}}, 1.0, True),
+        ({"partial": {"fraction": 0.1}}, 0.1, False),
+        ({"svt": {"fraction": 0.1, "epsilon": 1.0, "clip_bound": 0.05}}, 0.1, True),
+    ],
+    ids=["gaussian", "partial", "svt"],
+)
+def test_encrypted_federation_with_each_privacy_option_completes(kits, tmp_path, privacy, cap, formal):
+    import json
+
+    args = ["--privacy", json.dumps(privacy)]
+    results = federate(kits, tmp_path, {"site-1": ["--seed", "0", *args], "site-2": ["--seed", "1", *args]})
+    for result in results.values():
+        history = result["history"]
+        assert [h["round"] for h in history] == [1, 2, 3]
+        assert all(h["ciphertext_bytes"] > 0 and h["shared_fraction"] <= cap for h in history)
+        epsilons = [h["epsilon"] for h in history]
+        if formal:  # the privacy loss accumulates round after round
+            assert all(e is not None and e > 0 for e in epsilons) and epsilons == sorted(epsilons)
+            assert epsilons[0] < epsilons[-1]
+        else:
+            assert epsilons == [None, None, None]
+    if "partial" in privacy or "svt" in privacy:  # a component neither site shared keeps its global value
+        for epoch in (1, 2):
+            now, before = (results["site-1"]["records"][e]["after"] for e in (epoch, epoch - 1))
+            names = federated_names(now)
+            moved = sum(int(((now[n] - before[n]).abs() > 1e-6).sum()) for n in names)
+            assert moved <= 2 * cap * sum(now[n].numel() for n in names) + 2
+    # Both sites still end each round on the same global model.
+    for epoch in range(ROUNDS):
+        a, b = (results[s]["records"][epoch]["after"] for s in ("site-1", "site-2"))
+        for name in federated_names(a):
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)

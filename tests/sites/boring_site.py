@@ -7,6 +7,7 @@ state of the model right before and right after each round's exchange, and what 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import lightning as L
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--optimizer-state", default="keep")
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--strategy", default="auto")
+    parser.add_argument("--privacy", type=json.loads, help="HEFederation's privacy option, as JSON")
     args = parser.parse_args()
 
     # Same initial weights at every site whoever joins first, so runs are comparable; each site's own data.
@@ -87,6 +89,7 @@ def main() -> None:
         encrypt=encrypt,
         weight=args.weight,
         optimizer_state=args.optimizer_state,
+        privacy=args.privacy,
         progress=False,
     )
     trainer = L.Trainer(
