@@ -193,3 +193,49 @@ def test_encrypted_federation_with_each_privacy_option_completes(kits, tmp_path,
         a, b = (results[s]["records"][epoch]["after"] for s in ("site-1", "site-2"))
         for name in federated_names(a):
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def test_a_site_that_dies_resumes_from_its_checkpoint_at_the_right_round(kits, tmp_path):
+    config = load_server_config(
+        None, ["port=0", "bind=127.0.0.1", f"state_dir={tmp_path / 'state'}", f"rounds={ROUNDS}", "linger_s=1"]
+    )
+    server = AggregatorServer(config, load_server_kit(kits / "server"))
+    port = server.start()
+    checkpoint = tmp_path / "site-1.ckpt"
+
+    def site(name: str, seed: int, *extra: str) -> subprocess.Popen:
+        command = [sys.executable, str(SITE), "--kit", str(kits / name), "--server", f"localhost:{port}"]
+        command += ["--out", str(tmp_path / f"{name}.pt"), "--max-epochs", str(ROUNDS), "--seed", str(seed), *extra]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    try:
+        other = site("site-2", 1)
+        crashing = site("site-1", 0, "--crash-after-round", "1", "--checkpoint", str(checkpoint))
+        output, _ = crashing.communicate(timeout=120)
+        assert crashing.returncode == 3 and checkpoint.exists(), output[-3000:]
+        restarted = site("site-1", 0, "--checkpoint", str(checkpoint))  # site-2 waits in round 2 meanwhile
+        for process in (restarted, other):
+            output, _ = process.communicate(timeout=120)
+            assert process.returncode == 0, output[-3000:]
+        assert server.wait(timeout=30) == 0
+    finally:
+        server.stop()
+    resumed, survivor = (torch.load(tmp_path / f"{name}.pt") for name in ("site-1", "site-2"))
+    assert [h["round"] for h in resumed["history"]] == [2, 3]  # it picked up at round 2, not from the start
+    assert [h["round"] for h in survivor["history"]] == [1, 2, 3]
+    assert all(sorted(h["participants"]) == ["site-1", "site-2"] for h in survivor["history"])
+    final_resumed, final_survivor = resumed["records"][ROUNDS - 1]["after"], survivor["records"][ROUNDS - 1]["after"]
+    for name in federated_names(final_survivor):
+        torch.testing.assert_close(final_resumed[name], final_survivor[name], rtol=0, atol=0)
+
+
+def test_fedprox_keeps_local_training_close_to_the_global_model(encrypted_run, kits, tmp_path):
+    args = ["--fedprox-mu", "5"]
+    proximal = federate(kits, tmp_path, {"site-1": ["--seed", "0", *args], "site-2": ["--seed", "1", *args]})
+
+    def drift(run: dict) -> float:  # how far round 1's local epoch moved site-1 from the initial global model
+        records = run["site-1"]["records"]
+        return sum(float((records[0]["before"][n] - records["start"][n]).norm()) for n in ("layer.weight", "layer.bias"))
+
+    assert_rounds_average(proximal, {"site-1": 64.0, "site-2": 80.0})
+    assert drift(proximal) < 0.5 * drift(encrypted_run)

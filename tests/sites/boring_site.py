@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import lightning as L
@@ -51,11 +52,27 @@ class RoundRecorder(Callback):
     def __init__(self, records: dict, when: str) -> None:
         self.records, self.when = records, when
 
+    def on_train_start(self, trainer, pl_module):
+        if self.when == "after":  # right after HEFederation loaded the first global model
+            self.records["start"] = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx + 1 >= trainer.num_training_batches:
             entry = self.records.setdefault(trainer.current_epoch, {})
             entry[self.when] = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
             entry[f"{self.when}_optimizer_entries"] = len(trainer.optimizers[0].state)
+
+
+class CrashAfterRound(Callback):
+    """Checkpoints once the given round is done, then dies without a goodbye, like a site losing power."""
+
+    def __init__(self, federation: HEFederation, round: int, path: str) -> None:
+        self.federation, self.round, self.path = federation, round, path
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.federation.state_dict()["completed_round"] == self.round:
+            trainer.save_checkpoint(self.path)
+            os._exit(3)
 
 
 def main() -> None:
@@ -73,6 +90,9 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--strategy", default="auto")
     parser.add_argument("--privacy", type=json.loads, help="HEFederation's privacy option, as JSON")
+    parser.add_argument("--fedprox-mu", type=float, default=0.0)
+    parser.add_argument("--crash-after-round", type=int, help="save a checkpoint after this round, then die")
+    parser.add_argument("--checkpoint", help="where --crash-after-round saves, and what a restart resumes from")
     args = parser.parse_args()
 
     # Same initial weights at every site whoever joins first, so runs are comparable; each site's own data.
@@ -90,6 +110,7 @@ def main() -> None:
         weight=args.weight,
         optimizer_state=args.optimizer_state,
         privacy=args.privacy,
+        fedprox_mu=args.fedprox_mu,
         progress=False,
     )
     trainer = L.Trainer(
@@ -97,14 +118,16 @@ def main() -> None:
         accelerator="cpu",
         devices=args.devices,
         strategy=args.strategy,
-        callbacks=[RoundRecorder(records, "before"), federation, RoundRecorder(records, "after")],
+        callbacks=[RoundRecorder(records, "before"), federation, RoundRecorder(records, "after")]
+        + ([CrashAfterRound(federation, args.crash_after_round, args.checkpoint)] if args.crash_after_round else []),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
     )
-    trainer.fit(model, train_dataloaders=data)
+    resume = args.checkpoint if args.checkpoint and Path(args.checkpoint).exists() else None
+    trainer.fit(model, train_dataloaders=data, ckpt_path=resume)
     if trainer.is_global_zero:
         history = [vars(m) | {"participants": list(m.participants)} for m in federation.history]
         torch.save({"records": records, "history": history, "rank_state": None}, Path(args.out))
