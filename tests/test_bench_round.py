@@ -50,7 +50,9 @@ def _result():
         "cpu_count": 2,
         "max_concurrent_uploads": 2,
         "seconds": 12.5,
-        "encrypted": _record(_stat(0.25, 0.01), _stat(0.1, 0.02), _stat(0.5, 0.1), _stat(1.0, 0.2), 9_470_000, 18_890_000),
+        "encrypted": _record(
+            _stat(0.25, 0.01), _stat(0.1, 0.02), _stat(0.5, 0.1), _stat(1.0, 0.2), 9_470_000, 18_890_000
+        ),
         "raw": _record(_stat(None, None), _stat(0.12, 0.001), _stat(0.25, 0.05), _stat(0.8, 0.1), 9_409_488, 9_409_488),
     }
 

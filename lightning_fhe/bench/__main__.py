@@ -1,4 +1,4 @@
-"""``python -m lightning_fhe.bench {codec,server-memory} ...``: benchmarks measured as ratios within one run."""
+"""``python -m lightning_fhe.bench {codec,server-memory,round} ...``: benchmarks measured as ratios within one run."""
 
 from __future__ import annotations
 
@@ -24,6 +24,12 @@ def _parser() -> argparse.ArgumentParser:
     from lightning_fhe.bench import server_memory
 
     server_memory.add_arguments(memory)
+    round_ = sub.add_parser(
+        "round", help="per-site encryption, decryption and upload time, encrypted vs raw (the seed's Table 2)"
+    )
+    from lightning_fhe.bench import round as round_bench
+
+    round_bench.add_arguments(round_)
     return parser
 
 
@@ -33,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         from lightning_fhe.bench import server_memory
 
         return server_memory.run_from_args(args)
+    if args.bench == "round":
+        from lightning_fhe.bench import round as round_bench
+
+        return round_bench.run_from_args(args)
     if args.clients < 1:
         _parser().error(f"--clients must be at least 1, got {args.clients}")
     from lightning_fhe.bench import codec
