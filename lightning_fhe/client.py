@@ -39,7 +39,15 @@ from lightning_fhe.he.codec import num_chunks
 from lightning_fhe.he.layout import TensorLayout
 from lightning_fhe.proto import aggregator_pb2 as pb
 from lightning_fhe.proto import aggregator_pb2_grpc as pb_grpc
-from lightning_fhe.proto.wire import REFUSAL_REASON_METADATA, SITE_NAME_METADATA, channel_options, plaintext_blocks
+from lightning_fhe.proto.wire import (
+    REFUSAL_REASON_METADATA,
+    SITE_NAME_METADATA,
+    WIRE_DTYPES,
+    block_payload,
+    channel_options,
+    plaintext_blocks,
+    plaintext_field,
+)
 from lightning_fhe.provision.kits import SiteKit, load_site_kit
 
 logger = logging.getLogger("lightning_fhe.client")
@@ -118,10 +126,13 @@ class RoundStatus:
 class _KeptUpdate:
     """An update as sent: chunks are pulled from the caller's iterable once and kept for resubmission."""
 
-    def __init__(self, round_number: int, source: Iterator[bytes], expected_chunks: int, plaintext: np.ndarray) -> None:
+    def __init__(
+        self, round_number: int, source: Iterator[bytes], expected_chunks: int, plaintext: np.ndarray, field: str
+    ) -> None:
         self.round = round_number
         self.expected_chunks = expected_chunks
         self.plaintext = plaintext
+        self.field = field  # the PlaintextBlock field, hence the dtype, the plaintext travels in
         self._source = source
         self._chunks: list[bytes] = []
         self._lock = threading.Lock()  # gRPC reads requests on its own thread; a retry may start a second reader
@@ -129,7 +140,7 @@ class _KeptUpdate:
 
     @property
     def nbytes(self) -> int:
-        return sum(map(len, self._chunks)) + self.plaintext.nbytes
+        return sum(map(len, self._chunks)) + self.plaintext.size * WIRE_DTYPES[self.field].itemsize
 
     def _chunk(self, index: int) -> bytes | None:
         with self._lock:
@@ -161,8 +172,8 @@ class _KeptUpdate:
                 round=self.round, num_chunks=self.expected_chunks, plaintext_count=self.plaintext.size
             )
         )
-        for offset, data in plaintext_blocks(self.plaintext):
-            yield pb.UpdatePart(plaintext=pb.PlaintextBlock(offset=offset, float64_le=data))
+        for offset, data in plaintext_blocks(self.plaintext, self.field):
+            yield pb.UpdatePart(plaintext=pb.PlaintextBlock(offset=offset, **{self.field: data}))
         for index in range(self.expected_chunks):
             blob = self._chunk(index)
             if blob is None:
@@ -290,7 +301,9 @@ class AggregatorClient:
         if values.size != expected_values:
             what = "encrypted and plaintext values of the initial model" if round == 0 else "plaintext-layout values"
             raise ValueError(f"round {round}: plaintext holds {values.size} values; expected {expected_values} {what}")
-        kept = _KeptUpdate(round, iter(encrypted_chunks), expected_chunks, values)
+        encrypted, plain = self._layouts
+        field = plaintext_field(encrypted, plain) if round == 0 else plaintext_field(plain)
+        kept = _KeptUpdate(round, iter(encrypted_chunks), expected_chunks, values, field)
         self._kept = {r: k for r, k in self._kept.items() if r > round}
         self._kept[round] = kept
         try:
@@ -409,14 +422,15 @@ class AggregatorClient:
                 if progress is not None:
                     progress(len(chunks), header.num_chunks)
             elif kind == "plaintext":
-                block = np.frombuffer(part.plaintext.float64_le, dtype="<f8")
+                data, dtype = block_payload(part.plaintext)
+                block = np.frombuffer(data, dtype=dtype)
                 if part.plaintext.offset != filled or filled + block.size > values.size:
                     raise FederationError(
                         f"fetch round {round_number}: plaintext block at {part.plaintext.offset} out of order"
                     )
                 values[filled : filled + block.size] = block
                 filled += block.size
-                received += len(part.plaintext.float64_le)
+                received += len(data)
         if len(chunks) != header.num_chunks or filled != header.plaintext_count:
             raise FederationError(
                 f"fetch round {round_number}: incomplete download ({len(chunks)} of {header.num_chunks} chunks, "

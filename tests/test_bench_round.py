@@ -153,10 +153,10 @@ def test_three_sites_one_round_end_to_end(tmp_path):
         assert record["max_abs_error"] < 1e-6  # the global model is the average the sites sent
     assert result["raw"]["encrypt_s"] == {"mean": None, "std": None}
 
-    # Raw updates travel as float64: exactly 8 bytes per parameter each way, 2x fp32.
-    assert result["raw"]["upload_bytes"] == result["raw"]["download_bytes"] == 8 * params
+    # Raw updates of a float32 model travel as float32: exactly 4 bytes per parameter each way.
+    assert result["raw"]["upload_bytes"] == result["raw"]["download_bytes"] == 4 * params
     # An encrypted update: two reals per complex slot, seeded ciphertexts at the lowest level: about 2x fp32 (the
-    # codec bench's target is <= 2.05x), so about the same bytes as raw float64. The global model, a sum that is no
+    # codec bench's target is <= 2.05x), so about twice the raw bytes. The global model, a sum that is no
     # longer seeded, about 4x fp32 (target <= 4.05x).
     enc = result["encrypted"]
     assert 1.9 <= enc["upload_bytes"] / result["fp32_bytes"] <= 2.05

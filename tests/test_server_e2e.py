@@ -149,7 +149,7 @@ def test_client_refuses_updates_that_do_not_match_its_layouts(kits, tmp_path):
                 client.submit(1, failing(), np.zeros(PLAINTEXT.numel))
             assert client.status().submitted == ()  # none of it was kept
             receipt = client.submit(1, iter(chunks), np.zeros(PLAINTEXT.numel))
-            assert receipt.round == 1 and receipt.bytes_sent == sum(map(len, chunks)) + 8 * PLAINTEXT.numel
+            assert receipt.round == 1 and receipt.bytes_sent == sum(map(len, chunks)) + 4 * PLAINTEXT.numel  # float32 model
             assert client.fetch_global(1).participants == ("site-1",)
     finally:
         server.stop()

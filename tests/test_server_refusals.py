@@ -375,4 +375,4 @@ def test_after_every_refusal_the_round_still_sums_exactly(fed):
         expected_enc, expected_plain = weighted_average(MEMBERS, 1)
         decrypted = site.cipher.decrypt(model.encrypted_chunks, ENCRYPTED.numel, model.total_share)
         assert np.abs(decrypted - expected_enc).max() < 1e-6
-        np.testing.assert_allclose(model.plaintext, expected_plain, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(model.plaintext, expected_plain, rtol=0, atol=1e-6)  # float32 on the wire

@@ -23,10 +23,10 @@ initial model (round 0, not measured), then for every round each site
   raw updates only the unflattening remains, and there is no encryption.
 
 Means and standard deviations (population, ddof=0) are over all sites and rounds. Bytes are the payload as the
-client counts it: ciphertext chunks and float64 plaintext values, without gRPC/TLS framing. Raw updates go as
-float64 (8 bytes per parameter, 2x fp32); an encrypted update is about 2x fp32 too (two reals per complex CKKS
-slot, seeded ciphertexts at the lowest level), and the encrypted global model about 4x fp32 (a sum is no longer
-seeded), against 2x for the raw float64 average.
+client counts it: ciphertext chunks and plaintext values, without gRPC/TLS framing. The model is float32, so raw
+updates go as float32 (4 bytes per parameter); an encrypted update is about 2x that (two reals per complex CKKS
+slot, seeded ciphertexts at the lowest level), and the encrypted global model about 4x (a sum is no longer
+seeded), against 1x for the raw average.
 
 **Contention.** The seed measured clients on separate machines. Here the K sites and the server share this
 machine's cores: every site encrypts at the same moment of a round, so with K sites on C cores each encryption
@@ -461,13 +461,13 @@ def format_table(result: dict[str, Any]) -> str:
     fp32 = result["fp32_bytes"]
     notes = [
         f"mean ± standard deviation (ddof=0) over {samples} samples ({result['clients']} sites x {result['rounds']} "
-        "round(s)); bytes per site and round: ciphertext chunks and float64 plaintext values, without gRPC/TLS framing",
+        "round(s)); bytes per site and round: ciphertext chunks and float32 plaintext values, without gRPC/TLS framing",
     ]
     sizes = [
         f"{s} upload {result[s]['upload_bytes'] / fp32:.2f}x, download {result[s]['download_bytes'] / fp32:.2f}x"
         for s in settings
     ]
-    notes.append("vs fp32: " + "; ".join(sizes) + " (raw updates travel as float64)")
+    notes.append("vs fp32: " + "; ".join(sizes))
     if len(settings) == 2:
         enc, raw = result["encrypted"], result["raw"]
         upload = enc["upload_s"]["mean"] / raw["upload_s"]["mean"] if raw["upload_s"]["mean"] else float("nan")

@@ -66,12 +66,14 @@ class Chunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PlaintextBlock(_message.Message):
-    __slots__ = ("offset", "float64_le")
+    __slots__ = ("offset", "float64_le", "float32_le")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     FLOAT64_LE_FIELD_NUMBER: _ClassVar[int]
+    FLOAT32_LE_FIELD_NUMBER: _ClassVar[int]
     offset: int
     float64_le: bytes
-    def __init__(self, offset: _Optional[int] = ..., float64_le: _Optional[bytes] = ...) -> None: ...
+    float32_le: bytes
+    def __init__(self, offset: _Optional[int] = ..., float64_le: _Optional[bytes] = ..., float32_le: _Optional[bytes] = ...) -> None: ...
 
 class UpdatePart(_message.Message):
     __slots__ = ("header", "plaintext", "chunk")

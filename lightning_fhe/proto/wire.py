@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from lightning_fhe.he.codec import max_chunk_bytes
+from lightning_fhe.he.layout import TensorLayout
 from lightning_fhe.he.params import CKKSParams
 
 SERVICE_NAME = "lightning_fhe.v1.Aggregator"
@@ -66,8 +67,26 @@ def channel_options(params: CKKSParams) -> list[tuple[str, int]]:
     ]
 
 
-def plaintext_blocks(values: np.ndarray) -> Iterator[tuple[int, bytes]]:
-    """``(offset, float64 little-endian bytes)`` blocks of at most :data:`PLAINTEXT_BLOCK_VALUES` values."""
-    flat = np.ascontiguousarray(values, dtype="<f8").reshape(-1)
+# Plaintext values travel as float32 when every tensor they belong to is float32 or narrower (float32 holds
+# float16 and bfloat16 exactly), so an unencrypted fp32 model costs its fp32 size on the wire, not twice that.
+WIRE_DTYPES = {"float32_le": np.dtype("<f4"), "float64_le": np.dtype("<f8")}
+
+
+def plaintext_field(*layouts: TensorLayout) -> str:
+    """The PlaintextBlock field for values of these layouts: ``float32_le`` unless one holds a float64 tensor."""
+    wide = any(spec.dtype == "float64" for layout in layouts for spec in layout.specs)
+    return "float64_le" if wide else "float32_le"
+
+
+def plaintext_blocks(values: np.ndarray, field: str = "float64_le") -> Iterator[tuple[int, bytes]]:
+    """``(offset, little-endian bytes)`` blocks of at most :data:`PLAINTEXT_BLOCK_VALUES` values, in the dtype
+    of PlaintextBlock ``field``."""
+    flat = np.ascontiguousarray(values, dtype=WIRE_DTYPES[field]).reshape(-1)
     for start in range(0, flat.size, PLAINTEXT_BLOCK_VALUES):
         yield start, flat[start : start + PLAINTEXT_BLOCK_VALUES].tobytes()
+
+
+def block_payload(block) -> tuple[bytes, np.dtype]:
+    """A received PlaintextBlock's bytes and their dtype (an empty block reads as float64)."""
+    field = block.WhichOneof("values") or "float64_le"
+    return getattr(block, field), WIRE_DTYPES[field]

@@ -70,16 +70,18 @@ class Upload:
         if self.state != "open":
             raise RuntimeError(f"upload of {self.site} is {self.state}")
 
-    def add_plaintext(self, offset: int, data: bytes) -> None:
-        """Stages ``len(data) / 8`` float64 (little-endian) plaintext values starting at value ``offset``."""
+    def add_plaintext(self, offset: int, data: bytes, dtype: np.dtype = _FLOAT64) -> None:
+        """Stages the plaintext values in ``data`` (little-endian ``dtype``: float64, or float32 for models that are
+        float32 or narrower) starting at value ``offset``."""
         self._require_open()
         count = self._accumulator.plaintext_count
         if self._added:
             raise _bad(Reason.CHUNK_ORDER, "plaintext values arrived after ciphertext chunks; send them first")
-        if len(data) % _FLOAT64.itemsize:
+        if len(data) % dtype.itemsize:
             raise _bad(
                 Reason.BAD_PLAINTEXT,
-                f"plaintext block at value {offset} holds {len(data)} bytes, not a multiple of 8 (float64)",
+                f"plaintext block at value {offset} holds {len(data)} bytes, not a multiple of {dtype.itemsize} "
+                f"({dtype.name})",
             )
         if offset != self._plaintext_filled:
             raise _bad(
@@ -87,7 +89,7 @@ class Upload:
                 f"plaintext block starts at value {offset}, but {self._plaintext_filled} values arrived so far; blocks "
                 "must come in order without gaps",
             )
-        values = np.frombuffer(data, dtype=_FLOAT64)
+        values = np.frombuffer(data, dtype=dtype).astype(np.float64)
         end = offset + values.size
         if end > count:
             raise _bad(

@@ -27,6 +27,7 @@ import torch
 
 from lightning_fhe.he.codec import num_chunks
 from lightning_fhe.he.context import HEContext
+from lightning_fhe.proto.wire import plaintext_field
 from lightning_fhe.server.accumulator import Aggregate, RoundAccumulator, Upload
 from lightning_fhe.server.config import ServerConfig
 from lightning_fhe.server.errors import Reason, Refusal, Status
@@ -69,7 +70,8 @@ class ChunkPart:
 @dataclass(frozen=True)
 class PlaintextPart:
     offset: int  # in values
-    data: bytes  # float64 little-endian
+    data: bytes  # little-endian values of ``dtype``
+    dtype: np.dtype = np.dtype("<f8")
 
 
 UploadPart = UploadHeader | ChunkPart | PlaintextPart
@@ -365,7 +367,7 @@ class Federation:
                             if isinstance(part, ChunkPart):
                                 upload.add_chunk(part.index, part.data)
                             elif isinstance(part, PlaintextPart):
-                                upload.add_plaintext(part.offset, part.data)
+                                upload.add_plaintext(part.offset, part.data, part.dtype)
                             else:
                                 raise Refusal(
                                     Status.INVALID_ARGUMENT, Reason.BAD_REQUEST, "a second header in one update stream"
@@ -580,6 +582,15 @@ class Federation:
             self._tick_locked(self._clock())
             self._check_known(site)
             return self._status_locked(site)
+
+    def plaintext_field(self, round_number: int) -> str:
+        """How round ``round_number``'s plaintext values travel: float32 unless the model holds float64 tensors."""
+        membership = self.membership
+        if membership is None:
+            return "float64_le"
+        if round_number == 0:  # the initial model carries the encrypted part in plaintext too
+            return plaintext_field(membership.encrypted_layout, membership.plaintext_layout)
+        return plaintext_field(membership.plaintext_layout)
 
     @property
     def current_round(self) -> int:

@@ -12,11 +12,18 @@ import logging
 from collections.abc import Iterator
 
 import grpc
+import numpy as np
 
 from lightning_fhe.he.layout import LayoutError, TensorLayout
 from lightning_fhe.proto import aggregator_pb2 as pb
 from lightning_fhe.proto import aggregator_pb2_grpc as pb_grpc
-from lightning_fhe.proto.wire import PLAINTEXT_BLOCK_VALUES, REFUSAL_REASON_METADATA, SITE_NAME_METADATA
+from lightning_fhe.proto.wire import (
+    PLAINTEXT_BLOCK_VALUES,
+    REFUSAL_REASON_METADATA,
+    SITE_NAME_METADATA,
+    WIRE_DTYPES,
+    block_payload,
+)
 from lightning_fhe.server.errors import Reason, Refusal, Status
 from lightning_fhe.server.federation import (
     ChunkPart,
@@ -150,11 +157,12 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 for index, blob in enumerate(reader.iter_chunks()):
                     sent += len(blob)
                     yield pb.GlobalModelPart(chunk=pb.Chunk(index=index, data=blob))
-                offset = 0
+                offset, field = 0, self.federation.plaintext_field(h.round)
                 for block in reader.iter_plaintext(PLAINTEXT_BLOCK_VALUES):
-                    sent += len(block)
-                    yield pb.GlobalModelPart(plaintext=pb.PlaintextBlock(offset=offset, float64_le=block))
-                    offset += len(block) // 8
+                    values = np.frombuffer(block, dtype="<f8").astype(WIRE_DTYPES[field])
+                    sent += values.nbytes
+                    yield pb.GlobalModelPart(plaintext=pb.PlaintextBlock(offset=offset, **{field: values.tobytes()}))
+                    offset += values.size
                 complete = True
             except StateError as err:
                 logger.error("%s", err)
@@ -194,7 +202,8 @@ def _update_parts(messages: Iterator[pb.UpdatePart]) -> Iterator[UploadPart]:
         elif kind == "chunk":
             yield ChunkPart(message.chunk.index, message.chunk.data)
         elif kind == "plaintext":
-            yield PlaintextPart(message.plaintext.offset, message.plaintext.float64_le)
+            data, dtype = block_payload(message.plaintext)
+            yield PlaintextPart(message.plaintext.offset, data, dtype)
         else:
             raise Refusal(
                 Status.INVALID_ARGUMENT, Reason.BAD_REQUEST, "an empty UpdatePart (no header, plaintext or chunk)"
