@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The quickstart federation: a server and 2 sites on synthetic spleen volumes, then the seed's Table 1 (a minute
+# on 2 cores; results in runs/). docs/experiments.md has the other experiments.
 demo: $(STAMP)
-	$(BIN)/python -m lightning_fhe.bench codec
+	$(BIN)/python -m lightning_fhe.simulate configs/experiments/quickstart.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

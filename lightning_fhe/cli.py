@@ -9,6 +9,7 @@ SUBCOMMANDS = {
     "provision": "make the CA, TLS certificates and CKKS keys for a federation",
     "server": "run the aggregation server (sums encrypted updates without any key)",
     "bench": "measure what homomorphic encryption costs",
+    "simulate": "run a federation (server and sites) on this machine and print the seed's results table",
 }
 
 

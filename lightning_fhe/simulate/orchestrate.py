@@ -1,0 +1,322 @@
+"""Runs one setting of an experiment: a provisioned federation of real processes on this machine.
+
+For each setting: provision a CA, TLS certificates and a CKKS key into a temporary folder, start
+``python -m lightning_fhe.server`` on a free loopback port, then one ``python -m lightning_fhe.simulate.site``
+per site, all talking mutual TLS over 127.0.0.1 exactly as across hospitals. Every process logs to a file in the
+setting's output folder, so nothing can block on a full pipe and a failure can be shown afterwards.
+
+The loop here only watches: it prints site-1's round records as they appear (and a line every half minute when
+nothing happens), and it ends the run as soon as any process exits with an error, the server dies, or the
+setting's ``experiment.timeout_s`` passes. Then every other process is stopped, so a failure never turns into a
+hang, and the error names the process and shows the end of its log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from lightning_fhe.simulate.config import site_names
+
+__all__ = ["SimulationError", "prepare_data", "run_setting", "threads_per_site"]
+
+Echo = Callable[[str], None]
+
+TAIL_LINES = 40
+POLL_S = 0.5
+HEARTBEAT_S = 30.0
+SERVER_START_S = 120.0  # importing torch and TenSEAL on a busy machine can take a while
+SERVER_EXIT_S = 30.0  # after the last site finished: the server exits once every site fetched the last model
+SERVER_LINGER_S = 10  # how long the server keeps serving after the last round; sites fetch within seconds here
+
+
+class SimulationError(RuntimeError):
+    """A process of the simulated federation failed, or the run timed out.
+
+    ``log_tail`` holds the last lines of the failed process's log, ``log_path`` the whole log.
+    """
+
+    def __init__(self, message: str, log_tail: str = "", log_path: Path | None = None) -> None:
+        super().__init__(message)
+        self.log_tail = log_tail
+        self.log_path = log_path
+
+
+def threads_per_site(config: Mapping[str, Any], cores: int | None = None) -> int:
+    """``trainer.num_threads``, or the machine's cores shared out among the sites: several sites each using every
+    core would slow all of them down (and make timings meaningless)."""
+    configured = config["trainer"]["num_threads"]
+    if configured:
+        return int(configured)
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // config["federation"]["sites"])
+
+
+def synthetic_root(config: Mapping[str, Any]) -> Path:
+    """Where the synthetic dataset for these parameters lives: one folder per parameter set, reused across runs."""
+    synthetic = config["data"]["synthetic"]
+    cache = Path(synthetic["cache_dir"] or Path.home() / ".cache" / "lightning_fhe" / "synthetic").expanduser()
+    size = synthetic["size"] if isinstance(synthetic["size"], list) else [synthetic["size"]] * 3
+    return cache / f"Task09_Spleen-{synthetic['num_cases']}x{'x'.join(map(str, size))}-seed{synthetic['seed']}"
+
+
+def prepare_data(config: Mapping[str, Any], echo: Echo = print) -> Path:
+    """The Decathlon folder the sites will read: ``data.root``, or the synthetic dataset, written first if needed.
+
+    Writing it here, once, before any site starts, means the sites only ever run the real MSD loader.
+    """
+    if config["data"]["root"] is not None:
+        return Path(config["data"]["root"]).expanduser().resolve()
+    from lightning_fhe.tasks.synthetic import MARKER_NAME, write_synthetic_msd
+
+    synthetic = config["data"]["synthetic"]
+    root = synthetic_root(config)
+    size = synthetic["size"] if isinstance(synthetic["size"], list) else [synthetic["size"]] * 3
+    if not (root / MARKER_NAME).is_file():
+        echo(f"writing {synthetic['num_cases']} synthetic volumes of {'x'.join(map(str, size))} voxels to {root}")
+    return write_synthetic_msd(root, num_cases=synthetic["num_cases"], size=size, seed=synthetic["seed"]).resolve()
+
+
+# ------------------------------------------------------------------------------------------------ processes
+
+
+class ChildProcess:
+    """A process of the federation, writing stdout and stderr to one log file."""
+
+    def __init__(self, name: str, command: Sequence[str], log_path: Path, cwd: Path, env: Mapping[str, str]) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log: TextIO = log_path.open("w")
+        # A session of its own: Ctrl-C in the terminal reaches only the orchestrator, which stops the children
+        # in order instead of every process dying at once mid-write.
+        self.popen = subprocess.Popen(
+            list(command), cwd=cwd, env=dict(env), stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+
+    def exit_code(self) -> int | None:
+        return self.popen.poll()
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s``; only this process, by its id."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log.close()
+
+    def tail(self, lines: int = TAIL_LINES) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+    def last_line(self) -> str:
+        """The last line of the log that says something: usually the exception of a failed process."""
+        return next((line.strip() for line in reversed(self.tail().splitlines()) if line.strip()), "")
+
+
+class RecordFollower:
+    """Reads the JSON lines a site appends, as they arrive; a partial last line waits for the next read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+
+    def new_records(self) -> list[dict[str, Any]]:
+        try:
+            with self.path.open() as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except OSError:
+            return []
+        complete = chunk[: chunk.rfind("\n") + 1]
+        self._offset += len(complete)
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    return RecordFollower(path).new_records()
+
+
+# ------------------------------------------------------------------------------------------------ one setting
+
+
+@dataclass(frozen=True)
+class SettingRun:
+    """What one setting produced: every site's round records, and the wall time including start-up."""
+
+    name: str
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+    wall_s: float
+
+
+def run_setting(name: str, config: dict[str, Any], out_dir: Path, echo: Echo = print) -> SettingRun:
+    """Provisions, starts the server and the sites, follows them to the end and returns their records.
+
+    ``config`` is the setting's validated config. Logs and the config the sites read go to ``out_dir``; kits and
+    the server's state go to a temporary folder, deleted afterwards (they hold a secret key and are useless after).
+
+    Raises:
+        SimulationError: a process failed or the setting ran past ``experiment.timeout_s``.
+    """
+    from lightning_fhe.provision import load_provision_config, provision
+
+    started = time.monotonic()
+    out_dir = out_dir.resolve()  # the processes run in a temporary folder, where a relative path means nothing
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads = threads_per_site(config)
+    config = {**config, "trainer": {**config["trainer"], "num_threads": threads}}
+    sites = site_names(config)
+    processes: list[ChildProcess] = []
+    with tempfile.TemporaryDirectory(prefix=f"lightning-fhe-{name}-") as tmp:
+        work = Path(tmp)
+        provision(
+            load_provision_config(
+                {"project": config["experiment"]["name"], "server": {"host": "localhost", "port": 8443},
+                 "clients": sites, "he": config["he"]}
+            ),
+            work / "kits",
+        )  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        try:
+            server = _start_server(config, work, out_dir, env)
+            processes.append(server)
+            # While the server imports torch and TenSEAL: the data, so that sites only ever read it.
+            try:
+                config["data"] = {**config["data"], "root": str(prepare_data(config, echo))}
+            except (OSError, ValueError) as err:  # e.g. the cache folder holds something else
+                raise SimulationError(f"[{name}] cannot write the synthetic dataset: {err}") from err
+            (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            port = _wait_for_port(server, work / "port", config, name)
+            echo(f"[{name}] server on 127.0.0.1:{port} (mutual TLS); {len(sites)} sites, {threads} thread(s) each")
+            site_env = {**env, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+            for index, site in enumerate(sites):
+                command = [
+                    sys.executable, "-m", "lightning_fhe.simulate.site", str(out_dir / "config.yaml"),
+                    "--site-index", str(index), "--kit", str(work / "kits" / site),
+                    "--server", f"localhost:{port}", "--out", str(out_dir / f"{site}.jsonl"),
+                ]  # fmt: skip
+                processes.append(ChildProcess(site, command, out_dir / f"{site}.log", work, site_env))
+            _follow(name, config, server, processes[1:], out_dir, started, echo)
+        finally:
+            for process in reversed(processes):
+                process.stop()
+    records = [record for site in sites for record in read_records(out_dir / f"{site}.jsonl")]
+    return SettingRun(name=name, config=config, records=records, wall_s=time.monotonic() - started)
+
+
+def _start_server(config: Mapping[str, Any], work: Path, out_dir: Path, env: Mapping[str, str]) -> ChildProcess:
+    federation = config["federation"]
+    options = {
+        "port": 0,
+        "port_file": work / "port",
+        "bind": "127.0.0.1",
+        "state_dir": work / "state",
+        "rounds": federation["rounds"],
+        "wait_after_min_s": federation["wait_after_min_s"],
+        "round_timeout_s": federation["round_timeout_s"],
+        "linger_s": SERVER_LINGER_S,
+    }
+    if federation["min_clients"] is not None:
+        options["min_clients"] = federation["min_clients"]
+    command = [sys.executable, "-m", "lightning_fhe.server", "--kit", str(work / "kits" / "server")]
+    command += [f"{key}={value}" for key, value in options.items()]
+    # Started in the temporary folder, where no configs/server.yaml can slip in its own options.
+    return ChildProcess("server", command, out_dir / "server.log", work, env)
+
+
+def _wait_for_port(server: ChildProcess, port_file: Path, config: Mapping[str, Any], name: str) -> int:
+    limit_s = min(SERVER_START_S, config["experiment"]["timeout_s"])
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if port_file.is_file():
+            return int(port_file.read_text())
+        if server.exit_code() is not None:
+            raise _failure(name, server, f"exited with status {server.exit_code()} before listening")
+        time.sleep(0.1)
+    raise _failure(name, server, f"was not listening after {limit_s:.0f} s")
+
+
+def _follow(
+    name: str,
+    config: Mapping[str, Any],
+    server: ChildProcess,
+    sites: Sequence[ChildProcess],
+    out_dir: Path,
+    started: float,
+    echo: Echo,
+) -> None:
+    """Watches until every site exited 0; raises at the first failure or at the timeout."""
+    rounds = config["federation"]["rounds"]
+    timeout_s = config["experiment"]["timeout_s"]
+    follower = RecordFollower(out_dir / f"{sites[0].name}.jsonl")
+    last_news = time.monotonic()
+    next_round = 1
+    while True:
+        done = all(site.exit_code() == 0 for site in sites)  # before reading, so no last record is missed
+        for record in follower.new_records():
+            echo(f"[{name}] {format_progress(record, rounds)} | {time.monotonic() - started:.0f} s")
+            next_round, last_news = record["round"] + 1, time.monotonic()
+        # Sites first: when a site dies the server soon fails its round too, but the site's error is the cause.
+        # The server exiting 0 is normal (the last model was fetched); the sites then validate it and exit.
+        for process in (*sites, server):
+            code = process.exit_code()
+            if code not in (None, 0):
+                raise _failure(name, process, f"exited with status {code}")
+        if done:
+            break
+        now = time.monotonic()
+        if now - started > timeout_s:
+            late = next((site for site in sites if site.exit_code() is None), server)
+            raise _failure(name, late, f"did not finish within experiment.timeout_s={timeout_s:g} s", "its last line")
+        if now - last_news > HEARTBEAT_S:
+            said = sites[0].last_line()[:90]
+            echo(f"[{name}] {now - started:.0f} s: waiting for round {next_round} ({sites[0].name}: {said})")
+            last_news = now
+        time.sleep(POLL_S)
+    deadline = time.monotonic() + SERVER_EXIT_S
+    while server.exit_code() is None and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    if server.exit_code() not in (None, 0):
+        raise _failure(name, server, f"exited with status {server.exit_code()} after the sites finished")
+
+
+def _failure(setting: str, process: ChildProcess, what: str, last_is: str = "") -> SimulationError:
+    """The error for ``process``; its log's last line is usually the exception that ended it."""
+    last = process.last_line()
+    return SimulationError(
+        f"[{setting}] {process.name} {what}" + (f"; {last_is}: {last}" if last_is else f": {last}" if last else ""),
+        log_tail=process.tail(),
+        log_path=process.log_path,
+    )
+
+
+def format_progress(record: Mapping[str, Any], rounds: int) -> str:
+    """One round as site-1 saw it."""
+    dice = "-" if record.get("dice") is None else f"{record['dice']:.4f}"
+    return (
+        f"round {record['round']}/{rounds}: global Dice {dice}, {len(record['participants'])} sites | "
+        f"{record['site']}: train {record['train_s']:.1f} s, encrypt {record['encrypt_s']:.2f} s, "
+        f"upload {record['upload_bytes'] / 1e6:.2f} MB in {record['upload_s']:.2f} s, wait {record['wait_s']:.2f} s, "
+        f"decrypt {record['decrypt_s']:.2f} s"
+    )
