@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from lightning_fhe.bench.report import log, publish
 from lightning_fhe.models import SEGRESNET_FILTERS
 
 
@@ -47,16 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error(f"--clients must be at least 1, got {args.clients}")
     from lightning_fhe.bench import codec
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
     result = codec.run(args.model, args.clients, args.seed, log=log)
-    print(codec.format_table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
-    return 0
+    return publish(result, codec.format_table(result), args.json)
 
 
 if __name__ == "__main__":

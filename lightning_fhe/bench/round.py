@@ -65,6 +65,7 @@ from lightning_fhe.he.codec import UpdateCipher
 from lightning_fhe.he.layout import TensorLayout
 from lightning_fhe.models import SEGRESNET_FILTERS
 from lightning_fhe.provision import ProvisionConfig, load_site_kit, provision
+from lightning_fhe.bench.report import log, publish
 
 SETTINGS = ("encrypted", "raw")
 TIMES = ("encrypt_s", "decrypt_s", "upload_s", "wait_s")
@@ -524,9 +525,6 @@ def run_from_args(args: argparse.Namespace) -> int:
         print("error: --clients and --rounds must be at least 1, --timeout positive", file=sys.stderr)
         return 2
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
     try:
         result = run(
             args.model, args.clients, args.rounds, timeout_s=args.timeout, server_overrides=args.server_option, log=log
@@ -534,9 +532,4 @@ def run_from_args(args: argparse.Namespace) -> int:
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(format_table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
-    return 0
+    return publish(result, format_table(result), args.json)

@@ -13,7 +13,6 @@ exits.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -31,6 +30,7 @@ from lightning_fhe.he.codec import UpdateCipher
 from lightning_fhe.he.layout import TensorLayout
 from lightning_fhe.models import SEGRESNET_FILTERS, build_model
 from lightning_fhe.provision import ProvisionConfig, load_site_kit, provision
+from lightning_fhe.bench.report import log, publish
 
 # The acceptance target: peak server memory with the most sites over that with the fewest.
 TARGET_GROWTH = 1.5
@@ -205,16 +205,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         print("error: --sites and --rounds must be at least 1", file=sys.stderr)
         return 2
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
     result = run(args.model, tuple(args.sites), args.rounds, log=log)
-    print(format_table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
-    return 0
+    return publish(result, format_table(result), args.json)
 
 
 if __name__ == "__main__":
