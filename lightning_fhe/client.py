@@ -100,7 +100,8 @@ class GlobalModel:
     total_share: float  # sum of participants' shares (1.0 for round 0)
     participants: tuple[str, ...]
     bytes_received: int
-    seconds: float
+    seconds: float  # the whole fetch: waiting for the round to close, then the download
+    download_s: float = 0.0  # the download alone, from the first byte of the global model to the last
 
 
 @dataclass(frozen=True)
@@ -408,7 +409,7 @@ class AggregatorClient:
         if first.WhichOneof("part") == "pending":
             stream.cancel()  # nothing else follows; release the call now
             return _round_status(first.pending)
-        header = first.header
+        header, header_at = first.header, time.monotonic()
         chunks: list[bytes] = []
         values = np.empty(header.plaintext_count, dtype=np.float64)
         filled, received = 0, 0
@@ -444,6 +445,7 @@ class AggregatorClient:
             participants=tuple(header.participants),
             bytes_received=received,
             seconds=time.monotonic() - started,
+            download_s=time.monotonic() - header_at,
         )
 
     def _with_retries(self, what: str, call: Callable[[], T], waiting: bool = False) -> T | None:

@@ -34,7 +34,8 @@ class RoundMetrics:
     participants: tuple[str, ...]
     encrypt_s: float
     upload_s: float
-    wait_s: float
+    wait_s: float  # for the other sites: from the end of the upload until the round's global model starts to arrive
+    download_s: float
     decrypt_s: float
     upload_bytes: int
     download_bytes: int
@@ -49,6 +50,7 @@ class RoundMetrics:
             "fhe/encrypt_s": self.encrypt_s,
             "fhe/upload_s": self.upload_s,
             "fhe/wait_s": self.wait_s,
+            "fhe/download_s": self.download_s,
             "fhe/decrypt_s": self.decrypt_s,
             "fhe/upload_bytes": float(self.upload_bytes),
             "fhe/download_bytes": float(self.download_bytes),
@@ -62,7 +64,7 @@ class RoundMetrics:
         return (
             f"fhe round {self.round}/{rounds}: {len(self.participants)} site(s); encrypt {self.encrypt_s:.2f} s, "
             f"upload {self.upload_bytes / mb:.1f} MB in {self.upload_s:.2f} s, wait {self.wait_s:.2f} s, "
-            f"download {self.download_bytes / mb:.1f} MB, decrypt {self.decrypt_s:.2f} s"
+            f"download {self.download_bytes / mb:.1f} MB in {self.download_s:.2f} s, decrypt {self.decrypt_s:.2f} s"
         )
 
 
@@ -153,7 +155,8 @@ class FederatedSite:
             participants=model.participants,
             encrypt_s=encrypt_s,
             upload_s=receipt.seconds,
-            wait_s=model.seconds,
+            wait_s=model.seconds - model.download_s,
+            download_s=model.download_s,
             decrypt_s=time.perf_counter() - start,
             upload_bytes=receipt.bytes_sent,
             download_bytes=model.bytes_received,

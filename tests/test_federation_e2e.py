@@ -90,6 +90,7 @@ def test_two_sites_hold_the_exact_weighted_average_after_every_round(encrypted_r
     assert [h["round"] for h in history] == [1, 2, 3]
     assert all(sorted(h["participants"]) == ["site-1", "site-2"] for h in history)
     assert all(h["ciphertext_bytes"] > 0 and h["encrypt_s"] > 0 for h in history)
+    assert all(h["download_s"] > 0 and h["wait_s"] >= 0 for h in history)  # the wait is measured apart
 
 
 def test_plain_federated_averaging_gives_the_same_global_weights(encrypted_run, kits, tmp_path):

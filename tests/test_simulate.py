@@ -50,6 +50,7 @@ def records(
                     "dice": dice[r - 1] if site == 0 else dice[r - 1] + 0.001,  # site-1's is the one reported
                     "round_start": start, "train_end": start + 6.0, "round_end": start + round_s,
                     "train_s": 6.0, "val_s": 1.0, "encrypt_s": 0.5, "upload_s": 0.25 + site, "wait_s": 0.75,
+                    "download_s": 0.125,
                     "decrypt_s": 0.25, "upload_bytes": upload_bytes + site * 1000, "download_bytes": 2 * upload_bytes,
                     "participants": [f"site-{i + 1}" for i in range(sites)], "model_fp32_bytes": 1_000_000,
                     "epsilon": None if epsilon is None else epsilon * r, "shared_fraction": shared_fraction,
@@ -67,7 +68,8 @@ def test_round_summaries_average_over_sites_and_take_site_1s_dice():
     first = rounds[0]
     assert first.dice == 0.5  # site-1's, not site-2's 0.501
     assert first.sites == first.participants == 2
-    assert first.transfer_s == pytest.approx((0.25 + 0.75 + 1.25 + 0.75) / 2)  # upload + wait, mean over sites
+    assert first.transfer_s == pytest.approx((0.25 + 0.125 + 1.25 + 0.125) / 2)  # upload + download, mean over sites
+    assert first.wait_s == 0.75
     assert (first.train_s, first.encrypt_s, first.decrypt_s, first.val_s, first.round_s) == (6.0, 0.5, 0.25, 1.0, 10.0)
     assert first.upload_mb == pytest.approx(2.0005)
     assert first.epsilon is None and first.shared_fraction == 1.0

@@ -16,7 +16,8 @@ __all__ = ["TIME_PARTS", "plot_dice", "plot_round_times", "write_plots"]
 TIME_PARTS: tuple[tuple[str, str], ...] = (
     ("train_s", "training"),
     ("encrypt_s", "encryption"),
-    ("transfer_s", "transfer (upload, wait, download)"),
+    ("transfer_s", "transfer (upload, download)"),
+    ("wait_s", "waiting for the other sites"),
     ("decrypt_s", "decryption"),
     ("val_s", "validation"),
 )
@@ -55,7 +56,7 @@ def plot_dice(rounds: Mapping[str, Sequence[RoundSummary]], path: Path, title: s
 
 
 def plot_round_times(rounds: Mapping[str, Sequence[RoundSummary]], path: Path, title: str = "") -> Path:
-    """Stacked bars per round (mean over sites): training, encryption, transfer, decryption, validation.
+    """Stacked bars per round (mean over sites): training, encryption, transfer, waiting, decryption, validation.
 
     One panel per setting, sharing the time axis, so settings compare at a glance.
     """

@@ -14,9 +14,8 @@ Definitions (docs/experiments.md repeats them):
 - **Relative increase in training time**: ``training time / raw's training time - 1``, when the comparison
   includes a setting named ``raw``.
 - Per round, averaged over sites: **training** (the local epochs, up to the exchange), **encryption**,
-  **transfer** (upload, then waiting for the round to close and downloading the global model: the callback
-  measures the last two together, so a site that finished its epochs early counts its wait for slower sites
-  here), **decryption** and **validation**.
+  **transfer** (the upload and the download of the global model), **waiting** (for the other sites, between the
+  two), **decryption** and **validation**.
 - **Epsilon**: the largest over sites of the last round's reported epsilon (None without a formal guarantee);
   **fraction shared**: the mean over sites and rounds of the fraction of the update each site shared.
 """
@@ -61,6 +60,7 @@ class RoundSummary:
     train_s: float
     encrypt_s: float
     transfer_s: float
+    wait_s: float
     decrypt_s: float
     val_s: float
     round_s: float  # first local epoch's start to the end of validation
@@ -125,7 +125,8 @@ def round_summaries(setting: str, records: Sequence[Mapping[str, Any]]) -> list[
                 participants=max(len(r["participants"]) for r in rows),
                 train_s=_mean(r["train_s"] for r in rows),
                 encrypt_s=_mean(r["encrypt_s"] for r in rows),
-                transfer_s=_mean(r["upload_s"] + r["wait_s"] for r in rows),
+                transfer_s=_mean(r["upload_s"] + r["download_s"] for r in rows),
+                wait_s=_mean(r["wait_s"] for r in rows),
                 decrypt_s=_mean(r["decrypt_s"] for r in rows),
                 val_s=_mean(r["val_s"] for r in rows),
                 round_s=_mean(r["round_end"] - r["round_start"] for r in rows),
