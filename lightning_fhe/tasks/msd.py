@@ -158,6 +158,15 @@ def _spatial_shape(path: Path) -> tuple[int, ...]:
         raise MSDDatasetError(f"cannot read the NIfTI header of {path}: {err}") from err
 
 
+def _check_split_arguments(site_index: int, num_sites: int, data_fraction: float, val_fraction: float) -> None:
+    if num_sites < 1 or not 0 <= site_index < num_sites:
+        raise ValueError(f"site_index must be in [0, {num_sites}) for {num_sites} sites, got {site_index}")
+    if not 0.0 < data_fraction <= 1.0:
+        raise ValueError(f"data_fraction must be in (0, 1], got {data_fraction}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+
+
 def split_cases(
     cases: Sequence[MSDCase],
     site_index: int,
@@ -186,12 +195,7 @@ def split_cases(
         val_cases: Explicit validation cases, by name (``spleen_19``), file name or the path as listed.
         seed: Seeds the shuffle.
     """
-    if num_sites < 1 or not 0 <= site_index < num_sites:
-        raise ValueError(f"site_index must be in [0, {num_sites}) for {num_sites} sites, got {site_index}")
-    if not 0.0 < data_fraction <= 1.0:
-        raise ValueError(f"data_fraction must be in (0, 1], got {data_fraction}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    _check_split_arguments(site_index, num_sites, data_fraction, val_fraction)
 
     order = list(range(len(cases)))
     random.Random(seed).shuffle(order)
@@ -289,12 +293,7 @@ class MSDDataModule(L.LightningDataModule):
             raise ValueError("samples_per_volume and batch_size must be >= 1 and num_workers >= 0")
         # The split's own arguments are checked again by split_cases; checking here makes a bad config fail at
         # construction rather than at setup, when a Trainer may already be running.
-        if num_sites < 1 or not 0 <= site_index < num_sites:
-            raise ValueError(f"site_index must be in [0, {num_sites}) for {num_sites} sites, got {site_index}")
-        if not 0.0 < data_fraction <= 1.0:
-            raise ValueError(f"data_fraction must be in (0, 1], got {data_fraction}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        _check_split_arguments(site_index, num_sites, data_fraction, val_fraction)
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
         self.site_index = site_index
