@@ -240,3 +240,11 @@ def test_fedprox_keeps_local_training_close_to_the_global_model(encrypted_run, k
 
     assert_rounds_average(proximal, {"site-1": 64.0, "site-2": 80.0})
     assert drift(proximal) < 0.5 * drift(encrypted_run)
+
+
+def test_a_bad_kit_under_ddp_fails_on_every_rank_without_hanging(tmp_path):
+    command = [sys.executable, str(SITE), "--kit", str(tmp_path / "no-such-kit"), "--out", str(tmp_path / "x.pt")]
+    command += ["--strategy", "ddp", "--devices", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "no-such-kit" in result.stdout + result.stderr
