@@ -159,8 +159,10 @@ class HEFederation(Callback):
         if outcome[0] == "error":
             error = outcome[1]
             raise error if trainer.is_global_zero else FederationSetupError(f"rank 0 failed to join: {error}")
-        state, self._completed_round, self.rounds = outcome[1]
-        self._load_global(trainer, pl_module, state)
+        state, self._completed_round, self._epochs_in_round, self.rounds = outcome[1]
+        # Resumed mid-round from a checkpoint: the model's weights already descend from this round's global model,
+        # and loading it again would throw the round's finished local epochs away.
+        self._load_global(trainer, pl_module, state, into_model=self._epochs_in_round == 0)
         if self._completed_round >= self.rounds:
             trainer.should_stop = True
 
@@ -242,10 +244,13 @@ class HEFederation(Callback):
         if round >= self.rounds:
             trainer.should_stop = True
 
-    def _load_global(self, trainer: Trainer, pl_module: LightningModule, tensors: dict[str, torch.Tensor]) -> None:
-        merged = {**pl_module.state_dict(), **tensors}
-        pl_module.load_state_dict(merged, strict=True)  # copies in place: the optimizer keeps its parameters
-        if self.fedprox_mu:
+    def _load_global(
+        self, trainer: Trainer, pl_module: LightningModule, tensors: dict[str, torch.Tensor], into_model: bool = True
+    ) -> None:
+        if into_model:
+            merged = {**pl_module.state_dict(), **tensors}
+            pl_module.load_state_dict(merged, strict=True)  # copies in place: the optimizer keeps its parameters
+        if self.fedprox_mu:  # the proximal term pulls towards the global model, loaded or not
             parameters = dict(pl_module.named_parameters())
             self._proximal_reference = {
                 name: tensor.to(parameters[name].device, parameters[name].dtype)
@@ -311,14 +316,14 @@ class HEFederation(Callback):
                 f"the checkpoint says round {self._completed_round} was completed, but the server is at round "
                 f"{info.current_round}: the server's state_dir does not belong to this checkpoint"
             )
-        if completed != self._completed_round:
-            self._epochs_in_round = 0
+        epochs_in_round = self._epochs_in_round if completed == self._completed_round else 0
+        # Fetched even when resuming mid-round: FedProx and the privacy mechanisms measure updates from it.
         tensors, _ = self._site.global_state(completed, progress=self._progress_bar(trainer))
         rank_zero_info(
             f"fhe: joined as {info.site!r} ({len(info.members)} sites, share {info.share:.3f}); "
             f"starting from the global model of round {completed}, {rounds} rounds of {self.local_epochs} epoch(s)"
         )
-        return tensors, completed, rounds
+        return tensors, completed, epochs_in_round, rounds
 
     def _rounds(self, trainer: Trainer, server_rounds: int) -> int:
         max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None

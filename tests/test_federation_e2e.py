@@ -196,7 +196,11 @@ def test_encrypted_federation_with_each_privacy_option_completes(kits, tmp_path,
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
 
 
-def test_a_site_that_dies_resumes_from_its_checkpoint_at_the_right_round(kits, tmp_path):
+@pytest.mark.parametrize("mid_round", [False, True], ids=["after-round", "mid-round"])
+def test_a_site_that_dies_resumes_from_its_checkpoint_at_the_right_round(kits, tmp_path, mid_round):
+    # 3 rounds of 2 local epochs; site-1 dies right after round 1, or one local epoch into round 2.
+    crash = ["--crash-after-round", "1", "--crash-after-epochs", "1" if mid_round else "0"]
+    epochs = ["--local-epochs", "2", "--max-epochs", str(2 * ROUNDS)]
     config = load_server_config(
         None, ["port=0", "bind=127.0.0.1", f"state_dir={tmp_path / 'state'}", f"rounds={ROUNDS}", "linger_s=1"]
     )
@@ -206,12 +210,12 @@ def test_a_site_that_dies_resumes_from_its_checkpoint_at_the_right_round(kits, t
 
     def site(name: str, seed: int, *extra: str) -> subprocess.Popen:
         command = [sys.executable, str(SITE), "--kit", str(kits / name), "--server", f"localhost:{port}"]
-        command += ["--out", str(tmp_path / f"{name}.pt"), "--max-epochs", str(ROUNDS), "--seed", str(seed), *extra]
+        command += ["--out", str(tmp_path / f"{name}.pt"), "--seed", str(seed), *epochs, *extra]
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     try:
         other = site("site-2", 1)
-        crashing = site("site-1", 0, "--crash-after-round", "1", "--checkpoint", str(checkpoint))
+        crashing = site("site-1", 0, *crash, "--checkpoint", str(checkpoint))
         output, _ = crashing.communicate(timeout=120)
         assert crashing.returncode == 3 and checkpoint.exists(), output[-3000:]
         restarted = site("site-1", 0, "--checkpoint", str(checkpoint))  # site-2 waits in round 2 meanwhile
@@ -225,7 +229,13 @@ def test_a_site_that_dies_resumes_from_its_checkpoint_at_the_right_round(kits, t
     assert [h["round"] for h in resumed["history"]] == [2, 3]  # it picked up at round 2, not from the start
     assert [h["round"] for h in survivor["history"]] == [1, 2, 3]
     assert all(sorted(h["participants"]) == ["site-1", "site-2"] for h in survivor["history"])
-    final_resumed, final_survivor = resumed["records"][ROUNDS - 1]["after"], survivor["records"][ROUNDS - 1]["after"]
+    # The restart goes on from the checkpoint's weights: after a round they are that round's global model; mid-round
+    # they hold the local epoch already trained, which loading the global model again would have thrown away.
+    saved = torch.load(checkpoint, weights_only=False)["state_dict"]
+    for name in federated_names(saved):
+        torch.testing.assert_close(resumed["records"]["start"][name], saved[name], rtol=0, atol=0)
+    last = 2 * ROUNDS - 1
+    final_resumed, final_survivor = resumed["records"][last]["after"], survivor["records"][last]["after"]
     for name in federated_names(final_survivor):
         torch.testing.assert_close(final_resumed[name], final_survivor[name], rtol=0, atol=0)
 

@@ -66,11 +66,12 @@ class RoundRecorder(Callback):
 class CrashAfterRound(Callback):
     """Checkpoints once the given round is done, then dies without a goodbye, like a site losing power."""
 
-    def __init__(self, federation: HEFederation, round: int, path: str) -> None:
-        self.federation, self.round, self.path = federation, round, path
+    def __init__(self, federation: HEFederation, round: int, epochs: int, path: str) -> None:
+        self.federation, self.at, self.path = federation, (round, epochs), path
 
     def on_train_epoch_end(self, trainer, pl_module):
-        if self.federation.state_dict()["completed_round"] == self.round:
+        state = self.federation.state_dict()
+        if (state["completed_round"], state["epochs_in_round"]) == self.at:
             trainer.save_checkpoint(self.path)
             os._exit(3)
 
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--privacy", type=json.loads, help="HEFederation's privacy option, as JSON")
     parser.add_argument("--fedprox-mu", type=float, default=0.0)
     parser.add_argument("--crash-after-round", type=int, help="save a checkpoint after this round, then die")
+    parser.add_argument("--crash-after-epochs", type=int, default=0, help="... and this many local epochs more")
     parser.add_argument("--checkpoint", help="where --crash-after-round saves, and what a restart resumes from")
     args = parser.parse_args()
 
@@ -119,7 +121,7 @@ def main() -> None:
         devices=args.devices,
         strategy=args.strategy,
         callbacks=[RoundRecorder(records, "before"), federation, RoundRecorder(records, "after")]
-        + ([CrashAfterRound(federation, args.crash_after_round, args.checkpoint)] if args.crash_after_round else []),
+        + ([CrashAfterRound(federation, args.crash_after_round, args.crash_after_epochs, args.checkpoint)] if args.crash_after_round else []),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
