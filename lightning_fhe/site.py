@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lightning_fhe.client import AggregatorClient, GlobalModel, JoinInfo, RoundClosedError, SubmitReceipt
-from lightning_fhe.he.codec import UpdateCipher
+from lightning_fhe.he.codec import UpdateCipher, num_chunks
 from lightning_fhe.he.context import HEContext
 from lightning_fhe.he.layout import TensorLayout
 from lightning_fhe.privacy import UpdateMechanism
@@ -138,7 +138,11 @@ class FederatedSite:
         values, shared_fraction, epsilon = self._privatize(self._flatten(state))
         encrypted, plaintext = np.split(values, [self.encrypted_layout.numel])
         start = time.perf_counter()
-        chunks = self.cipher.encrypt(encrypted, self.info.share, where=self.encrypted_layout.locate)
+        chunks, total = [], num_chunks(encrypted.size, self.cipher.params)
+        for chunk in self.cipher.iter_encrypt(encrypted, self.info.share, where=self.encrypted_layout.locate):
+            chunks.append(chunk)
+            if progress is not None:
+                progress("encrypt", len(chunks), total)
         encrypt_s = time.perf_counter() - start
         try:
             receipt = self.client.submit(round, chunks, plaintext, progress=_bind(progress, "upload"))
