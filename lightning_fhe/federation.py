@@ -75,7 +75,7 @@ class HEFederation(Callback):
             ``{"svt": {...}}`` or a list of those. See ``docs/privacy.md``.
         privacy_delta: the delta at which ``privacy/epsilon`` is reported.
         retry_budget_s: how long to keep retrying an unreachable server before failing.
-        progress: show progress bars for uploads and downloads (global rank 0 only).
+        progress: show progress bars for encryption, uploads and downloads on a terminal (global rank 0 only).
     """
 
     def __init__(
