@@ -463,12 +463,7 @@ class Federation:
                 Reason.NOT_MEMBER,
                 f"round 0 is the initial model, which site {self.membership.initial_model_site!r} sends, not {site!r}",
             )
-        if site in round_state.submitted:
-            raise Refusal(
-                Status.ALREADY_EXISTS,
-                Reason.DUPLICATE,
-                f"site {site!r} already submitted its update for round {header.round}",
-            )
+        round_state.check_upload(site, header.round)  # a duplicate is refused as such before its sizes are read
         if header.num_chunks != accumulator.num_chunks:
             values = self.membership.encrypted_layout.numel if header.round else 0
             raise Refusal(

@@ -127,6 +127,12 @@ class RoundState:
 
     def start_upload(self, site: str, round_number: int) -> None:
         """Reserves ``site``'s submission for this round, or refuses it without changing anything."""
+        self.check_upload(site, round_number)
+        self.uploading.add(site)
+
+    def check_upload(self, site: str, round_number: int) -> None:
+        """Refuses what :meth:`start_upload` would refuse (wrong round, not a member, duplicate, busy), reserving
+        nothing."""
         self.check_round(round_number)
         if site not in self.members:
             raise Refusal(
@@ -148,7 +154,6 @@ class RoundState:
                 f"an update from site {site!r} for round {self.number} is still arriving on another stream; retry "
                 "once it ends",
             )
-        self.uploading.add(site)
 
     def finish_upload(self, site: str, recorded: bool, now: float) -> None:
         """Ends ``site``'s upload; ``recorded`` says whether its update is now part of the round's sum."""
