@@ -99,8 +99,8 @@ def test_plain_federated_averaging_gives_the_same_global_weights(encrypted_run, 
     for epoch in range(ROUNDS):
         encrypted_after = encrypted_run["site-1"]["records"][epoch]["after"]
         plain_after = plain["site-1"]["records"][epoch]["after"]
-        for name in federated_names(plain_after):
-            torch.testing.assert_close(plain_after[name], encrypted_after[name], rtol=0, atol=1e-6)
+        for name in federated_names(plain_after):  # bit for bit: the fixed-point grid absorbs the CKKS noise
+            torch.testing.assert_close(plain_after[name], encrypted_after[name], rtol=0, atol=0)
 
 
 def test_ddp_site_federates_through_rank_zero(kits, tmp_path):

@@ -110,7 +110,7 @@ def test_a_federation_runs_from_formation_to_the_last_round(tmp_path, server_con
         expected_plain = sum(WEIGHTS[s] / 8 * values_of(s, r)[1] for s in SITES)
         decrypted = cipher.decrypt(aggregate.encrypted_chunks, ENCRYPTED.numel, aggregate.total_share)
         assert np.abs(decrypted - expected_enc).max() < 1e-6
-        np.testing.assert_allclose(aggregate.plaintext, expected_plain, atol=1e-12)
+        np.testing.assert_allclose(aggregate.plaintext, expected_plain, atol=2.0**-cipher.params.grid_bits)
     assert fed.phase is Phase.FINISHED and fed.current_round == 3
     assert fed.exit_code() is None
     for site in SITES:

@@ -234,11 +234,12 @@ def test_compare_raw_and_he_full_end_to_end(tmp_path):
     assert he["message_mb"] <= 2.1 * raw["message_mb"]
     assert he["message_mb"] <= 2.1 * he["model_fp32_mb"]
     assert he["relative_time_increase"] is not None
-    # Same seeds, same data, same order: encryption's ~1e-9 error must not change the global model's Dice.
+    # Same seeds, same data: on the fixed-point grid, encryption's ~1e-9 noise vanishes and the global models, hence
+    # their Dice, are the same bit for bit (without the grid they drift apart by about 1e-4 within ten rounds).
     raw_dice = [r["dice"] for r in document["rounds"]["raw"]]
     he_dice = [r["dice"] for r in document["rounds"]["he_full"]]
     assert len(raw_dice) == 2 and all(0.0 <= d <= 1.0 for d in raw_dice)
-    assert he_dice == pytest.approx(raw_dice, abs=1e-4)
+    assert he_dice == raw_dice
 
     with (out / "results.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 4  # 2 settings x 2 rounds

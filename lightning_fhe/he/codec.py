@@ -6,8 +6,9 @@ modulus level, where SEAL stores half of it as a 64-byte seed. That is about 2 b
 
 The server adds ciphertexts without any key (:class:`CiphertextSum`). Aggregation needs addition only, so the
 lowest level, which cannot multiply, loses nothing. Weighting happens before encryption (each site multiplies
-its update by its share ``w_i / W`` of the announced total weight); the division by the total share of the sites
-that took part happens after decryption.
+its update by its share ``w_i / W`` of the announced total weight, and rounds it to the fixed-point grid of
+:mod:`lightning_fhe.he.fixed_point`); the decrypted sum is rounded back to that grid, which removes the CKKS noise,
+and divided by the total share of the sites that took part.
 
 Every chunk on the wire is ``crc32 || SEAL bytes``: a CRC-32 of the SEAL bytes, then SEAL's own serialization.
 SEAL itself loads a ciphertext with flipped body bytes without complaint, so the checksum is what notices.
@@ -23,6 +24,7 @@ import numpy as np
 import tenseal.sealapi as sealapi
 
 from lightning_fhe.he.context import HEContext
+from lightning_fhe.he.fixed_point import round_to_grid
 from lightning_fhe.he.params import CKKSParams
 from lightning_fhe.he.seal_io import thread_buffer
 
@@ -160,7 +162,8 @@ class UpdateCipher:
     def iter_encrypt(
         self, values: np.ndarray, weight_fraction: float = 1.0, where: Callable[[int], str] | None = None
     ) -> Iterator[bytes]:
-        """Yields framed seeded ciphertexts of ``values * weight_fraction``, one per ``N`` values.
+        """Yields framed seeded ciphertexts of ``values * weight_fraction`` on the fixed-point grid, one per ``N``
+        values.
 
         ``weight_fraction`` is this site's share ``w_i / W`` of the announced total weight, in (0, 1].
         """
@@ -173,6 +176,7 @@ class UpdateCipher:
         per_chunk = self.params.values_per_ciphertext
         padded = np.zeros(num_chunks(values.size, self.params) * per_chunk, dtype=np.float64)
         np.multiply(values, weight_fraction, out=padded[: values.size])
+        round_to_grid(padded, self.params.grid_bits)
         slots = padded.view(np.complex128)  # (x0, x1), (x2, x3), ... : two reals per complex slot
         parms_id = self.context.seal_context.last_parms_id()
         plaintext, buffer, half = sealapi.Plaintext(), thread_buffer(), per_chunk // 2
@@ -187,7 +191,8 @@ class UpdateCipher:
         return list(self.iter_encrypt(values, weight_fraction, where))
 
     def decrypt(self, chunks: Sequence[bytes], count: int, total_weight_fraction: float = 1.0) -> np.ndarray:
-        """Decrypts a sum of updates into ``count`` values divided by ``total_weight_fraction``.
+        """Decrypts a sum of updates, rounds it to the fixed-point grid and divides it by ``total_weight_fraction``:
+        the same ``count`` values as the plaintext sum of those updates, divided the same way.
 
         ``total_weight_fraction`` is the summed share of the sites that took part (1.0 when all did).
         """
@@ -207,7 +212,7 @@ class UpdateCipher:
                 raise CiphertextError(err.reason, f"chunk {i}: {err}") from None
             self._decryptor.decrypt(ciphertext, plaintext)
             slots[i * half : (i + 1) * half] = self._encoder.decode_complex(plaintext)
-        result = out[:count]
+        result = round_to_grid(out, self.params.grid_bits)[:count]
         result /= total_weight_fraction
         return result
 

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lightning_fhe.he.fixed_point import GRID_MARGIN_BITS
+
 # Largest total coefficient-modulus size (bits) that keeps 128-bit security for each ring dimension, from the
 # HomomorphicEncryption.org standard; SEAL enforces the same table and refuses anything larger.
 MAX_COEFF_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
@@ -29,8 +31,9 @@ class CKKSParams:
         poly_modulus_degree: ring dimension N; a ciphertext holds N/2 complex slots, so N real values.
         coeff_mod_bit_sizes: bit sizes of the coefficient-modulus primes. Updates are encrypted at the lowest level,
             where only the first prime remains, so the first prime bounds the size of the encrypted sum.
-        scale_bits: values are scaled by ``2**scale_bits`` before rounding; it sets the precision (about
-            ``2**-scale_bits`` absolute) and, with the first prime, the headroom.
+        scale_bits: values are scaled by ``2**scale_bits`` before rounding; it sets the precision and, with the first
+            prime, the headroom. Updates are summed on a grid of ``2**-grid_bits`` (``scale_bits - 16``; 6e-8 at
+            40), coarse enough that CKKS noise never changes the sum (see :mod:`lightning_fhe.he.fixed_point`).
         scheme: only ``"CKKS"``.
     """
 
@@ -111,6 +114,11 @@ class CKKSParams:
     @property
     def headroom_bits(self) -> int:
         return self.coeff_mod_bit_sizes[0] - self.scale_bits - 1
+
+    @property
+    def grid_bits(self) -> int:
+        """Share-weighted updates are summed as multiples of ``2**-grid_bits``, encrypted or not."""
+        return self.scale_bits - GRID_MARGIN_BITS
 
     @property
     def max_abs_sum(self) -> float:

@@ -7,7 +7,9 @@ half the size of the sum's ciphertexts); the server bounds how many streams are 
 stays independent of the number of sites.
 
 Plaintext tensors (those a site sends unencrypted) are staged per stream and added, times the site's share, at
-commit: floating-point sums do not subtract back exactly.
+commit: floating-point sums do not subtract back exactly. Weighted plaintext values are rounded to the same
+fixed-point grid as encrypted ones (:mod:`lightning_fhe.he.fixed_point`), so both parts of the global model are the
+exact, order-independent sums the sites would get without encryption.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 
 from lightning_fhe.he.codec import CiphertextError, CiphertextSum
 from lightning_fhe.he.context import HEContext
+from lightning_fhe.he.fixed_point import round_to_grid
 from lightning_fhe.server.errors import Reason, Refusal, Status
 
 _FLOAT64 = np.dtype("<f8")
@@ -151,7 +154,10 @@ class Upload:
         if missing:
             raise _bad(Reason.INCOMPLETE, f"the update stream ended after {missing}; nothing of it was kept")
         accumulator = self._accumulator
-        accumulator.plaintext_sum += self.share * self._plaintext
+        weighted = self.share * self._plaintext
+        if accumulator.grid_bits is not None:
+            round_to_grid(weighted, accumulator.grid_bits)
+        accumulator.plaintext_sum += weighted
         accumulator.total_share = math.fsum((accumulator.total_share, self.share))
         accumulator.participants.append(self.site)
         accumulator.active.discard(self)
@@ -185,6 +191,8 @@ class RoundAccumulator:
         num_chunks: ciphertext chunks per update (0 when nothing is encrypted, and for round 0).
         plaintext_count: plaintext values per update.
         describe_plaintext: names the tensor element at a plaintext position, for error messages.
+        on_grid: round weighted plaintext values to the context's fixed-point grid, as sites do before encrypting;
+            off only for round 0, whose single initial model is taken as it is.
     """
 
     def __init__(
@@ -193,11 +201,13 @@ class RoundAccumulator:
         num_chunks: int,
         plaintext_count: int,
         describe_plaintext: Callable[[int], str] = lambda i: f"value {i}",
+        on_grid: bool = True,
     ) -> None:
         self.context = context
         self.num_chunks = num_chunks
         self.plaintext_count = plaintext_count
         self.describe_plaintext = describe_plaintext
+        self.grid_bits = context.params.grid_bits if on_grid else None
         self.cipher_sum = CiphertextSum(context, num_chunks)
         self.plaintext_sum = np.zeros(plaintext_count, dtype=np.float64)
         self.total_share = 0.0
