@@ -154,5 +154,6 @@ def format_table(result: dict[str, Any]) -> str:
         ok = value <= target if op == "<=" else value >= target
         lines.append(f"{name:<30} {value:10.3g}   target {op} {target:g}   {'ok' if ok else 'MISSED'}")
     same = ours["equals_plaintext_average"]
-    lines.append(f"{'same bits as plaintext FedAvg':<30} {'yes' if same else 'no':>10}   target yes   {'ok' if same else 'MISSED'}")
+    verdict = "ok" if same else "MISSED"
+    lines.append(f"{'same bits as plaintext FedAvg':<30} {'yes' if same else 'no':>10}   target yes   {verdict}")
     return "\n".join(lines)

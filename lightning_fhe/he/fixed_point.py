@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 # The grid step in CKKS units (2**-scale_bits). Half a step is 2**15 units, at least 8 standard deviations of the
-# decryption noise while N * K <= 2**21 (8192-slot rings and up to 256 sites; 32768 and up to 64). Past that a
-# value can land one step off now and then: 6e-8 with the defaults, no worse than the noise the grid removes.
+# decryption noise while N * K <= 2**21 (ring dimension 8192 and up to 256 sites; 32768 and up to 64). Past that a
+# value can now and then land one step (6e-8 with the defaults) away from the plaintext sum.
 GRID_MARGIN_BITS = 16
 
 

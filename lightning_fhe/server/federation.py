@@ -743,9 +743,7 @@ class Federation:
             def describe(i: int) -> str:
                 return encrypted.locate(i) if i < split else plaintext.locate(i - split)
 
-            accumulator = RoundAccumulator(
-                self.context, 0, encrypted.numel + plaintext.numel, describe, on_grid=False
-            )
+            accumulator = RoundAccumulator(self.context, 0, encrypted.numel + plaintext.numel, describe, on_grid=False)
         else:
             members = tuple(m for m in membership.members if m in self.config.expected)
             rule = self._rule
