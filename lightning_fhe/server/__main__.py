@@ -28,7 +28,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # Imported here so that --help and config errors answer at once, without loading torch and TenSEAL.
+    try:
+        config = load_server_config(args.config, args.overrides)
+    except ServerConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # Imported only now so that --help and config errors answer at once, without loading torch and TenSEAL.
     from lightning_fhe.server.app import INSECURE_WARNING, AggregatorServer, limit_malloc_arenas
 
     limit_malloc_arenas()  # before the threads that allocate exist: see its docstring
@@ -36,11 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     from lightning_fhe.server.initial_model import InitialModelError
     from lightning_fhe.server.store import StateError
 
-    try:
-        config = load_server_config(args.config, args.overrides)
-    except ServerConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     try:
         kit = load_server_kit(args.kit)
         if args.insecure:
