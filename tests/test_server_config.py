@@ -47,6 +47,7 @@ def test_overrides_and_kit_defaults():
         (["clients=[a,a]"], "clients: ['a'] listed more than once"),
         (["roundz=3"], "unknown option(s) ['roundz']"),
         (["rounds"], "override 'rounds': expected key=value"),
+        (["rounds=["], "overrides: not valid YAML"),  # the override's fault, not the file's
     ],
 )
 def test_bad_options_are_refused_by_name(overrides, words):

@@ -11,14 +11,10 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
-import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from lightning_fhe.he.params import CKKSParams, HEConfigError
+from lightning_fhe.yaml_config import read_config
 
 SUPPORTED_HE_LIBS = ("tenseal",)
 
@@ -103,45 +99,10 @@ def load_provision_config(
     """
     where = "provision config" if isinstance(source, Mapping) else str(source)
     try:
-        raw = _read(source, overrides)
+        raw = read_config(source, overrides, ProvisionConfigError, override_example="server.port=9443")
         return _build(raw)
     except (ProvisionConfigError, HEConfigError) as err:
         raise ProvisionConfigError(f"{where}: {err}") from None
-
-
-def _read(source: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str]) -> Any:
-    """The config as plain Python containers, overrides merged and interpolations resolved."""
-    try:
-        if isinstance(source, Mapping):
-            base = source if isinstance(source, DictConfig) else OmegaConf.create(dict(source))
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise ProvisionConfigError("no such config file" if not path.exists() else "not a file")
-            base = OmegaConf.load(path)
-        if overrides:
-            base = OmegaConf.merge(base, _parse_overrides(overrides))
-        return OmegaConf.to_container(base, resolve=True, throw_on_missing=True)
-    except ProvisionConfigError:
-        raise
-    except OmegaConfBaseException as err:
-        raise ProvisionConfigError(_omegaconf_message(err)) from None
-    except OSError as err:
-        raise ProvisionConfigError(f"cannot read the file ({err.strerror})") from None
-    except yaml.YAMLError as err:  # the parser's errors reach us unwrapped by omegaconf
-        raise ProvisionConfigError(f"not valid YAML: {_yaml_message(err)}") from None
-    except UnicodeDecodeError:
-        raise ProvisionConfigError("not a YAML file (it is not UTF-8 text)") from None
-
-
-def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
-    bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
-    if bad:
-        raise ProvisionConfigError(f"override {bad[0]!r}: expected key=value, e.g. server.port=9443")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
-        raise ProvisionConfigError(f"overrides: {_omegaconf_message(err)}") from None
 
 
 def _build(raw: Any) -> ProvisionConfig:
@@ -240,21 +201,3 @@ def _check_clients(clients: object) -> None:
             )
 
 
-def _omegaconf_message(err: OmegaConfBaseException) -> str:
-    """OmegaConf's message, led by the key it concerns, which it keeps apart from the text."""
-    key = getattr(err, "full_key", None)
-    message = _first_line(err)
-    return f"{key}: {message}" if key and not message.startswith(f"{key}:") else message
-
-
-def _yaml_message(err: yaml.YAMLError) -> str:
-    """PyYAML's problem and where it is; its first line alone ('while parsing a flow node') says neither."""
-    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
-    if problem and mark is not None:
-        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
-    return _first_line(err)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -10,12 +10,9 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
-import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from lightning_fhe.yaml_config import read_config
 
 # The options and what each means, in the order --help shows them. The docs repeat this table.
 OPTION_HELP: dict[str, str] = {
@@ -115,58 +112,20 @@ def load_server_config(
     """
     where = "server config" if source is None or isinstance(source, Mapping) else str(source)
     try:
-        raw = _read(source, overrides)
+        raw = read_config(source, overrides, ServerConfigError, override_example="rounds=5")
         return _build(raw)
     except ServerConfigError as err:
         raise ServerConfigError(f"{where}: {err}") from None
 
 
-def _read(source: str | os.PathLike | Mapping[str, Any] | None, overrides: Sequence[str]) -> Any:
-    try:
-        if source is None:
-            base = OmegaConf.create({})
-        elif isinstance(source, Mapping):
-            base = source if isinstance(source, DictConfig) else OmegaConf.create(dict(source))
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise ServerConfigError("no such config file" if not path.exists() else "not a file")
-            base = OmegaConf.load(path)
-            if base is None or not isinstance(base, DictConfig):
-                base = OmegaConf.create({}) if base is None else base
-        if overrides:
-            bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
-            if bad:
-                raise ServerConfigError(f"override {bad[0]!r}: expected key=value, e.g. rounds=5")
-            base = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_container(base, resolve=True, throw_on_missing=True)
-    except ServerConfigError:
-        raise
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ServerConfigError(f"{key}: {text}" if key else text) from None
-    except OSError as err:
-        raise ServerConfigError(f"cannot read the file ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise ServerConfigError(f"not valid YAML: {str(err).splitlines()[0]}") from None
-    except UnicodeDecodeError:
-        raise ServerConfigError("not a YAML file (it is not UTF-8 text)") from None
-
-
 def _build(raw: Any) -> ServerConfig:
-    if raw is None:
-        raw = {}
     if not isinstance(raw, dict):
         raise ServerConfigError(f"expected a mapping of options, got {raw!r}")
     known = [f.name for f in fields(ServerConfig)]
     unknown = sorted(str(k) for k in raw if k not in known)
     if unknown:
         raise ServerConfigError(f"unknown option(s) {unknown}; expected some of {known}")
-    values = dict(raw)
-    if isinstance(values.get("clients"), list):
-        values["clients"] = tuple(values["clients"])
-    return ServerConfig(**values)
+    return ServerConfig(**raw)  # __post_init__ makes a clients list a tuple
 
 
 def _is_int(x: object) -> bool:

@@ -31,6 +31,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lightning_fhe.yaml_config import malformed_override, omegaconf_message, yaml_message
+
 __all__ = [
     "COMMAND_LINE",
     "SCHEMA",
@@ -319,7 +321,7 @@ def _resolve(values: dict[str, Any], where: str) -> dict[str, Any]:
             )
         return OmegaConf.to_container(config, resolve=True)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{where}: {_omegaconf_message(err)}") from None
+        raise ConfigError(f"{where}: {omegaconf_message(err)}") from None
 
 
 def _file_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[Layer]:
@@ -335,7 +337,7 @@ def _file_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[Layer]:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{source}: cannot read the file ({err})") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+        raise ConfigError(f"{source}: not valid YAML: {yaml_message(err)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {type(values).__name__}")
     base = values.pop(BASE_KEY, None)
@@ -348,27 +350,21 @@ def _file_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[Layer]:
     try:
         values = OmegaConf.to_container(OmegaConf.create(values), resolve=False)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{source}: {_omegaconf_message(err)}") from None
+        raise ConfigError(f"{source}: {omegaconf_message(err)}") from None
     return [*chain, Layer(source, values)]
 
 
 def _override_layer(overrides: Sequence[str]) -> Layer:
-    bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
-    if bad:
-        raise ConfigError(f"{COMMAND_LINE}: {bad[0]!r}: expected key=value, e.g. federation.rounds=3")
+    bad = malformed_override(overrides)
+    if bad is not None:
+        raise ConfigError(f"{COMMAND_LINE}: {bad!r}: expected key=value, e.g. federation.rounds=3")
     if any(o.split("=", 1)[0].strip() == BASE_KEY for o in overrides):
         raise ConfigError(f"{COMMAND_LINE}: 'base' can only be set in a file; pass that file instead")
     try:
         values = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=False)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{COMMAND_LINE}: {_omegaconf_message(err)}") from None
+        raise ConfigError(f"{COMMAND_LINE}: {omegaconf_message(err)}") from None
     return Layer(COMMAND_LINE, values)
-
-
-def _omegaconf_message(err: OmegaConfBaseException) -> str:
-    key = getattr(err, "full_key", None)
-    message = str(err).split("\n")[0]
-    return f"{key}: {message}" if key else message
 
 
 # ------------------------------------------------------------------------------------------------ validation
