@@ -3,6 +3,8 @@ and real CKKS ciphertexts."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -133,6 +135,22 @@ def test_an_initial_model_that_does_not_fit_refuses_the_first_join(tmp_path, ser
     err = refusal(fed.join, "a", declaration("a", server_context))
     assert err.status is Status.FAILED_PRECONDITION and "initial_model init.pt does not fit" in str(err)
     assert fed.snapshot()[-1] == ()  # nobody joined
+
+
+def test_the_lone_first_site_joining_again_with_other_layouts_is_checked_against_the_initial_model(
+    tmp_path, server_context, clock
+):
+    state = {"w": torch.full((100, 100), 0.5), "b": torch.arange(4, dtype=torch.float32)}
+    fed = make_federation(tmp_path, server_context, clock, initial_state=state, initial_model="init.pt")
+    fed.join("a", declaration("a", server_context))
+    fed.join("a", declaration("a", server_context))  # asking again with the same layouts
+    other_model = TensorLayout((TensorSpec("v", (3,), "float32"),))
+    restarted = replace(declaration("a", server_context), encrypted_layout=other_model)
+    err = refusal(fed.join, "a", restarted)
+    assert err.status is Status.FAILED_PRECONDITION and "initial_model init.pt does not fit" in str(err)
+    form(fed, server_context, ("a", "b", "c"))
+    with fed.open_global("a", 0) as reader:
+        assert reader.read().plaintext.tolist() == [0.5] * 10_000 + [0.0, 1.0, 2.0, 3.0]
 
 
 def test_formation_closes_at_quorum_plus_grace_and_fixes_w(tmp_path, server_context, clock):

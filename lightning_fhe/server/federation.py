@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import numpy as np
@@ -117,7 +117,6 @@ class _RoundStats:
     opened_at: float
     bytes_in: int = 0
     bytes_out: int = 0
-    aborted: list[str] = field(default_factory=list)
 
 
 def _mb(n: int) -> str:
@@ -248,11 +247,12 @@ class Federation:
         )
         self.phase = Phase.OPEN
         if self.last_closed_round < 0 and self._initial_state is not None:
-            self._write_initial_model(now)
-        self._save_record()
+            self._write_initial_model()  # saves the record too
+        else:
+            self._save_record()
         if self.last_closed_round >= self.config.rounds:
             self._finish(now)
-        elif self.phase is Phase.OPEN:
+        else:
             self._open_round(self.last_closed_round + 1, now)
 
     # -- joining ----------------------------------------------------------------------------------------------------
@@ -273,8 +273,11 @@ class Federation:
                 assert self.formation is not None
                 self.formation.check(site, declaration)
                 joined = self.formation.joined
-                if self._initial_state is not None and (not joined or (len(joined) == 1 and site in joined)):
-                    # The first site's layouts become the federation's: check the configured model fits them now.
+                layouts = (declaration.encrypted_layout, declaration.plaintext_layout)
+                defines_layouts = self.formation.sets_layouts(site) and layouts != self.formation.layouts
+                if self._initial_state is not None and defines_layouts:
+                    # The first site's layouts become the federation's: check the configured model fits them now
+                    # (once: a waiting site asks again every max_wait_s with the same layouts).
                     self._initial_values = self._flatten_initial(declaration)
                 first_time = site not in joined
                 self.formation.join(site, declaration, now)
@@ -312,13 +315,7 @@ class Federation:
 
     def _join_result(self, site: str) -> JoinResult:
         membership = self.membership
-        assert membership is not None
-        if site not in membership.members:
-            raise Refusal(
-                Status.PERMISSION_DENIED,
-                Reason.NOT_MEMBER,
-                f"site {site!r} is not a member: the federation formed with {', '.join(membership.members)}",
-            )
+        assert membership is not None  # and site is a member: every joined site is one, check_rejoin refused others
         return JoinResult(
             formed=True,
             site=site,
@@ -396,7 +393,6 @@ class Federation:
                         if upload.state == "open":
                             received = upload.chunks_received
                             upload.abort()
-                            self._stats.aborted.append(site)
                             why = err.message if isinstance(err, Refusal) else "the stream broke"
                             logger.warning(
                                 "round %d: update from %s discarded after %d chunks: %s",
@@ -416,14 +412,8 @@ class Federation:
 
     def _reserve_submission(self, site: str, header: UploadHeader) -> RoundState:
         """Every check that needs no data: who, which round, duplicate, sizes. Marks the site as uploading."""
-        if self.phase is Phase.FAILED:
-            raise Refusal(Status.ABORTED, Reason.FAILED, self.failure)
-        if site not in self.config.expected:
-            raise Refusal(
-                Status.PERMISSION_DENIED,
-                Reason.UNKNOWN_SITE,
-                f"site {site!r} is not one of the expected sites ({', '.join(self.config.expected)})",
-            )
+        self._refuse_if_failed()
+        self._check_known(site)
         if self.phase is Phase.FORMING:
             assert self.formation is not None
             joined = site in self.formation.joined
@@ -441,13 +431,7 @@ class Federation:
                 f"site {site!r} never joined: the federation formed with {', '.join(self.membership.members)} and "
                 "members are fixed from then on",
             )
-        if not 0 <= header.round <= self.config.rounds:
-            raise Refusal(
-                Status.INVALID_ARGUMENT,
-                Reason.NO_SUCH_ROUND,
-                f"round {header.round} does not exist: the federation runs rounds 1..{self.config.rounds} "
-                "(0: the initial model)",
-            )
+        self._check_round_exists(header.round)
         if self.phase is Phase.FINISHED:
             raise Refusal(
                 Status.FAILED_PRECONDITION,
@@ -498,8 +482,7 @@ class Federation:
                 self._check_still_open(round_number)
 
     def _check_still_open(self, round_number: int) -> None:
-        if self.phase is Phase.FAILED:
-            raise Refusal(Status.ABORTED, Reason.FAILED, self.failure)
+        self._refuse_if_failed()
         if self.round is None or self.round.number != round_number:
             raise Refusal(
                 Status.FAILED_PRECONDITION,
@@ -509,8 +492,7 @@ class Federation:
 
     def _check_alive(self, upload: Upload, round_number: int) -> None:
         if upload.state == "aborted":
-            if self.phase is Phase.FAILED:
-                raise Refusal(Status.ABORTED, Reason.FAILED, self.failure)
+            self._refuse_if_failed()
             raise Refusal(
                 Status.FAILED_PRECONDITION,
                 Reason.ROUND_CLOSED,
@@ -537,13 +519,7 @@ class Federation:
                 raise Refusal(
                     Status.FAILED_PRECONDITION, Reason.NOT_JOINED, "the federation is still forming: join first"
                 )
-            if not 0 <= round_number <= self.config.rounds:
-                raise Refusal(
-                    Status.INVALID_ARGUMENT,
-                    Reason.NO_SUCH_ROUND,
-                    f"round {round_number} does not exist: the federation runs rounds 1..{self.config.rounds} "
-                    "(0: the initial model)",
-                )
+            self._check_round_exists(round_number)
             deadline = now + max_wait_s
             while True:
                 if round_number <= self.last_closed_round:
@@ -613,6 +589,15 @@ class Federation:
                 Status.PERMISSION_DENIED,
                 Reason.UNKNOWN_SITE,
                 f"site {site!r} is not one of the expected sites ({', '.join(self.config.expected)})",
+            )
+
+    def _check_round_exists(self, round_number: int) -> None:
+        if not 0 <= round_number <= self.config.rounds:
+            raise Refusal(
+                Status.INVALID_ARGUMENT,
+                Reason.NO_SUCH_ROUND,
+                f"round {round_number} does not exist: the federation runs rounds 1..{self.config.rounds} "
+                "(0: the initial model)",
             )
 
     def _refuse_if_failed(self) -> None:
@@ -708,14 +693,14 @@ class Federation:
         try:
             self._save_record()
             if self._initial_values is not None:
-                self._write_initial_model(now)
+                self._write_initial_model()
         except OSError as err:
             self._fail(f"cannot write to state_dir {self.store.root}: {err}", now)
             return
         self._open_round(self.last_closed_round + 1, now)
         self._cond.notify_all()
 
-    def _write_initial_model(self, now: float) -> None:
+    def _write_initial_model(self) -> None:
         assert self.membership is not None
         values = self._initial_values
         if values is None:

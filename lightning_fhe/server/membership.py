@@ -168,12 +168,16 @@ class Formation:
         first, _ = next(iter(self.joined.values()))
         return first.encrypted_layout, first.plaintext_layout
 
+    def sets_layouts(self, site: str) -> bool:
+        """Whether this site's join (re)defines the layouts: the first join, or the lone first site joining again
+        (it may have restarted with another model)."""
+        return not self.joined or (len(self.joined) == 1 and site in self.joined)
+
     def check(self, site: str, declaration: SiteDeclaration) -> None:
         """Refuses a join that must not be recorded, without changing anything."""
         check_identity(site, declaration, self.expected, self.he_fingerprint, self.params_fingerprint)
-        layouts = self.layouts
-        if layouts is not None and not (len(self.joined) == 1 and site in self.joined):
-            check_layouts(declaration, *layouts)
+        if not self.sets_layouts(site):
+            check_layouts(declaration, *self.layouts)
 
     def join(self, site: str, declaration: SiteDeclaration, now: float) -> None:
         """Records (or, for a site that joins again before formation closes, updates) a site's declaration."""
