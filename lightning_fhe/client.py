@@ -132,8 +132,8 @@ class _KeptUpdate:
     ) -> None:
         self.round = round_number
         self.expected_chunks = expected_chunks
-        self.plaintext = plaintext
-        self.field = field  # the PlaintextBlock field, hence the dtype, the plaintext travels in
+        self.plaintext = plaintext  # already in the dtype of ``field``, the PlaintextBlock field it travels in
+        self.field = field
         self._source = source
         self._chunks: list[bytes] = []
         self._lock = threading.Lock()  # gRPC reads requests on its own thread; a retry may start a second reader
@@ -141,7 +141,7 @@ class _KeptUpdate:
 
     @property
     def nbytes(self) -> int:
-        return sum(map(len, self._chunks)) + self.plaintext.size * WIRE_DTYPES[self.field].itemsize
+        return sum(map(len, self._chunks)) + self.plaintext.nbytes
 
     def _chunk(self, index: int) -> bytes | None:
         with self._lock:
@@ -298,12 +298,11 @@ class AggregatorClient:
             ValueError: the sizes do not match the layouts given to :meth:`join`.
         """
         expected_chunks, expected_values = self._sizes(round)
-        values = np.ascontiguousarray(plaintext, dtype=np.float64).reshape(-1)
+        field = plaintext_field(round, *self._layouts)
+        values = np.ascontiguousarray(plaintext, dtype=WIRE_DTYPES[field]).reshape(-1)  # kept as it travels
         if values.size != expected_values:
             what = "encrypted and plaintext values of the initial model" if round == 0 else "plaintext-layout values"
             raise ValueError(f"round {round}: plaintext holds {values.size} values; expected {expected_values} {what}")
-        encrypted, plain = self._layouts
-        field = plaintext_field(encrypted, plain) if round == 0 else plaintext_field(plain)
         kept = _KeptUpdate(round, iter(encrypted_chunks), expected_chunks, values, field)
         self._kept = {r: k for r, k in self._kept.items() if r > round}
         self._kept[round] = kept
@@ -459,8 +458,7 @@ class AggregatorClient:
             try:
                 return call()
             except grpc.RpcError as err:
-                code = err.code() if isinstance(err, grpc.Call) else None
-                details = (err.details() if isinstance(err, grpc.Call) else None) or str(err)
+                code, details = _code_and_details(err)
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED and waiting:
                     return None
                 if code != grpc.StatusCode.UNAVAILABLE:
@@ -480,9 +478,14 @@ class AggregatorClient:
                 delay = min(delay * 2, 5.0)
 
 
+def _code_and_details(err: grpc.RpcError) -> tuple[grpc.StatusCode | None, str]:
+    if isinstance(err, grpc.Call):
+        return err.code(), err.details() or str(err)
+    return None, str(err)
+
+
 def _federation_error(what: str, err: grpc.RpcError) -> FederationError:
-    code = err.code() if isinstance(err, grpc.Call) else None
-    details = (err.details() if isinstance(err, grpc.Call) else None) or str(err)
+    code, details = _code_and_details(err)
     reason = None
     if isinstance(err, grpc.Call):
         for key, value in err.trailing_metadata() or ():

@@ -72,8 +72,10 @@ def channel_options(params: CKKSParams) -> list[tuple[str, int]]:
 WIRE_DTYPES = {"float32_le": np.dtype("<f4"), "float64_le": np.dtype("<f8")}
 
 
-def plaintext_field(*layouts: TensorLayout) -> str:
-    """The PlaintextBlock field for values of these layouts: ``float32_le`` unless one holds a float64 tensor."""
+def plaintext_field(round_number: int, encrypted: TensorLayout, plaintext: TensorLayout) -> str:
+    """The PlaintextBlock field a round's plaintext values travel in, both ways: ``float32_le`` unless a tensor they
+    belong to is float64. Round 0's plaintext is the initial model, so it carries the encrypted part too."""
+    layouts = (encrypted, plaintext) if round_number == 0 else (plaintext,)
     wide = any(spec.dtype == "float64" for layout in layouts for spec in layout.specs)
     return "float64_le" if wide else "float32_le"
 

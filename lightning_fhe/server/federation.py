@@ -559,9 +559,7 @@ class Federation:
         membership = self.membership
         if membership is None:
             return "float64_le"
-        if round_number == 0:  # the initial model carries the encrypted part in plaintext too
-            return plaintext_field(membership.encrypted_layout, membership.plaintext_layout)
-        return plaintext_field(membership.plaintext_layout)
+        return plaintext_field(round_number, membership.encrypted_layout, membership.plaintext_layout)
 
     @property
     def current_round(self) -> int:

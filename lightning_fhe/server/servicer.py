@@ -159,7 +159,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                     yield pb.GlobalModelPart(chunk=pb.Chunk(index=index, data=blob))
                 offset, field = 0, self.federation.plaintext_field(h.round)
                 for block in reader.iter_plaintext(PLAINTEXT_BLOCK_VALUES):
-                    values = np.frombuffer(block, dtype="<f8").astype(WIRE_DTYPES[field])
+                    values = np.frombuffer(block, dtype="<f8").astype(WIRE_DTYPES[field], copy=False)
                     sent += values.nbytes
                     yield pb.GlobalModelPart(plaintext=pb.PlaintextBlock(offset=offset, **{field: values.tobytes()}))
                     offset += values.size
