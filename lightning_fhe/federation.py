@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -20,7 +18,8 @@ from lightning_fhe.privacy import UpdateMechanism, mechanism_from_config
 from lightning_fhe.selection import Selection, split_tensors
 from lightning_fhe.site import FederatedSite, RoundMetrics
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from lightning_fhe.provision import SiteKit
 
 OPTIMIZER_STATE = ("keep", "reset")
 
@@ -96,9 +95,9 @@ class HEFederation(Callback):
         retry_budget_s: float = 60.0,
         progress: bool = True,
     ) -> None:
-        if not isinstance(local_epochs, int) or isinstance(local_epochs, bool) or local_epochs < 1:
+        if not _is_positive_int(local_epochs):
             raise ValueError(f"local_epochs must be a positive integer, got {local_epochs!r}")
-        if rounds is not None and (not isinstance(rounds, int) or rounds < 1):
+        if rounds is not None and not _is_positive_int(rounds):
             raise ValueError(f"rounds must be a positive integer or None, got {rounds!r}")
         if weight is not None and not (isinstance(weight, (int, float)) and weight > 0):
             raise ValueError(f"weight must be a positive number or None (number of training samples), got {weight!r}")
@@ -129,6 +128,7 @@ class HEFederation(Callback):
         self._epochs_in_round = 0  # checkpointed: local epochs trained since that round
         self._epoch_done = -1  # the epoch whose end was already handled (hooks can fire twice per epoch)
         self._site: FederatedSite | None = None
+        self._kit: SiteKit | None = None  # loaded on rank 0 when fit starts
         self._proximal_reference: dict[str, torch.Tensor] = {}
 
     @property
@@ -139,13 +139,12 @@ class HEFederation(Callback):
     # ----------------------------------------------------------------------------------------------- lifecycle
 
     @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        # Fail before any data is loaded: the cheapest place to say the kit or selection is wrong.
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Fail before any data is loaded: the cheapest place to say the kit or selection is wrong. Not in setup(),
+        # which runs before LightningModule.setup and configure_model, where a model may build its layers.
         if trainer.is_global_zero:
-            self._check_kit()
-        self._split(pl_module)
+            self._kit = self._check_kit()
+        self._split(pl_module.state_dict(), pl_module)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -195,6 +194,7 @@ class HEFederation(Callback):
         if self._site is not None:
             self._site.client.close()
             self._site = None
+        self._kit = None
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -223,7 +223,8 @@ class HEFederation(Callback):
         outcome: Any = None
         if trainer.is_global_zero:
             try:
-                state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
+                # state_dict() tensors may live on an accelerator: flattening copies only the shared ones to the CPU.
+                state = pl_module.state_dict()
                 tensors, metrics = self._site.exchange(round, state, progress=self._progress_bar(trainer))
                 self.history.append(metrics)
                 for logger in trainer.loggers:
@@ -270,13 +271,11 @@ class HEFederation(Callback):
         except KitError as err:
             raise FederationSetupError(str(err)) from None
 
-    def _split(self, pl_module: LightningModule):
+    def _split(self, state: Mapping[str, torch.Tensor], pl_module: LightningModule):
         from lightning_fhe.selection import SelectionError
 
         try:
-            return split_tensors(
-                pl_module.state_dict(), self.encrypt, module=pl_module, federate_buffers=self.federate_buffers
-            )
+            return split_tensors(state, self.encrypt, module=pl_module, federate_buffers=self.federate_buffers)
         except SelectionError as err:
             raise FederationSetupError(f"encrypt={self.encrypt!r}: {err}") from None
 
@@ -294,9 +293,9 @@ class HEFederation(Callback):
         """Connects, joins, checks rounds against the Trainer, and returns the global state to start from."""
         from lightning_fhe.client import AggregatorClient
 
-        kit = self._check_kit()
+        kit = self._kit if self._kit is not None else self._check_kit()
         weight = float(self.weight) if self.weight is not None else self._default_weight(trainer)
-        state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
+        state = pl_module.state_dict()
         client = AggregatorClient(
             kit,
             self.server,
@@ -304,9 +303,8 @@ class HEFederation(Callback):
             site_name=self.site_name,
             retry_budget_s=self.retry_budget_s,
         )
-        self._site = FederatedSite(
-            client, kit.he_context, self._split(pl_module), state, self.privacy, self.privacy_delta
-        )
+        split = self._split(state, pl_module)
+        self._site = FederatedSite(client, kit.he_context, split, state, self.privacy, self.privacy_delta)
         info = self._site.join(weight, state)
         rounds = self._rounds(trainer, info.rounds)
         # A restarted site resumes from the last closed round; a fresh one from the initial model (round 0).
@@ -362,3 +360,7 @@ class HEFederation(Callback):
                 bar.close()
 
         return update
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

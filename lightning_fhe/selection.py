@@ -82,11 +82,6 @@ class TensorSplit:
     plaintext: tuple[str, ...]
     local: tuple[str, ...]
 
-    @property
-    def federated(self) -> tuple[str, ...]:
-        """Names sent to the server (encrypted first, then plaintext), i.e. everything not local."""
-        return self.encrypted + self.plaintext
-
 
 def split_tensors(
     state: Mapping[str, torch.Tensor],

@@ -104,8 +104,7 @@ class FederatedSite:
         """Joins and, when the server asks this site for the first global model, sends its initial state."""
         self.info = self.client.join(weight, self.encrypted_layout, self.plaintext_layout)
         if self.info.send_initial_model:
-            initial = np.concatenate([self.encrypted_layout.flatten(state), self.plaintext_layout.flatten(state)])
-            self.client.submit(0, iter(()), initial)
+            self.client.submit(0, iter(()), self._flatten(state))
         return self.info
 
     def global_state(self, round: int, progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], GlobalModel]:
@@ -186,8 +185,9 @@ class FederatedSite:
             if encrypted.numel:
                 average = self.cipher.decrypt(model.encrypted_chunks, encrypted.numel, model.total_share)
                 tensors.update(encrypted.unflatten(average))
-        # What was loaded, in the tensors' own dtypes: the reference the next round's update is measured from.
-        self._global = self._flatten(tensors)
+        if self.privacy is not None:
+            # What was loaded, in the tensors' own dtypes: the reference the next round's update is measured from.
+            self._global = self._flatten(tensors)
         return tensors
 
 

@@ -74,6 +74,26 @@ def test_selection_that_matches_nothing_is_refused(kits):
         trainer(HEFederation(kit=kits / "site-1", encrypt=["decoder.*"])).fit(BoringModel())
 
 
+class LazyModel(BoringModel):
+    """Builds its layer in configure_model, as large models do, so it has no tensors when callbacks' setup runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.layer
+        self.layer = None
+
+    def configure_model(self) -> None:
+        if self.layer is None:
+            self.layer = torch.nn.Linear(32, 2)
+
+
+def test_layers_built_in_configure_model_are_selected(kits):
+    # The selection passes and the site goes on to connect; no server is there, so it stops at that.
+    federation = HEFederation(kit=kits / "site-1", server=f"localhost:{free_port()}", retry_budget_s=0.5)
+    with pytest.raises(ServerUnavailableError):
+        trainer(federation).fit(LazyModel())
+
+
 def test_unreachable_server_fails_after_the_retry_budget(kits):
     federation = HEFederation(kit=kits / "site-1", server=f"localhost:{free_port()}", retry_budget_s=1.0)
     with pytest.raises(ServerUnavailableError):
@@ -117,6 +137,7 @@ def test_rounds_that_disagree_with_the_server_are_refused(kits, server):
         ({"weight": -1}, "weight"),
         ({"fedprox_mu": -0.1}, "fedprox_mu"),
         ({"rounds": 0}, "rounds"),
+        ({"rounds": True}, "rounds"),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(kwargs, words):

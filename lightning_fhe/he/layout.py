@@ -81,10 +81,6 @@ class TensorLayout:
             specs.append(TensorSpec(name, tuple(tensor.shape), dtype))
         return cls(tuple(specs))
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.specs)
-
     @cached_property
     def _offsets(self) -> list[int]:
         offsets = [0]
