@@ -171,8 +171,7 @@ class HEFederation(Callback):
     ) -> None:
         # The epoch's validation runs right after its last batch, before on_train_epoch_end; exchanging here
         # means that validation measures the global model.
-        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
-        if last:
+        if is_last_batch(trainer, batch_idx):
             self._end_of_epoch(trainer, pl_module)
 
     @override
@@ -360,6 +359,11 @@ class HEFederation(Callback):
                 bar.close()
 
         return update
+
+
+def is_last_batch(trainer: Trainer, batch_idx: int) -> bool:
+    """Whether ``batch_idx`` ends the epoch: where :class:`HEFederation` exchanges in a round's last epoch."""
+    return trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
 
 
 def _is_positive_int(value: object) -> bool:

@@ -212,6 +212,37 @@ def _tail(path: Path, chars: int = 4000) -> str:
     return text[-chars:]
 
 
+def start_loopback_server(
+    kit: Path, workdir: Path, name: str, options: Sequence[str], log_path: Path
+) -> tuple[subprocess.Popen, str]:
+    """``python -m lightning_fhe.server`` on a free loopback port with the built-in defaults and ``options``,
+    logging to ``log_path``.
+
+    Returns the process and its address once it listens. Raises :class:`BenchError` with the log's tail if it exits
+    first or does not listen within 120 s.
+    """
+    port_file = workdir / f"port-{name}"
+    empty = workdir / "empty.yaml"  # the built-in defaults, whatever configs/server.yaml says
+    empty.write_text("{}\n")
+    command = [sys.executable, "-m", "lightning_fhe.server", "--kit", str(kit), "--config", str(empty)]
+    command += ["port=0", "bind=127.0.0.1", f"state_dir={workdir / ('state-' + name)}", f"port_file={port_file}"]
+    command += list(options)
+    with open(log_path, "wb") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not port_file.exists():
+        if server.poll() is not None:
+            raise BenchError(
+                f"{name}: the server exited with code {server.returncode} before listening:\n{_tail(log_path)}"
+            )
+        if time.monotonic() > deadline:
+            server.kill()
+            server.wait()
+            raise BenchError(f"{name}: the server did not listen within 120 s:\n{_tail(log_path)}")
+        time.sleep(0.05)
+    return server, f"127.0.0.1:{int(port_file.read_text())}"
+
+
 class _Federation:
     """One server process and its K site processes; :meth:`close` ends whatever still runs."""
 
@@ -222,26 +253,10 @@ class _Federation:
         self.log = workdir / f"server-{setting}.log"
 
     def start_server(self, rounds: int, timeout_s: float, overrides: Sequence[str]) -> str:
-        port_file = self.workdir / f"port-{self.setting}"
-        empty = self.workdir / "empty.yaml"  # the built-in defaults, whatever configs/server.yaml says
-        empty.write_text("{}\n")
-        command = [sys.executable, "-m", "lightning_fhe.server", "--kit", str(self.kits / "server")]
-        command += ["--config", str(empty), "port=0", "bind=127.0.0.1", f"rounds={rounds}", "keep_rounds=1"]
-        command += [f"state_dir={self.workdir / ('state-' + self.setting)}", f"port_file={port_file}"]
-        command += ["linger_s=30", f"round_timeout_s={timeout_s}", *overrides]
-        with open(self.log, "wb") as out:
-            self.server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while not port_file.exists():
-            if self.server.poll() is not None:
-                raise BenchError(
-                    f"{self.setting}: the server exited with code {self.server.returncode} before listening:\n"
-                    f"{_tail(self.log)}"
-                )
-            if time.monotonic() > deadline:
-                raise BenchError(f"{self.setting}: the server did not listen within 120 s:\n{_tail(self.log)}")
-            time.sleep(0.05)
-        return f"127.0.0.1:{int(port_file.read_text())}"
+        options = [f"rounds={rounds}", "keep_rounds=1", "linger_s=30", f"round_timeout_s={timeout_s}", *overrides]
+        kit = self.kits / "server"
+        self.server, address = start_loopback_server(kit, self.workdir, self.setting, options, self.log)
+        return address
 
     def run_sites(self, context, specs: list[dict[str, Any]], timeout_s: float, log: Callable[[str], None]) -> float:
         """Starts the sites, waits for all of them and the server; returns the wall time. Fails fast, never hangs."""

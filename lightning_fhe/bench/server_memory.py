@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,9 +27,10 @@ import numpy as np
 from lightning_fhe.client import AggregatorClient
 from lightning_fhe.he.codec import UpdateCipher
 from lightning_fhe.he.layout import TensorLayout
-from lightning_fhe.models import SEGRESNET_FILTERS, build_model
+from lightning_fhe.models import SEGRESNET_FILTERS
 from lightning_fhe.provision import ProvisionConfig, load_site_kit, provision
 from lightning_fhe.bench.report import log, publish
+from lightning_fhe.bench.round import expected_average, model_state, site_update, start_loopback_server
 
 # The issue's acceptance target: peak server memory with the most sites over that with the fewest.
 TARGET_GROWTH = 1.5
@@ -61,7 +61,7 @@ def _site(
                 client.submit(0, [], base)
             client.fetch_global(0)
             for r in range(info.current_round, rounds + 1):
-                values = base * (1.0 + 0.01 * index) + 0.001 * r  # every site different, the average known
+                values = site_update(base, index, r)  # every site different, the average known
                 receipt = client.submit(r, cipher.iter_encrypt(values, info.share), np.zeros(0))
                 model = client.fetch_global(r)
                 out.setdefault("upload_mb", receipt.bytes_sent / 1e6)
@@ -73,27 +73,16 @@ def _site(
         out["error"] = err
 
 
-def measure(model: str, sites: int, rounds: int, workdir: Path, log=print) -> dict[str, Any]:
+def measure(
+    layout: TensorLayout, base: np.ndarray, sites: int, rounds: int, workdir: Path, log=print
+) -> dict[str, Any]:
     """Runs one federation of ``sites`` sites for ``rounds`` rounds and returns the server's memory."""
     names = [f"site-{i}" for i in range(1, sites + 1)]
     kits = provision(ProvisionConfig("bench", "localhost", 8443, tuple(names)), workdir / "kits")
-    state = {k: v for k, v in build_model(model).state_dict().items() if v.is_floating_point()}
-    layout = TensorLayout.from_tensors(state)
-    base = layout.flatten(state)
-    port_file, server_log = workdir / "port", workdir / "server.log"
-    (workdir / "empty.yaml").write_text("{}\n")
-    command = [sys.executable, "-m", "lightning_fhe.server", "--kit", str(kits["server"])]
-    command += ["--config", str(workdir / "empty.yaml"), "port=0", "bind=127.0.0.1", f"rounds={rounds}"]
-    command += [f"state_dir={workdir / 'state'}", f"port_file={port_file}", "linger_s=60", "keep_rounds=1"]
-    with open(server_log, "wb") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    server_log = workdir / "server.log"
+    options = [f"rounds={rounds}", "linger_s=60", "keep_rounds=1"]
+    server, address = start_loopback_server(kits["server"], workdir, "memory", options, server_log)
     try:
-        deadline = time.monotonic() + 120
-        while not port_file.exists():
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start:\n{server_log.read_text()}")
-            time.sleep(0.05)
-        address = f"127.0.0.1:{int(port_file.read_text())}"
         idle_mb = _rss_mb(server.pid)
         log(f"  {sites} sites: server up at {address}, {idle_mb:.0f} MB resident; running {rounds} round(s)")
         results: dict[int, dict] = {i: {} for i in range(1, sites + 1)}
@@ -119,7 +108,7 @@ def measure(model: str, sites: int, rounds: int, workdir: Path, log=print) -> di
     peak = re.search(r"peak memory \(RSS high-water mark\) ([\d.]+) MB", text)
     if peak is None:
         raise RuntimeError(f"the server did not report its peak memory:\n{text[-3000:]}")
-    expected = base * (1.0 + 0.01 * np.mean(range(1, sites + 1))) + 0.001
+    expected = expected_average(base, sites, 1)
     error = float(np.abs(results[1]["decrypted"] - expected).max())
     return {
         "sites": sites,
@@ -136,10 +125,11 @@ def measure(model: str, sites: int, rounds: int, workdir: Path, log=print) -> di
 
 def run(model: str = "segresnet-8", sites: tuple[int, ...] = (2, 16), rounds: int = 2, log=print) -> dict[str, Any]:
     log(f"server memory: {model}, {list(sites)} sites, {rounds} round(s) each")
+    layout, base = model_state(model)
     measurements = []
     for k in sites:
         with tempfile.TemporaryDirectory(prefix="lfhe-server-memory-") as tmp:
-            measurements.append(measure(model, k, rounds, Path(tmp), log))
+            measurements.append(measure(layout, base, k, rounds, Path(tmp), log))
     first, last = measurements[0], measurements[-1]
     growth = last["peak_rss_mb"] / first["peak_rss_mb"]
     above_idle = (last["peak_rss_mb"] - last["idle_rss_mb"]) / max(first["peak_rss_mb"] - first["idle_rss_mb"], 1e-9)

@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_fhe import HEFederation
+from lightning_fhe.federation import is_last_batch
 from lightning_fhe.simulate.config import site_data_fraction
 from lightning_fhe.tasks import MSDDataModule, SpleenSegmentation
 
@@ -141,8 +142,7 @@ class RoundRecorder(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # HEFederation's own test: in a round's last epoch, the exchange follows this batch.
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or batch_idx + 1 >= trainer.num_training_batches:
+        if is_last_batch(trainer, batch_idx):  # in a round's last epoch, the exchange follows this batch
             self._train_end = time.time()
 
     @override
