@@ -71,9 +71,7 @@ class ProvisionConfig:
 
     @property
     def server_address(self) -> str:
-        """``host:port`` as gRPC wants it, with an IPv6 address in brackets."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return grpc_address(self.host, self.port)
 
     def to_dict(self) -> dict[str, Any]:
         """The config in the shape of ``provision.yaml``, so it can be written back and reloaded."""
@@ -83,6 +81,12 @@ class ProvisionConfig:
             "clients": list(self.clients),
             "he": {"lib": "tenseal", "config": self.params.to_dict()},
         }
+
+
+def grpc_address(host: str, port: int) -> str:
+    """``host:port`` as gRPC wants it, with an IPv6 address in brackets."""
+    bracketed = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"{bracketed}:{port}"
 
 
 def load_provision_config(

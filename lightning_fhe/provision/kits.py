@@ -40,7 +40,7 @@ from lightning_fhe.provision.certs import (
     issue_server_cert,
     make_ca,
 )
-from lightning_fhe.provision.config import ProvisionConfig
+from lightning_fhe.provision.config import ProvisionConfig, grpc_address
 
 KIT_FORMAT = 1
 CA_FILES = {"cert": "ca.crt", "key": "ca.key"}
@@ -105,9 +105,7 @@ class ServerKit:
 
     @property
     def address(self) -> str:
-        """``host:port`` as gRPC wants it, with an IPv6 address in brackets."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return grpc_address(self.host, self.port)
 
 
 def he_fingerprint(params: CKKSParams, key_id: bytes) -> str:

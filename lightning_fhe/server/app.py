@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from lightning_fhe.proto import aggregator_pb2_grpc as pb_grpc
 from lightning_fhe.proto.wire import SERVICE_NAME, server_options
+from lightning_fhe.provision.config import grpc_address
 from lightning_fhe.provision.kits import ServerKit
 from lightning_fhe.server.config import ServerConfig
 from lightning_fhe.server.federation import Federation, Phase, peak_rss_bytes
@@ -87,7 +88,7 @@ class AggregatorServer:
     def start(self) -> int:
         """Binds and starts serving; returns the port (the chosen one when ``port`` is 0)."""
         limit_malloc_arenas()
-        address = f"{_bracketed(self.config.bind)}:{self.config.port}"
+        address = grpc_address(self.config.bind, self.config.port)
         if self.insecure:
             logger.warning(INSECURE_WARNING)
             port = self._server.add_insecure_port(address)
@@ -186,7 +187,3 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
 
 
 _M_ARENA_MAX = -8  # from glibc's malloc.h
-
-
-def _bracketed(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
