@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$lightning_fhe/proto/aggregator.proto\x12\x10lightning_fhe.v1\"\xa3\x01\n\x0bJoinRequest\x12\x0e\n\x06weight\x18\x01 \x01(\x01\x12\x1d\n\x15\x65ncrypted_layout_json\x18\x02 \x01(\t\x12\x1d\n\x15plaintext_layout_json\x18\x03 \x01(\t\x12\x16\n\x0ehe_fingerprint\x18\x04 \x01(\t\x12\x1a\n\x12params_fingerprint\x18\x05 \x01(\t\x12\x12\n\nmax_wait_s\x18\x06 \x01(\x01\"\xc4\x01\n\tJoinReply\x12\x0e\n\x06\x66ormed\x18\x01 \x01(\x08\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0f\n\x07members\x18\x03 \x03(\t\x12\x14\n\x0ctotal_weight\x18\x04 \x01(\x01\x12\r\n\x05share\x18\x05 \x01(\x01\x12\x0e\n\x06rounds\x18\x06 \x01(\r\x12\x15\n\rcurrent_round\x18\x07 \x01(\r\x12\x1a\n\x12send_initial_model\x18\x08 \x01(\x08\x12\x0e\n\x06joined\x18\t \x01(\r\x12\x10\n\x08\x65xpected\x18\n \x01(\r\"J\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\r\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\x12\x17\n\x0fplaintext_count\x18\x03 \x01(\x04\"$\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"V\n\x0ePlaintextBlock\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x14\n\nfloat64_le\x18\x02 \x01(\x0cH\x00\x12\x14\n\nfloat32_le\x18\x03 \x01(\x0cH\x00\x42\x08\n\x06values\"\xa7\x01\n\nUpdatePart\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.lightning_fhe.v1.UpdateHeaderH\x00\x12\x35\n\tplaintext\x18\x02 \x01(\x0b\x32 .lightning_fhe.v1.PlaintextBlockH\x00\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x17.lightning_fhe.v1.ChunkH\x00\x42\x06\n\x04part\"X\n\x0bSubmitReply\x12\r\n\x05round\x18\x01 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x11\n\tsubmitted\x18\x03 \x01(\r\x12\x0f\n\x07members\x18\x04 \x01(\r\"7\n\x12GlobalModelRequest\x12\r\n\x05round\x18\x01 \x01(\r\x12\x12\n\nmax_wait_s\x18\x02 \x01(\x01\"z\n\x11GlobalModelHeader\x12\r\n\x05round\x18\x01 \x01(\r\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\x12\x17\n\x0fplaintext_count\x18\x03 \x01(\x04\x12\x13\n\x0btotal_share\x18\x04 \x01(\x01\x12\x14\n\x0cparticipants\x18\x05 \x03(\t\"\xe3\x01\n\x0fGlobalModelPart\x12\x30\n\x07pending\x18\x01 \x01(\x0b\x32\x1d.lightning_fhe.v1.RoundStatusH\x00\x12\x35\n\x06header\x18\x02 \x01(\x0b\x32#.lightning_fhe.v1.GlobalModelHeaderH\x00\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x17.lightning_fhe.v1.ChunkH\x00\x12\x35\n\tplaintext\x18\x04 \x01(\x0b\x32 .lightning_fhe.v1.PlaintextBlockH\x00\x42\x06\n\x04part\"\x14\n\x12RoundStatusRequest\"\xb6\x02\n\x0bRoundStatus\x12\x32\n\x05phase\x18\x01 \x01(\x0e\x32#.lightning_fhe.v1.RoundStatus.Phase\x12\x15\n\rcurrent_round\x18\x02 \x01(\r\x12\x0e\n\x06rounds\x18\x03 \x01(\r\x12\x19\n\x11last_closed_round\x18\x04 \x01(\x05\x12\x0f\n\x07members\x18\x05 \x03(\t\x12\x11\n\tsubmitted\x18\x06 \x03(\t\x12\x1b\n\x13this_site_submitted\x18\x07 \x01(\x08\x12\x0f\n\x07\x66\x61ilure\x18\x08 \x01(\t\x12\x0e\n\x06joined\x18\t \x03(\t\"O\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46ORMING\x10\x01\x12\x08\n\x04OPEN\x10\x02\x12\x0c\n\x08\x46INISHED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x32\xd3\x02\n\nAggregator\x12\x42\n\x04Join\x12\x1d.lightning_fhe.v1.JoinRequest\x1a\x1b.lightning_fhe.v1.JoinReply\x12M\n\x0cSubmitUpdate\x12\x1c.lightning_fhe.v1.UpdatePart\x1a\x1d.lightning_fhe.v1.SubmitReply(\x01\x12[\n\x0eGetGlobalModel\x12$.lightning_fhe.v1.GlobalModelRequest\x1a!.lightning_fhe.v1.GlobalModelPart0\x01\x12U\n\x0eGetRoundStatus\x12$.lightning_fhe.v1.RoundStatusRequest\x1a\x1d.lightning_fhe.v1.RoundStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$lightning_fhe/proto/aggregator.proto\x12\x10lightning_fhe.v1\"\xb3\x01\n\x0bJoinRequest\x12\x0e\n\x06weight\x18\x01 \x01(\x01\x12\x1d\n\x15\x65ncrypted_layout_json\x18\x02 \x01(\t\x12\x1d\n\x15plaintext_layout_json\x18\x03 \x01(\t\x12\x16\n\x0ehe_fingerprint\x18\x04 \x01(\t\x12\x1a\n\x12params_fingerprint\x18\x05 \x01(\t\x12\x12\n\nmax_wait_s\x18\x06 \x01(\x01\x12\x0e\n\x06rounds\x18\x07 \x01(\r\"\xc4\x01\n\tJoinReply\x12\x0e\n\x06\x66ormed\x18\x01 \x01(\x08\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0f\n\x07members\x18\x03 \x03(\t\x12\x14\n\x0ctotal_weight\x18\x04 \x01(\x01\x12\r\n\x05share\x18\x05 \x01(\x01\x12\x0e\n\x06rounds\x18\x06 \x01(\r\x12\x15\n\rcurrent_round\x18\x07 \x01(\r\x12\x1a\n\x12send_initial_model\x18\x08 \x01(\x08\x12\x0e\n\x06joined\x18\t \x01(\r\x12\x10\n\x08\x65xpected\x18\n \x01(\r\"J\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\r\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\x12\x17\n\x0fplaintext_count\x18\x03 \x01(\x04\"$\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"V\n\x0ePlaintextBlock\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x14\n\nfloat64_le\x18\x02 \x01(\x0cH\x00\x12\x14\n\nfloat32_le\x18\x03 \x01(\x0cH\x00\x42\x08\n\x06values\"\xa7\x01\n\nUpdatePart\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.lightning_fhe.v1.UpdateHeaderH\x00\x12\x35\n\tplaintext\x18\x02 \x01(\x0b\x32 .lightning_fhe.v1.PlaintextBlockH\x00\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x17.lightning_fhe.v1.ChunkH\x00\x42\x06\n\x04part\"X\n\x0bSubmitReply\x12\r\n\x05round\x18\x01 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x11\n\tsubmitted\x18\x03 \x01(\r\x12\x0f\n\x07members\x18\x04 \x01(\r\"7\n\x12GlobalModelRequest\x12\r\n\x05round\x18\x01 \x01(\r\x12\x12\n\nmax_wait_s\x18\x02 \x01(\x01\"\xb8\x01\n\x11GlobalModelHeader\x12\r\n\x05round\x18\x01 \x01(\r\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\x12\x17\n\x0fplaintext_count\x18\x03 \x01(\x04\x12\x13\n\x0btotal_share\x18\x04 \x01(\x01\x12\x14\n\x0cparticipants\x18\x05 \x03(\t\x12\x1d\n\x15\x65ncrypted_layout_json\x18\x06 \x01(\t\x12\x1d\n\x15plaintext_layout_json\x18\x07 \x01(\t\"\xe3\x01\n\x0fGlobalModelPart\x12\x30\n\x07pending\x18\x01 \x01(\x0b\x32\x1d.lightning_fhe.v1.RoundStatusH\x00\x12\x35\n\x06header\x18\x02 \x01(\x0b\x32#.lightning_fhe.v1.GlobalModelHeaderH\x00\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x17.lightning_fhe.v1.ChunkH\x00\x12\x35\n\tplaintext\x18\x04 \x01(\x0b\x32 .lightning_fhe.v1.PlaintextBlockH\x00\x42\x06\n\x04part\"\x14\n\x12RoundStatusRequest\"\x1b\n\x0cLeaveRequest\x12\x0b\n\x03why\x18\x01 \x01(\t\"\"\n\nLeaveReply\x12\x14\n\x0cmembers_left\x18\x01 \x03(\t\"A\n\x0eMemberActivity\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0e\n\x06idle_s\x18\x02 \x01(\x01\x12\x11\n\tlast_call\x18\x03 \x01(\t\"\x9c\x03\n\x0bRoundStatus\x12\x32\n\x05phase\x18\x01 \x01(\x0e\x32#.lightning_fhe.v1.RoundStatus.Phase\x12\x15\n\rcurrent_round\x18\x02 \x01(\r\x12\x0e\n\x06rounds\x18\x03 \x01(\r\x12\x19\n\x11last_closed_round\x18\x04 \x01(\x05\x12\x0f\n\x07members\x18\x05 \x03(\t\x12\x11\n\tsubmitted\x18\x06 \x03(\t\x12\x1b\n\x13this_site_submitted\x18\x07 \x01(\x08\x12\x0f\n\x07\x66\x61ilure\x18\x08 \x01(\t\x12\x0e\n\x06joined\x18\t \x03(\t\x12\x14\n\x0cseconds_left\x18\n \x01(\x01\x12\x32\n\x08\x61\x63tivity\x18\x0b \x03(\x0b\x32 .lightning_fhe.v1.MemberActivity\x12\x0c\n\x04left\x18\x0c \x03(\t\x12\x0c\n\x04site\x18\r \x01(\t\"O\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46ORMING\x10\x01\x12\x08\n\x04OPEN\x10\x02\x12\x0c\n\x08\x46INISHED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x32\x9a\x03\n\nAggregator\x12\x42\n\x04Join\x12\x1d.lightning_fhe.v1.JoinRequest\x1a\x1b.lightning_fhe.v1.JoinReply\x12M\n\x0cSubmitUpdate\x12\x1c.lightning_fhe.v1.UpdatePart\x1a\x1d.lightning_fhe.v1.SubmitReply(\x01\x12[\n\x0eGetGlobalModel\x12$.lightning_fhe.v1.GlobalModelRequest\x1a!.lightning_fhe.v1.GlobalModelPart0\x01\x12U\n\x0eGetRoundStatus\x12$.lightning_fhe.v1.RoundStatusRequest\x1a\x1d.lightning_fhe.v1.RoundStatus\x12\x45\n\x05Leave\x12\x1e.lightning_fhe.v1.LeaveRequest\x1a\x1c.lightning_fhe.v1.LeaveReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,31 +32,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lightning_fhe.proto.aggrega
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOINREQUEST']._serialized_start=59
-  _globals['_JOINREQUEST']._serialized_end=222
-  _globals['_JOINREPLY']._serialized_start=225
-  _globals['_JOINREPLY']._serialized_end=421
-  _globals['_UPDATEHEADER']._serialized_start=423
-  _globals['_UPDATEHEADER']._serialized_end=497
-  _globals['_CHUNK']._serialized_start=499
-  _globals['_CHUNK']._serialized_end=535
-  _globals['_PLAINTEXTBLOCK']._serialized_start=537
-  _globals['_PLAINTEXTBLOCK']._serialized_end=623
-  _globals['_UPDATEPART']._serialized_start=626
-  _globals['_UPDATEPART']._serialized_end=793
-  _globals['_SUBMITREPLY']._serialized_start=795
-  _globals['_SUBMITREPLY']._serialized_end=883
-  _globals['_GLOBALMODELREQUEST']._serialized_start=885
-  _globals['_GLOBALMODELREQUEST']._serialized_end=940
-  _globals['_GLOBALMODELHEADER']._serialized_start=942
-  _globals['_GLOBALMODELHEADER']._serialized_end=1064
-  _globals['_GLOBALMODELPART']._serialized_start=1067
-  _globals['_GLOBALMODELPART']._serialized_end=1294
-  _globals['_ROUNDSTATUSREQUEST']._serialized_start=1296
-  _globals['_ROUNDSTATUSREQUEST']._serialized_end=1316
-  _globals['_ROUNDSTATUS']._serialized_start=1319
-  _globals['_ROUNDSTATUS']._serialized_end=1629
-  _globals['_ROUNDSTATUS_PHASE']._serialized_start=1550
-  _globals['_ROUNDSTATUS_PHASE']._serialized_end=1629
-  _globals['_AGGREGATOR']._serialized_start=1632
-  _globals['_AGGREGATOR']._serialized_end=1971
+  _globals['_JOINREQUEST']._serialized_end=238
+  _globals['_JOINREPLY']._serialized_start=241
+  _globals['_JOINREPLY']._serialized_end=437
+  _globals['_UPDATEHEADER']._serialized_start=439
+  _globals['_UPDATEHEADER']._serialized_end=513
+  _globals['_CHUNK']._serialized_start=515
+  _globals['_CHUNK']._serialized_end=551
+  _globals['_PLAINTEXTBLOCK']._serialized_start=553
+  _globals['_PLAINTEXTBLOCK']._serialized_end=639
+  _globals['_UPDATEPART']._serialized_start=642
+  _globals['_UPDATEPART']._serialized_end=809
+  _globals['_SUBMITREPLY']._serialized_start=811
+  _globals['_SUBMITREPLY']._serialized_end=899
+  _globals['_GLOBALMODELREQUEST']._serialized_start=901
+  _globals['_GLOBALMODELREQUEST']._serialized_end=956
+  _globals['_GLOBALMODELHEADER']._serialized_start=959
+  _globals['_GLOBALMODELHEADER']._serialized_end=1143
+  _globals['_GLOBALMODELPART']._serialized_start=1146
+  _globals['_GLOBALMODELPART']._serialized_end=1373
+  _globals['_ROUNDSTATUSREQUEST']._serialized_start=1375
+  _globals['_ROUNDSTATUSREQUEST']._serialized_end=1395
+  _globals['_LEAVEREQUEST']._serialized_start=1397
+  _globals['_LEAVEREQUEST']._serialized_end=1424
+  _globals['_LEAVEREPLY']._serialized_start=1426
+  _globals['_LEAVEREPLY']._serialized_end=1460
+  _globals['_MEMBERACTIVITY']._serialized_start=1462
+  _globals['_MEMBERACTIVITY']._serialized_end=1527
+  _globals['_ROUNDSTATUS']._serialized_start=1530
+  _globals['_ROUNDSTATUS']._serialized_end=1942
+  _globals['_ROUNDSTATUS_PHASE']._serialized_start=1863
+  _globals['_ROUNDSTATUS_PHASE']._serialized_end=1942
+  _globals['_AGGREGATOR']._serialized_start=1945
+  _globals['_AGGREGATOR']._serialized_end=2355
 # @@protoc_insertion_point(module_scope)

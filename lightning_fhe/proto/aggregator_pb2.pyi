@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("weight", "encrypted_layout_json", "plaintext_layout_json", "he_fingerprint", "params_fingerprint", "max_wait_s")
+    __slots__ = ("weight", "encrypted_layout_json", "plaintext_layout_json", "he_fingerprint", "params_fingerprint", "max_wait_s", "rounds")
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTED_LAYOUT_JSON_FIELD_NUMBER: _ClassVar[int]
     PLAINTEXT_LAYOUT_JSON_FIELD_NUMBER: _ClassVar[int]
     HE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
     weight: float
     encrypted_layout_json: str
     plaintext_layout_json: str
     he_fingerprint: str
     params_fingerprint: str
     max_wait_s: float
-    def __init__(self, weight: _Optional[float] = ..., encrypted_layout_json: _Optional[str] = ..., plaintext_layout_json: _Optional[str] = ..., he_fingerprint: _Optional[str] = ..., params_fingerprint: _Optional[str] = ..., max_wait_s: _Optional[float] = ...) -> None: ...
+    rounds: int
+    def __init__(self, weight: _Optional[float] = ..., encrypted_layout_json: _Optional[str] = ..., plaintext_layout_json: _Optional[str] = ..., he_fingerprint: _Optional[str] = ..., params_fingerprint: _Optional[str] = ..., max_wait_s: _Optional[float] = ..., rounds: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("formed", "site", "members", "total_weight", "share", "rounds", "current_round", "send_initial_model", "joined", "expected")
@@ -106,18 +108,22 @@ class GlobalModelRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ..., max_wait_s: _Optional[float] = ...) -> None: ...
 
 class GlobalModelHeader(_message.Message):
-    __slots__ = ("round", "num_chunks", "plaintext_count", "total_share", "participants")
+    __slots__ = ("round", "num_chunks", "plaintext_count", "total_share", "participants", "encrypted_layout_json", "plaintext_layout_json")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     PLAINTEXT_COUNT_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SHARE_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTED_LAYOUT_JSON_FIELD_NUMBER: _ClassVar[int]
+    PLAINTEXT_LAYOUT_JSON_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_chunks: int
     plaintext_count: int
     total_share: float
     participants: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, round: _Optional[int] = ..., num_chunks: _Optional[int] = ..., plaintext_count: _Optional[int] = ..., total_share: _Optional[float] = ..., participants: _Optional[_Iterable[str]] = ...) -> None: ...
+    encrypted_layout_json: str
+    plaintext_layout_json: str
+    def __init__(self, round: _Optional[int] = ..., num_chunks: _Optional[int] = ..., plaintext_count: _Optional[int] = ..., total_share: _Optional[float] = ..., participants: _Optional[_Iterable[str]] = ..., encrypted_layout_json: _Optional[str] = ..., plaintext_layout_json: _Optional[str] = ...) -> None: ...
 
 class GlobalModelPart(_message.Message):
     __slots__ = ("pending", "header", "chunk", "plaintext")
@@ -135,8 +141,30 @@ class RoundStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class LeaveRequest(_message.Message):
+    __slots__ = ("why",)
+    WHY_FIELD_NUMBER: _ClassVar[int]
+    why: str
+    def __init__(self, why: _Optional[str] = ...) -> None: ...
+
+class LeaveReply(_message.Message):
+    __slots__ = ("members_left",)
+    MEMBERS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    members_left: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, members_left: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MemberActivity(_message.Message):
+    __slots__ = ("site", "idle_s", "last_call")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    LAST_CALL_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    idle_s: float
+    last_call: str
+    def __init__(self, site: _Optional[str] = ..., idle_s: _Optional[float] = ..., last_call: _Optional[str] = ...) -> None: ...
+
 class RoundStatus(_message.Message):
-    __slots__ = ("phase", "current_round", "rounds", "last_closed_round", "members", "submitted", "this_site_submitted", "failure", "joined")
+    __slots__ = ("phase", "current_round", "rounds", "last_closed_round", "members", "submitted", "this_site_submitted", "failure", "joined", "seconds_left", "activity", "left", "site")
     class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         PHASE_UNSPECIFIED: _ClassVar[RoundStatus.Phase]
@@ -158,6 +186,10 @@ class RoundStatus(_message.Message):
     THIS_SITE_SUBMITTED_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     JOINED_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVITY_FIELD_NUMBER: _ClassVar[int]
+    LEFT_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
     phase: RoundStatus.Phase
     current_round: int
     rounds: int
@@ -167,4 +199,8 @@ class RoundStatus(_message.Message):
     this_site_submitted: bool
     failure: str
     joined: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, phase: _Optional[_Union[RoundStatus.Phase, str]] = ..., current_round: _Optional[int] = ..., rounds: _Optional[int] = ..., last_closed_round: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., submitted: _Optional[_Iterable[str]] = ..., this_site_submitted: _Optional[bool] = ..., failure: _Optional[str] = ..., joined: _Optional[_Iterable[str]] = ...) -> None: ...
+    seconds_left: float
+    activity: _containers.RepeatedCompositeFieldContainer[MemberActivity]
+    left: _containers.RepeatedScalarFieldContainer[str]
+    site: str
+    def __init__(self, phase: _Optional[_Union[RoundStatus.Phase, str]] = ..., current_round: _Optional[int] = ..., rounds: _Optional[int] = ..., last_closed_round: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., submitted: _Optional[_Iterable[str]] = ..., this_site_submitted: _Optional[bool] = ..., failure: _Optional[str] = ..., joined: _Optional[_Iterable[str]] = ..., seconds_left: _Optional[float] = ..., activity: _Optional[_Iterable[_Union[MemberActivity, _Mapping]]] = ..., left: _Optional[_Iterable[str]] = ..., site: _Optional[str] = ...) -> None: ...

@@ -54,6 +54,11 @@ class AggregatorStub:
                 request_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.RoundStatusRequest.SerializeToString,
                 response_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.RoundStatus.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/lightning_fhe.v1.Aggregator/Leave',
+                request_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.LeaveReply.FromString,
+                _registered_method=True)
 
 
 class AggregatorServicer:
@@ -86,7 +91,16 @@ class AggregatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetRoundStatus(self, request, context):
-        """Where the federation stands, as seen by the calling site.
+        """Where the federation stands, as seen by the calling site (or, with the server kit's own certificate, by the
+        operator: python -m lightning_fhe.status).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Leave(self, request, context):
+        """A member will take part in no further round (its Trainer stopped early): open and later rounds stop waiting for
+        it. Its weight stays in W; rounds it misses count as dropouts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,6 +128,11 @@ def add_AggregatorServicer_to_server(servicer, server):
                     servicer.GetRoundStatus,
                     request_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.RoundStatusRequest.FromString,
                     response_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.RoundStatus.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.LeaveRequest.FromString,
+                    response_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.LeaveReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +243,33 @@ class Aggregator:
             '/lightning_fhe.v1.Aggregator/GetRoundStatus',
             lightning__fhe_dot_proto_dot_aggregator__pb2.RoundStatusRequest.SerializeToString,
             lightning__fhe_dot_proto_dot_aggregator__pb2.RoundStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lightning_fhe.v1.Aggregator/Leave',
+            lightning__fhe_dot_proto_dot_aggregator__pb2.LeaveRequest.SerializeToString,
+            lightning__fhe_dot_proto_dot_aggregator__pb2.LeaveReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from enum import Enum
 
+from lightning_fhe.proto.reasons import Reason
+
+__all__ = ["Reason", "Refusal", "Status"]
+
 
 class Status(Enum):
     """The gRPC status codes the aggregator answers with; the names are gRPC's, so the servicer maps them by name."""
@@ -22,29 +26,9 @@ class Status(Enum):
     ABORTED = "ABORTED"  # the round or the federation failed; the message says why
     UNAVAILABLE = "UNAVAILABLE"  # transient: retry with backoff (e.g. the previous stream is still being torn down)
     CANCELLED = "CANCELLED"  # the site went away while the server waited for it
-
-
-class Reason(str, Enum):
-    """Machine-readable refusal reasons, sent as the ``refusal-reason`` trailing metadata entry."""
-
-    BAD_REQUEST = "bad_request"
-    BAD_CHUNK = "bad_chunk"
-    BAD_PLAINTEXT = "bad_plaintext"
-    CHUNK_ORDER = "chunk_order"
-    CHUNK_COUNT = "chunk_count"
-    INCOMPLETE = "incomplete"
-    UNKNOWN_SITE = "unknown_site"
-    NOT_MEMBER = "not_member"
-    NOT_JOINED = "not_joined"
-    MISMATCH = "mismatch"
-    ROUND_CLOSED = "round_closed"
-    ROUND_NOT_OPEN = "round_not_open"
-    DUPLICATE = "duplicate"
-    BUSY = "busy"
-    FAILED = "failed"
-    PRUNED = "pruned"
-    NO_SUCH_ROUND = "no_such_round"
-    GONE = "gone"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"  # this caller holds as many calls as it may; the others are served
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"  # a stream sent nothing for longer than its idle deadline
+    DATA_LOSS = "DATA_LOSS"  # a state file on the server fails its checksum; nothing is served from it
 
 
 class Refusal(Exception):
