@@ -25,6 +25,7 @@ from lightning_fhe.proto import aggregator_pb2_grpc as pb_grpc
 from lightning_fhe.proto.wire import SERVICE_NAME, server_options
 from lightning_fhe.provision.config import grpc_address
 from lightning_fhe.provision.kits import ServerKit
+from lightning_fhe.server.admission import worker_threads
 from lightning_fhe.server.config import ServerConfig
 from lightning_fhe.server.federation import Federation, Phase, peak_rss_bytes
 from lightning_fhe.server.initial_model import load_initial_state
@@ -71,13 +72,18 @@ class AggregatorServer:
             initial_state,
             clock,
         )
-        # Every site may hold a waiting call (join or download), an upload and a status call at once.
-        workers = 4 * len(self.config.expected) + 8
+        # Every site may hold max_calls_per_site calls at once, and no more (the servicer refuses the next one), so
+        # with this many threads no site can take the threads the others need, whatever it opens.
+        workers = worker_threads(self.config.max_calls_per_site, len(self.config.expected))
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aggregator"),
             options=server_options(kit.params),
+            # A backstop on calls queued for a thread (each costs memory): refused callers hold a thread only for
+            # their refusal, so the queue stays short unless the server is flooded; then RESOURCE_EXHAUSTED.
+            maximum_concurrent_rpcs=4 * workers,
         )
-        pb_grpc.add_AggregatorServicer_to_server(AggregatorServicer(self.federation, insecure), self._server)
+        servicer = AggregatorServicer(self.federation, insecure, server_cert=None if insecure else kit.cert)
+        pb_grpc.add_AggregatorServicer_to_server(servicer, self._server)
         self._health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self._stopped = threading.Event()

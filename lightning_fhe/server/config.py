@@ -32,6 +32,10 @@ OPTION_HELP: dict[str, str] = {
     "keep_rounds": "most recent aggregates kept in state_dir (0: all)",
     "linger_s": "after the last round (or a failure), seconds to stay up so every site can download; the server "
     "exits earlier once every member fetched the last global model",
+    "max_calls_per_site": "calls one site may hold at once (waits, uploads, downloads, status); more are refused "
+    "with RESOURCE_EXHAUSTED, so no site can take the threads the others need",
+    "stream_idle_s": "seconds an update stream may send nothing before it is cancelled and loses its upload slot",
+    "silent_after_s": "seconds without any call from a member after which the server logs a warning (once per silence)",
     "port_file": "write the bound port to this file once listening (for scripts using port=0)",
 }
 
@@ -57,6 +61,9 @@ class ServerConfig:
     keep_rounds: int = 3
     linger_s: float = 30.0
     port_file: str | None = None
+    max_calls_per_site: int = 4
+    stream_idle_s: float = 60.0
+    silent_after_s: float = 300.0
 
     def __post_init__(self) -> None:
         if isinstance(self.clients, list):
@@ -170,5 +177,11 @@ def _validate(c: ServerConfig) -> None:
         raise ServerConfigError(f"max_concurrent_uploads: expected an integer >= 1, got {c.max_concurrent_uploads!r}")
     if not (_is_int(c.keep_rounds) and c.keep_rounds >= 0):
         raise ServerConfigError(f"keep_rounds: expected an integer >= 0 (0 keeps all), got {c.keep_rounds!r}")
+    if not (_is_int(c.max_calls_per_site) and c.max_calls_per_site >= 1):
+        raise ServerConfigError(f"max_calls_per_site: expected an integer >= 1, got {c.max_calls_per_site!r}")
+    for name in ("stream_idle_s", "silent_after_s"):
+        value = getattr(c, name)
+        if not (_is_number(value) and value > 0):
+            raise ServerConfigError(f"{name}: expected a number of seconds > 0, got {value!r}")
     if c.port_file is not None and (not isinstance(c.port_file, str) or not c.port_file):
         raise ServerConfigError(f"port_file: expected a file path or null, got {c.port_file!r}")

@@ -29,6 +29,7 @@ from lightning_fhe.he.codec import num_chunks
 from lightning_fhe.he.context import HEContext
 from lightning_fhe.proto.wire import plaintext_field
 from lightning_fhe.server.accumulator import Aggregate, RoundAccumulator, Upload
+from lightning_fhe.server.admission import OPERATOR, Method, check_caller, clamp_wait
 from lightning_fhe.server.config import ServerConfig
 from lightning_fhe.server.errors import Reason, Refusal, Status
 from lightning_fhe.server.initial_model import InitialModelError, flatten_initial_state
@@ -110,6 +111,23 @@ class StatusView:
     this_site_submitted: bool
     failure: str
     joined: tuple[str, ...] = ()  # while forming
+    site: str = ""  # who asked: a site's name, or "operator"
+    seconds_left: float = 0.0  # until formation or the open round fails or closes at the latest; 0 when none is
+    activity: tuple[MemberActivity, ...] = ()  # the members (the joined sites while forming), when last heard from
+
+
+@dataclass(frozen=True)
+class MemberActivity:
+    site: str
+    idle_s: float  # seconds since the server last heard from it
+    last_call: str  # "join", "upload", "download" or "status"
+
+
+@dataclass
+class _Heard:
+    at: float
+    call: str
+    warned: bool = False  # the silence since ``at`` was logged
 
 
 @dataclass
@@ -191,7 +209,10 @@ class Federation:
         self.ended_at: float | None = None
         self.fetched_final: set[str] = set()
         self._stats = _RoundStats(opened_at=clock())
+        self._started_at = clock()
         self._last_close_why = ""
+        self._heard: dict[str, _Heard] = {}  # per site, the last call from it
+        self._stream_cancels: dict[int, Callable[[Refusal], None]] = {}  # of uploads reading, by id
         self._restore()
 
     # -- start-up ---------------------------------------------------------------------------------------------------
@@ -265,10 +286,12 @@ class Federation:
         is_active: Callable[[], bool] = lambda: True,
     ) -> JoinResult:
         """Records a site's join, then waits up to ``max_wait_s`` for the federation to form."""
+        max_wait_s = clamp_wait(max_wait_s)
         with self._cond:
             now = self._clock()
             self._tick_locked(now)
             self._refuse_if_failed()
+            self._note_heard(site, "join", now)
             if self.phase is Phase.FORMING:
                 assert self.formation is not None
                 self.formation.check(site, declaration)
@@ -332,11 +355,17 @@ class Federation:
     # -- submitting -------------------------------------------------------------------------------------------------
 
     def submit(
-        self, site: str, parts: Iterator[UploadPart], is_active: Callable[[], bool] = lambda: True
+        self,
+        site: str,
+        parts: Iterator[UploadPart],
+        is_active: Callable[[], bool] = lambda: True,
+        cancel: Callable[[Refusal], None] | None = None,
     ) -> SubmitResult:
         """Accumulates one update as its parts arrive; on any refusal or a broken stream, nothing of it remains.
 
-        ``parts`` is read outside the lock (it blocks on the network); each part is added under it.
+        ``parts`` is read outside the lock (it blocks on the network); each part is added under it. ``cancel``
+        makes a read of ``parts`` that is blocked, or the next one, raise the refusal it is given: the federation
+        calls it when the round closes or fails, so a stream that stalled loses its slot then at the latest.
         """
         header = next(parts, None)
         if not isinstance(header, UploadHeader):
@@ -346,8 +375,12 @@ class Federation:
                 "an update stream must start with its header (round and sizes)",
             )
         with self._cond:
-            self._tick_locked(self._clock())
+            now = self._clock()
+            self._tick_locked(now)
+            self._note_heard(site, "upload", now)
             round_state = self._reserve_submission(site, header)
+            if cancel is not None:
+                self._stream_cancels[id(cancel)] = cancel
         recorded = False
         try:
             self._acquire_slot(site, header.round, is_active)
@@ -405,8 +438,11 @@ class Federation:
             finally:
                 self._slots.release()
         finally:
-            if not recorded:
-                with self._cond:
+            with self._cond:
+                if cancel is not None:
+                    self._stream_cancels.pop(id(cancel), None)
+                self._note_heard(site, "upload", self._clock())
+                if not recorded:
                     round_state.finish_upload(site, recorded=False, now=self._clock())
                     self._cond.notify_all()
 
@@ -510,11 +546,13 @@ class Federation:
         is_active: Callable[[], bool] = lambda: True,
     ) -> AggregateReader | StatusView:
         """The stored aggregate of ``round_number`` once it is on disk, or the status if it is still open after
-        ``max_wait_s`` (the site asks again)."""
+        ``max_wait_s`` (the site asks again). Members only: an expected site that missed formation gets nothing."""
+        max_wait_s = clamp_wait(max_wait_s)
         with self._cond:
             now = self._clock()
             self._tick_locked(now)
-            self._check_known(site)
+            self._admit_locked(site, Method.DOWNLOAD)
+            self._note_heard(site, "download", now)
             if self.phase is Phase.FORMING:
                 raise Refusal(
                     Status.FAILED_PRECONDITION, Reason.NOT_JOINED, "the federation is still forming: join first"
@@ -542,17 +580,85 @@ class Federation:
         """Counts bytes sent; a member that fetched the last global model lets the server exit sooner."""
         with self._cond:
             self._stats.bytes_out += nbytes
+            self._note_heard(site, "download", self._clock())
             if complete and round_number == self.config.rounds:
                 self.fetched_final.add(site)
                 self._cond.notify_all()
 
     # -- status -----------------------------------------------------------------------------------------------------
 
-    def status(self, site: str) -> StatusView:
+    def status(self, site: str, operator: bool = False) -> StatusView:
+        """The round status as ``site`` may see it (members only), or the operator's full view."""
         with self._cond:
-            self._tick_locked(self._clock())
-            self._check_known(site)
-            return self._status_locked(site)
+            now = self._clock()
+            self._tick_locked(now)
+            self._admit_locked(site, Method.STATUS, operator)
+            if operator:
+                return self._status_locked(OPERATOR, now)
+            self._note_heard(site, "status", now)
+            return self._status_locked(site, now)
+
+    def admit(self, caller: str, method: Method, operator: bool = False) -> None:
+        """Refuses ``caller`` at once if it may not call ``method`` now (see :func:`admission.check_caller`)."""
+        with self._cond:
+            self._admit_locked(caller, method, operator)
+
+    def _admit_locked(self, caller: str, method: Method, operator: bool = False) -> None:
+        formed = self.membership is not None and self.phase is not Phase.FORMING
+        members = self.membership.members if formed and self.membership is not None else None
+        check_caller(caller, method, self.config.expected, members, operator)
+
+    def _note_heard(self, site: str, call: str, now: float) -> None:
+        if site in self.config.expected:
+            heard = self._heard.get(site)
+            if heard is not None and heard.warned:
+                logger.info("member %s is heard from again (%s) after %.0f s", site, call, now - heard.at)
+            self._heard[site] = _Heard(now, call)
+
+    def _activity_locked(self, now: float) -> tuple[MemberActivity, ...]:
+        if self.phase is Phase.FORMING and self.formation is not None:
+            sites: tuple[str, ...] = tuple(self.formation.joined)
+        else:
+            sites = self.membership.members if self.membership else ()
+        return tuple(
+            MemberActivity(s, now - self._heard[s].at, self._heard[s].call) for s in sites if s in self._heard
+        )
+
+    def _seconds_left_locked(self, now: float) -> float:
+        if self.phase is Phase.FORMING and self.formation is not None:
+            started, timeout = self.formation.opened_at, self.formation.rule.timeout_s
+        elif self.phase is Phase.OPEN and self.round is not None:
+            started, timeout = self.round.opened_at, self.round.rule.timeout_s
+        else:
+            return 0.0
+        return max(0.0, started + timeout - now)
+
+    def _warn_silent_locked(self, now: float) -> None:
+        """Logs each member silent for ``silent_after_s``, once per silence: whom, since when, what is awaited."""
+        if self.phase is not Phase.OPEN or self.membership is None:
+            return
+        limit = self.config.silent_after_s
+        for site in self.membership.members:
+            heard = self._heard.get(site)
+            if heard is None:  # not heard from since this server started: count from when it did
+                heard = self._heard[site] = _Heard(self._started_at, "none since the server started")
+            if heard.warned or now - heard.at < limit:
+                continue
+            heard.warned = True
+            waiting = ""
+            if self.round is not None:
+                pending = [m for m in self.round.members if m not in self.round.participants]
+                waiting = f"; round {self.round.number} waits for {', '.join(pending) or 'nobody'}"
+            logger.warning(
+                "member %s has not been heard from for %.0f s (silent_after_s=%g; last call: %s)%s, "
+                "%.0f s before the round times out",
+                site,
+                now - heard.at,
+                limit,
+                heard.call,
+                waiting,
+                self._seconds_left_locked(now),
+            )
 
     def plaintext_field(self, round_number: int) -> str:
         """How round ``round_number``'s plaintext values travel: float32 unless the model holds float64 tensors."""
@@ -567,7 +673,8 @@ class Federation:
             return self.round.number
         return self.config.rounds + 1 if self.phase is Phase.FINISHED else max(self.last_closed_round + 1, 0)
 
-    def _status_locked(self, site: str) -> StatusView:
+    def _status_locked(self, site: str, now: float | None = None) -> StatusView:
+        now = self._clock() if now is None else now
         submitted = self.round.participants if self.round is not None else ()
         return StatusView(
             phase=self.phase,
@@ -579,6 +686,9 @@ class Federation:
             this_site_submitted=site in submitted,
             failure=self.failure,
             joined=tuple(self.formation.joined) if self.phase is Phase.FORMING and self.formation else (),
+            site=site,
+            seconds_left=self._seconds_left_locked(now),
+            activity=self._activity_locked(now),
         )
 
     def _check_known(self, site: str) -> None:
@@ -626,7 +736,9 @@ class Federation:
     def tick(self) -> None:
         """Closes or fails formation or the open round when their time has come; the server calls it regularly."""
         with self._cond:
-            self._tick_locked(self._clock())
+            now = self._clock()
+            self._tick_locked(now)
+            self._warn_silent_locked(now)
 
     def seconds_to_next_event(self, cap: float = 1.0) -> float:
         with self._cond:
@@ -745,6 +857,13 @@ class Federation:
         number = round_state.number
         self._last_close_why = decision.why
         accumulator.abort_all()  # streams still arriving are excluded, exactly: their chunks come back out
+        self._cancel_streams_locked(
+            Refusal(
+                Status.FAILED_PRECONDITION,
+                Reason.ROUND_CLOSED,
+                f"round {number} closed while this update was arriving ({decision.why}); it is not included",
+            )
+        )
         aggregate = accumulator.result(number)
         # Listed in the members' order, not the order uploads finished: the same federation gives the same list.
         aggregate = replace(
@@ -801,10 +920,16 @@ class Federation:
         self.failure = why
         self.ended_at = now
         self.round = self.accumulator = None
+        self._cancel_streams_locked(Refusal(Status.ABORTED, Reason.FAILED, why))
         logger.error(
             "%s; the server stops after linger_s=%g s (restart it to retry the round)", why, self.config.linger_s
         )
         self._cond.notify_all()
+
+    def _cancel_streams_locked(self, refusal: Refusal) -> None:
+        """Unblocks every upload still reading its stream: a stalled one must not keep its slot past its round."""
+        for cancel in list(self._stream_cancels.values()):
+            cancel(refusal)
 
     def _save_record(self) -> None:
         assert self.membership is not None
