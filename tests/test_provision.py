@@ -160,7 +160,8 @@ def test_server_certificate_names_and_usage(out: Path) -> None:
         ipaddress.ip_address("::1"),
     }
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    # clientAuth too, so the operator can call GetRoundStatus with the server kit's certificate (docs/server.md)
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
 
 

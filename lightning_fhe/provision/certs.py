@@ -106,7 +106,8 @@ def issue_server_cert(ca: CertificateAuthority, host: str, days: int = LEAF_DAYS
     return _issue(
         ca,
         common_name=host,
-        usage=ExtendedKeyUsageOID.SERVER_AUTH,
+        # clientAuth too: the operator calls the server's status with the server kit's own certificate.
+        usage=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
         days=days,
         alt_names=x509.SubjectAlternativeName(names),
     )
@@ -118,7 +119,7 @@ def issue_client_cert(ca: CertificateAuthority, name: str, days: int = LEAF_DAYS
     It has no subject alternative name on purpose: gRPC reports a peer's SANs instead of its common name when it
     has any, and site names such as ``site_1`` are not DNS names.
     """
-    return _issue(ca, common_name=name, usage=ExtendedKeyUsageOID.CLIENT_AUTH, days=days)
+    return _issue(ca, common_name=name, usage=[ExtendedKeyUsageOID.CLIENT_AUTH], days=days)
 
 
 def common_name(cert: x509.Certificate) -> str:
@@ -137,7 +138,7 @@ def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 def _issue(
     ca: CertificateAuthority,
     common_name: str,
-    usage: x509.ObjectIdentifier,
+    usage: list[x509.ObjectIdentifier],
     days: int,
     alt_names: x509.SubjectAlternativeName | None = None,
 ) -> CertKeyPair:
@@ -160,7 +161,7 @@ def _issue(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
     )

@@ -82,8 +82,8 @@ class AggregatorServer:
             # their refusal, so the queue stays short unless the server is flooded; then RESOURCE_EXHAUSTED.
             maximum_concurrent_rpcs=4 * workers,
         )
-        servicer = AggregatorServicer(self.federation, insecure, server_cert=None if insecure else kit.cert)
-        pb_grpc.add_AggregatorServicer_to_server(servicer, self._server)
+        self._servicer = AggregatorServicer(self.federation, insecure, server_cert=None if insecure else kit.cert)
+        pb_grpc.add_AggregatorServicer_to_server(self._servicer, self._server)
         self._health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self._stopped = threading.Event()
