@@ -156,6 +156,10 @@ def test_a_member_that_sends_only_headers_does_not_stop_the_others(kits, tmp_pat
             sites = [Site(load_site_kit(kits / name), address) for name in ("site-1", "site-2")]
             run_sites(sites, timeout=60)
             attacker.join(30)
+            # the helper threads reading the refused streams end with their calls
+            wait_for(
+                lambda: not any(t.name == "aggregator-stream" for t in threading.enumerate()), 10, "stream readers"
+            )
         for site in sites:
             for r in (1, 2, 3):
                 site.check_round(r, ["site-1", "site-2"])
@@ -240,3 +244,93 @@ def test_the_operator_sees_the_full_status_with_the_server_kits_certificate(kits
             list(stub(channel).GetGlobalModel(pb.GlobalModelRequest(round=0), timeout=10))
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "may only call GetRoundStatus" in info.value.details()
+
+
+def _federation_rss(kits, tmp_path, name: str, attack: bool) -> tuple[int, dict[str, int]]:
+    """Runs 3 rounds of site-1 and site-2 (site-3 a member that never submits) against a server process; with
+    ``attack``, site-3 keeps 50 idle calls open (header-less update streams and long downloads) and a certificate
+    of the federation's CA that names no expected site keeps 50 more. Returns the server's peak RSS and the codes
+    the attackers' calls ended with."""
+    server = ServerProcess(
+        kits,
+        tmp_path / f"state-{name}",
+        tmp_path / f"server-{name}.log",
+        clients="[site-1,site-2,site-3]",
+        min_clients=2,
+        wait_after_min_s=1,
+        round_timeout_s=60,
+        initial_model=str(kits / "init.pt"),
+    )
+    address = f"127.0.0.1:{server.port}"
+    process = psutil.Process(server.process.pid)
+    peak, stop, codes = [process.memory_info().rss], threading.Event(), {}
+
+    def sample():
+        while not stop.is_set():
+            try:
+                peak.append(process.memory_info().rss)
+            except psutil.Error:
+                return
+            stop.wait(0.05)
+
+    site_3 = load_site_kit(kits / "site-3")
+    mallory = mallory_credentials(kits)
+    member = site_channel(site_3, address)
+    intruder = site_channel(site_3, address, key=mallory.key_pem, cert=mallory.cert_pem)
+    calls: list = []
+
+    def attack_calls():
+        """Keeps 50 calls in flight from each attacker, topped up every 0.2 s (bounded traffic)."""
+        while not stop.is_set():
+            live = [c for c in calls if not c.done()]
+            for c in calls:
+                if c.done():
+                    code = c.code().name
+                    codes[code] = codes.get(code, 0) + 1
+            calls[:] = live
+            mine = sum(1 for c in live if c.mine)
+            for i in range(50 - mine):
+                if i % 2:
+                    c = stub(member).GetGlobalModel(pb.GlobalModelRequest(round=3, max_wait_s=60), timeout=30)
+                else:
+                    c = stub(member).SubmitUpdate.future(never_sends(stop), timeout=30)
+                c.mine = True
+                calls.append(c)
+            for _ in range(50 - (len(live) - mine)):
+                c = stub(intruder).SubmitUpdate.future(never_sends(stop), timeout=30)
+                c.mine = False
+                calls.append(c)
+            stop.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    attacker = threading.Thread(target=attack_calls, daemon=True)
+    try:
+        assert not stub(member).Join(join_request(site_3, 0), timeout=10).formed
+        sampler.start()
+        if attack:
+            attacker.start()
+            wait_for(lambda: len(calls) >= 100, 10, "the attackers' 100 calls")
+        sites = [Site(load_site_kit(kits / n), address) for n in ("site-1", "site-2")]
+        run_sites(sites, timeout=60)
+        for site in sites:
+            for r in (1, 2, 3):
+                site.check_round(r, ["site-1", "site-2"])
+    finally:
+        stop.set()
+        attacker.join(10) if attack else None
+        sampler.join(5)
+        for c in calls:
+            c.cancel()
+        member.close()
+        intruder.close()
+        assert server.wait(30) == 0, server.output()
+    return max(peak), codes
+
+
+@pytest.mark.slow
+def test_100_idle_streams_do_not_stop_the_others_nor_grow_the_server(kits, tmp_path):
+    clean, _ = _federation_rss(kits, tmp_path, "clean", attack=False)
+    attacked, codes = _federation_rss(kits, tmp_path, "attacked", attack=True)
+    print(f"server peak RSS: clean {clean / 1e6:.1f} MB, attacked {attacked / 1e6:.1f} MB; attackers' calls: {codes}")
+    assert codes.get("RESOURCE_EXHAUSTED", 0) > 0 and codes.get("PERMISSION_DENIED", 0) >= 50
+    assert attacked <= 1.2 * clean
