@@ -78,8 +78,10 @@ def never_sends(stop: threading.Event):
     yield  # a generator
 
 
-def header_only(stop: threading.Event, round_number: int, num_chunks: int = 3, plaintext_count: int = PLAINTEXT.numel):
-    yield pb.UpdatePart(header=pb.UpdateHeader(round=round_number, num_chunks=num_chunks, plaintext_count=plaintext_count))
+def header_only(stop: threading.Event, round_number: int):
+    """An update stream that sends its header (3 chunks: the test model), then nothing until ``stop``."""
+    header = pb.UpdateHeader(round=round_number, num_chunks=3, plaintext_count=PLAINTEXT.numel)
+    yield pb.UpdatePart(header=header)
     stop.wait(60)
 
 
@@ -144,17 +146,17 @@ def test_a_member_that_sends_only_headers_does_not_stop_the_others(kits, tmp_pat
             assert not stub(channel).Join(join_request(site_3, 0), timeout=10).formed  # the first to join
 
             def slowloris():
-                for r in (1, 2):
-                    wait_for(lambda: server.federation.current_round == r, 30, f"round {r} to open")
-                    try:
-                        stub(channel).SubmitUpdate(header_only(stop, r), timeout=20)
-                    except grpc.RpcError as err:
-                        refused[r] = err
+                calls = {}
+                for r in (1, 2):  # the second while the first still stalls: without an idle deadline, both slots
+                    wait_for(lambda: server.federation.current_round >= r, 30, f"round {r} to open")
+                    calls[r] = stub(channel).SubmitUpdate.future(header_only(stop, r), timeout=50)
+                for r, call in calls.items():
+                    refused[r] = call.exception()
 
             attacker = threading.Thread(target=slowloris, daemon=True)
             attacker.start()
             sites = [Site(load_site_kit(kits / name), address) for name in ("site-1", "site-2")]
-            run_sites(sites, timeout=60)
+            run_sites(sites, timeout=30)  # before the stalled streams' own 50 s deadline could free their slots
             attacker.join(30)
             # the helper threads reading the refused streams end with their calls
             wait_for(
