@@ -32,6 +32,7 @@ OPTION_HELP: dict[str, str] = {
     "keep_rounds": "most recent aggregates kept in state_dir (0: all)",
     "linger_s": "after the last round (or a failure), seconds to stay up so every site can download; the server "
     "exits earlier once every member fetched the last global model",
+    "max_model_values": "most values (encrypted and plaintext together) a joining site's layout may declare",
     "port_file": "write the bound port to this file once listening (for scripts using port=0)",
 }
 
@@ -57,6 +58,7 @@ class ServerConfig:
     keep_rounds: int = 3
     linger_s: float = 30.0
     port_file: str | None = None
+    max_model_values: int = 2**31
 
     def __post_init__(self) -> None:
         if isinstance(self.clients, list):
@@ -170,5 +172,7 @@ def _validate(c: ServerConfig) -> None:
         raise ServerConfigError(f"max_concurrent_uploads: expected an integer >= 1, got {c.max_concurrent_uploads!r}")
     if not (_is_int(c.keep_rounds) and c.keep_rounds >= 0):
         raise ServerConfigError(f"keep_rounds: expected an integer >= 0 (0 keeps all), got {c.keep_rounds!r}")
+    if not (_is_int(c.max_model_values) and c.max_model_values >= 1):
+        raise ServerConfigError(f"max_model_values: expected an integer >= 1, got {c.max_model_values!r}")
     if c.port_file is not None and (not isinstance(c.port_file, str) or not c.port_file):
         raise ServerConfigError(f"port_file: expected a file path or null, got {c.port_file!r}")

@@ -7,7 +7,6 @@ reason as trailing metadata), and aggregates on disk into a stream of parts.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 
@@ -90,12 +89,18 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         try:
             site = self._site(context)
+            max_values = self.federation.config.max_model_values
+            encrypted = _layout(request.encrypted_layout_json, "encrypted_layout_json", max_values)
             declaration = SiteDeclaration(
                 weight=request.weight,
-                encrypted_layout=_layout(request.encrypted_layout_json, "encrypted_layout_json"),
-                plaintext_layout=_layout(request.plaintext_layout_json, "plaintext_layout_json"),
+                encrypted_layout=encrypted,
+                # One budget for both: the encrypted tensors count against max_model_values first.
+                plaintext_layout=_layout(
+                    request.plaintext_layout_json, "plaintext_layout_json", max_values - encrypted.numel
+                ),
                 he_fingerprint=request.he_fingerprint,
                 params_fingerprint=request.params_fingerprint,
+                rounds=request.rounds,
             )
             result = self.federation.join(site, declaration, _wait(request.max_wait_s), context.is_active)
         except Refusal as refusal:
@@ -186,11 +191,11 @@ def _wait(requested: float) -> float:
     return min(max(requested, 0.0), MAX_WAIT_S)
 
 
-def _layout(text: str, field: str) -> TensorLayout:
+def _layout(text: str, field: str, max_values: int) -> TensorLayout:
     try:
-        return TensorLayout.from_dict(json.loads(text) if text else {"tensors": []})
-    except (ValueError, LayoutError) as err:
-        raise Refusal(Status.INVALID_ARGUMENT, Reason.BAD_REQUEST, f"{field}: not a tensor layout ({err})") from None
+        return TensorLayout.from_json(text, max_values)
+    except LayoutError as err:
+        raise Refusal(Status.INVALID_ARGUMENT, Reason.BAD_LAYOUT, f"{field}: {err}") from None
 
 
 def _update_parts(messages: Iterator[pb.UpdatePart]) -> Iterator[UploadPart]:
