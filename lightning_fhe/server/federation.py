@@ -576,7 +576,15 @@ class Federation:
                             f"(keep_rounds={self.config.keep_rounds}); "
                             f"the latest is round {self.last_closed_round}",
                         )
-                    return self.store.open_aggregate(round_number)
+                    try:
+                        return self.store.open_aggregate(round_number)
+                    except StateError as err:  # its header fails the checksum: serve nothing from it
+                        logger.error("%s", err)
+                        raise Refusal(
+                            Status.DATA_LOSS,
+                            Reason.DATA_LOSS,
+                            f"round {round_number}'s aggregate on the server is damaged: {err}",
+                        ) from None
                 self._refuse_if_failed()
                 remaining = deadline - self._clock()
                 if remaining <= 0 or not is_active():
