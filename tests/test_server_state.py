@@ -31,7 +31,16 @@ from lightning_fhe.server.rounds import QuorumRule
 from lightning_fhe.server.store import StateError, StateStore
 from test_server_federation import ENCRYPTED as ENCRYPTED_F
 from test_server_federation import PLAINTEXT as PLAINTEXT_F
-from test_server_federation import SITES, FakeClock, cipher, form, make_federation, submit, update_parts  # noqa: F401
+from test_server_federation import (  # noqa: F401 - cipher is a fixture
+    SITES,
+    FakeClock,
+    cipher,
+    declaration,
+    form,
+    make_federation,
+    submit,
+    update_parts,
+)
 from test_server_support import (
     ENCRYPTED,
     PLAINTEXT,
@@ -184,6 +193,18 @@ def test_a_federation_whose_weights_would_overflow_still_forms_or_fails_by_its_d
     clock.now += 101.0
     fed.tick()
     assert fed.phase is Phase.FAILED and "could not form" in fed.failure
+
+
+def test_an_error_while_formation_closes_fails_the_federation_instead_of_hanging(tmp_path, server_context, clock):
+    fed = make_federation(tmp_path, server_context, clock, min_clients=2, wait_after_min_s=0.0)
+    big = SiteDeclaration(1e308, ENCRYPTED_F, PLAINTEXT_F, "he-fp", server_context.params.fingerprint())
+    fed.join("a", big)
+    fed.formation.joined["b"] = (big, clock.now)  # as if a check had let it through: W overflows at close
+    fed.tick()
+    assert fed.phase is Phase.FAILED and fed.failure.startswith("the federation could not form: weight 1e+308")
+    with pytest.raises(Refusal) as info:
+        fed.join("c", declaration("c", server_context))
+    assert info.value.status is Status.ABORTED
 
 
 def test_weights_that_overflow_are_refused_over_grpc(tmp_path):

@@ -258,7 +258,7 @@ class Federation:
         """
         store, rounds = self.store, self.config.rounds
         on_disk = store.stored_rounds()
-        finished = max(record.last_closed_round, *on_disk[-1:], -1) >= record.rounds
+        finished = max([record.last_closed_round, *on_disk]) >= record.rounds
         if finished and rounds != record.rounds:
             raise StateError(
                 f"state_dir {store.root} holds a federation that finished its {record.rounds} rounds; this server "
