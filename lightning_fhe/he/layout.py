@@ -167,7 +167,8 @@ class TensorLayout:
                 if not (isinstance(d, int) and not isinstance(d, bool) and d >= 0):
                     raise LayoutError(f"{where}: dimension {_short(d)} in shape {_short(shape)} is not an integer >= 0")
             if dtype not in SUPPORTED_DTYPES:
-                raise LayoutError(f"{where}: unsupported dtype {_short(dtype)}; expected one of {sorted(SUPPORTED_DTYPES)}")
+                supported = sorted(SUPPORTED_DTYPES)
+                raise LayoutError(f"{where}: unsupported dtype {_short(dtype)}; expected one of {supported}")
             numel = prod(shape)
             total += numel
             if numel > max_values or total > max_values:
