@@ -156,6 +156,13 @@ def test_an_impossible_layout_over_grpc_is_refused_and_nothing_is_stored(tmp_pat
         sites = [Site(load_site_kit(kits / s), f"127.0.0.1:{server.port}") for s in ("site-1", "site-2")]
         run_sites(sites, timeout=120)
         sites[0].check_round(1, ["site-1", "site-2"])
+        # An aggregate edited on disk is not served: DATA_LOSS, naming the file.
+        _edit_header(state / "round-0001.agg", total_share=0.5)
+        with site_channel(sites[0].kit, sites[0].address) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub(channel).GetGlobalModel(pb.GlobalModelRequest(round=1), timeout=30))
+        assert info.value.code() == grpc.StatusCode.DATA_LOSS
+        assert "round-0001.agg: the header does not match its checksum" in info.value.details()
     finally:
         server.stop()
 
