@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import numpy as np
 import pytest
 
@@ -151,3 +154,47 @@ def test_plaintext_only_rounds_need_no_ciphertext(server_context):
     upload.commit()
     aggregate = acc.result(0)
     assert aggregate.encrypted_chunks == [] and aggregate.plaintext.tolist() == [1.0, 2.0, 3.0]
+
+
+# -- plaintext values and shares (defects 8 and 10) ------------------------------------------------------------------
+
+
+def test_plaintext_values_beyond_the_exact_range_are_refused(server_context):
+    accumulator = RoundAccumulator(server_context, 0, 3)
+    upload = accumulator.begin("a", 0.5)
+    before = accumulator.digest()
+    with pytest.raises(Refusal) as info:
+        upload.add_plaintext(0, np.array([1.0, -1e308, 2.0]).tobytes())
+    assert info.value.reason is Reason.BAD_PLAINTEXT and "plaintext value 1 (value 1) is -1e+308" in info.value.message
+    with pytest.raises(Refusal, match=r"\|x\| < 2\^29"):
+        upload.add_plaintext(0, np.array([0.0, 2.0**29, 0.0]).tobytes())
+    assert accumulator.digest() == before
+    upload.add_plaintext(0, np.array([1e8, -(2.0**29 - 1), 3.0]).tobytes())
+    upload.commit()
+    assert np.isfinite(accumulator.result(1).plaintext).all()
+
+
+def test_the_initial_model_must_fit_in_float32(server_context):
+    accumulator = RoundAccumulator(server_context, 0, 2, on_grid=False)
+    upload = accumulator.begin("a", 1.0)
+    with pytest.raises(Refusal, match=r"plaintext value 0 \(value 0\) is 1e\+39.*float32 max"):
+        upload.add_plaintext(0, np.array([1e39, 0.0]).tobytes())
+    upload.add_plaintext(0, np.array([3e38, 1e9]).tobytes())  # off the grid, but a float32 model holds it
+    upload.commit()
+
+
+def test_total_share_does_not_depend_on_arrival_order(server_context):
+    weights = [1.0, 2.0, 5.0, 3.0, 7.0]
+    total = math.fsum(weights)
+    shares = [w / total for w in weights]
+    seen = set()
+    for order in itertools.permutations(range(len(shares))):
+        accumulator = RoundAccumulator(server_context, 0, 1)
+        for i in order:
+            upload = accumulator.begin(f"s{i}", shares[i])
+            upload.add_plaintext(0, np.array([1.0]).tobytes())
+            upload.commit()
+        aggregate = accumulator.result(1)
+        seen.add((aggregate.total_share, aggregate.plaintext.tobytes()))
+    # One result whatever the order; the shares' exact sum, rounded once (a running sum gives 1 - 2^-53 for some).
+    assert len(seen) == 1 and next(iter(seen))[0] == math.fsum(shares) == 1.0

@@ -234,6 +234,20 @@ def test_a_non_finite_plaintext_value(fed):
     assert err.details() == "plaintext value 7 (tensor 'norm.bias'[1]) is inf; values must be finite"
 
 
+def test_a_huge_finite_plaintext_value(fed):
+    # 1e308 is finite, but weighted and summed it would make the global plaintext +-inf.
+    values = update_of("site-2", 1)[1].copy()
+    values[7] = 1e308
+    parts = good_parts(fed)
+    parts[1] = plaintext(values)
+    err = refused(fed, parts)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and reason(err) == "bad_plaintext"
+    assert err.details() == (
+        "plaintext value 7 (tensor 'norm.bias'[1]) is 1e+308, outside the range the server sums exactly "
+        "(|x| < 2^29 = 5.36871e+08); nothing of this update was kept"
+    )
+
+
 # -- rounds and sites ------------------------------------------------------------------------------------------------
 
 
@@ -326,6 +340,42 @@ def test_a_changed_weight_on_joining_again(fed):
 def test_a_malformed_layout(fed):
     err = refused_join(fed, join_request(fed, plaintext_layout_json="{nope"))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details().startswith("plaintext_layout_json:")
+
+
+def test_a_site_with_other_rounds_is_refused_before_anything_is_recorded(fed):
+    err = refused_join(fed, join_request(fed, rounds=5))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and reason(err) == "rounds_mismatch"
+    assert err.details() == (
+        "site 'site-2' means to train 5 rounds, but the server runs 2: give the site rounds=2 (or leave it unset to "
+        "take the server's), or restart the server with rounds=5"
+    )
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        (
+            {"tensors": [["norm.weight", [6], "float32"], ["norm.bias", [-1, 4], "float32"]]},
+            "plaintext_layout_json: tensor 1 ('norm.bias'): dimension -1 in shape [-1, 4] is not an integer >= 0",
+        ),
+        (
+            {"tensors": [["big", [10**6, 10**6], "float32"]]},
+            "plaintext_layout_json: tensor 0 ('big'): shape [1000000, 1000000] brings the layout to 1000000000000 "
+            "values, more than the 2147463648 allowed (the server's max_model_values)",
+        ),
+    ],
+    ids=["negative-dimension", "1e12-values"],
+)
+def test_an_impossible_layout(fed, layout, message):
+    err = refused_join(fed, join_request(fed, plaintext_layout_json=json.dumps(layout)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and reason(err) == "bad_layout"
+    assert err.details() == message
+
+
+def test_a_layout_nested_5000_deep(fed):
+    err = refused_join(fed, join_request(fed, encrypted_layout_json="[" * 5000 + "]" * 5000))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and reason(err) == "bad_layout"
+    assert err.details() == "encrypted_layout_json: the JSON is nested too deep for a layout"
 
 
 # -- transport -------------------------------------------------------------------------------------------------------

@@ -30,6 +30,14 @@ SUPPORTED_DTYPES = {
 }
 
 
+# Limits on a layout a site declares (it arrives over the network). A real model's layout JSON is some bytes per
+# tensor; these bound what parsing and checking it may cost, far above any real model.
+MAX_LAYOUT_JSON_BYTES = 4 << 20
+MAX_TENSOR_NAME_CHARS = 1024
+MAX_TENSOR_DIMS = 64
+DEFAULT_MAX_VALUES = 2**31
+
+
 class LayoutError(ValueError):
     """Tensors that do not match the layout, or a layout that cannot be built. The message names the tensor."""
 
@@ -130,17 +138,69 @@ class TensorLayout:
         return {"tensors": [[s.name, list(s.shape), s.dtype] for s in self.specs]}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TensorLayout:
+    def from_dict(cls, data: Any, max_values: int = DEFAULT_MAX_VALUES) -> TensorLayout:
+        """The layout ``data`` describes (``{"tensors": [[name, shape, dtype], ...]}``), checked in full.
+
+        Raises :class:`LayoutError` naming the tensor (index and name) and what is wrong: anything but that exact
+        shape, an empty, overlong or repeated name, a dimension that is not an integer >= 0, an unsupported dtype,
+        or more than ``max_values`` values in one tensor or in all.
+        """
+        if not isinstance(data, Mapping) or set(data) != {"tensors"} or not isinstance(data["tensors"], list):
+            raise LayoutError('expected {"tensors": [[name, shape, dtype], ...]}')
+        specs, names, total = [], set(), 0
+        for i, entry in enumerate(data["tensors"]):
+            if not (isinstance(entry, list) and len(entry) == 3):
+                raise LayoutError(f"tensor {i}: expected [name, shape, dtype], got {_short(entry)}")
+            name, shape, dtype = entry
+            if not isinstance(name, str) or not name or len(name) > MAX_TENSOR_NAME_CHARS:
+                raise LayoutError(
+                    f"tensor {i}: the name must be a non-empty string of at most {MAX_TENSOR_NAME_CHARS} characters, "
+                    f"got {_short(name)}"
+                )
+            where = f"tensor {i} ({name!r})"
+            if name in names:
+                raise LayoutError(f"{where}: the name appears twice")
+            names.add(name)
+            if not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS:
+                raise LayoutError(f"{where}: the shape must be a list of at most {MAX_TENSOR_DIMS} dimensions")
+            for d in shape:
+                if not (isinstance(d, int) and not isinstance(d, bool) and d >= 0):
+                    raise LayoutError(f"{where}: dimension {_short(d)} in shape {_short(shape)} is not an integer >= 0")
+            if dtype not in SUPPORTED_DTYPES:
+                supported = sorted(SUPPORTED_DTYPES)
+                raise LayoutError(f"{where}: unsupported dtype {_short(dtype)}; expected one of {supported}")
+            numel = prod(shape)
+            total += numel
+            if numel > max_values or total > max_values:
+                raise LayoutError(
+                    f"{where}: shape {shape} brings the layout to {total} values, more than the {max_values} allowed "
+                    "(the server's max_model_values)"
+                )
+            specs.append(TensorSpec(name, tuple(shape), dtype))
+        return cls(tuple(specs))
+
+    @classmethod
+    def from_json(cls, text: str, max_values: int = DEFAULT_MAX_VALUES) -> TensorLayout:
+        """:meth:`from_dict` of JSON text that came over the network, bounded in size and depth; "" is empty."""
+        if not text:
+            return cls(())
+        if len(text) > MAX_LAYOUT_JSON_BYTES:
+            raise LayoutError(f"{len(text)} characters of JSON, more than the {MAX_LAYOUT_JSON_BYTES} allowed")
         try:
-            specs = tuple(TensorSpec(str(n), tuple(int(d) for d in shape), str(dt)) for n, shape, dt in data["tensors"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise LayoutError(f"malformed layout description: {err}") from None
-        for spec in specs:
-            if spec.dtype not in SUPPORTED_DTYPES:
-                raise LayoutError(f"tensor {spec.name!r}: unsupported dtype {spec.dtype!r}")
-        return cls(specs)
+            data = json.loads(text)
+        except RecursionError:  # Python's parser recurses once per nesting level
+            raise LayoutError("the JSON is nested too deep for a layout") from None
+        except ValueError as err:
+            raise LayoutError(f"not JSON ({err})") from None
+        return cls.from_dict(data, max_values)
 
     def fingerprint(self, params: CKKSParams | None = None) -> str:
         """Digest of names, shapes, dtypes (and the CKKS parameters, for the encrypted part)."""
         payload = {"layout": self.to_dict(), "params": params.to_dict() if params else None}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _short(value: Any) -> str:
+    """``repr`` cut to a length an error message can carry."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

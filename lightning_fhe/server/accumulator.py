@@ -27,6 +27,15 @@ from lightning_fhe.he.fixed_point import round_to_grid
 from lightning_fhe.server.errors import Reason, Refusal, Status
 
 _FLOAT64 = np.dtype("<f8")
+# Round 0's initial model is taken as it is (off the grid); it must still be a model a float32 tensor can hold.
+INITIAL_MODEL_LIMIT = float(np.finfo(np.float32).max)
+
+
+def plaintext_limit(grid_bits: int | None) -> float:
+    """The largest magnitude a plaintext value may have: below ``2**(53 - grid_bits)`` multiples of the grid add
+    exactly in float64 (shares sum to at most 1, so the weighted sum stays below it too); round 0 (``None``):
+    the float32 range."""
+    return INITIAL_MODEL_LIMIT if grid_bits is None else float(2 ** (53 - grid_bits))
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,17 @@ class Upload:
             raise _bad(
                 Reason.BAD_PLAINTEXT, f"plaintext value {offset + i} ({where}) is {values[i]}; values must be finite"
             )
+        limit, grid_bits = self._accumulator.plaintext_limit, self._accumulator.grid_bits
+        too_large = np.abs(values) > limit if grid_bits is None else np.abs(values) >= limit
+        if too_large.any():
+            i = int(np.argmax(too_large))
+            where = self._accumulator.describe_plaintext(offset + i)
+            bound = "|x| <= float32 max" if grid_bits is None else f"|x| < 2^{53 - grid_bits}"
+            raise _bad(
+                Reason.BAD_PLAINTEXT,
+                f"plaintext value {offset + i} ({where}) is {values[i]:.6g}, outside the range the server sums exactly "
+                f"({bound} = {limit:.6g}); nothing of this update was kept",
+            )
         self._plaintext[offset:end] = values
         self._plaintext_filled = end
         self.bytes_received += len(data)
@@ -158,7 +178,9 @@ class Upload:
         if accumulator.grid_bits is not None:
             round_to_grid(weighted, accumulator.grid_bits)
         accumulator.plaintext_sum += weighted
-        accumulator.total_share = math.fsum((accumulator.total_share, self.share))
+        accumulator.shares.append(self.share)
+        # Exact and so independent of arrival order: a running sum of floats is not.
+        accumulator.total_share = math.fsum(accumulator.shares)
         accumulator.participants.append(self.site)
         accumulator.active.discard(self)
         self._added.clear()
@@ -208,9 +230,11 @@ class RoundAccumulator:
         self.plaintext_count = plaintext_count
         self.describe_plaintext = describe_plaintext
         self.grid_bits = context.params.grid_bits if on_grid else None
+        self.plaintext_limit = plaintext_limit(self.grid_bits)
         self.cipher_sum = CiphertextSum(context, num_chunks)
         self.plaintext_sum = np.zeros(plaintext_count, dtype=np.float64)
         self.total_share = 0.0
+        self.shares: list[float] = []  # in the order of ``participants``
         self.participants: list[str] = []
         self.active: set[Upload] = set()
 
@@ -234,11 +258,12 @@ class RoundAccumulator:
             raise RuntimeError("streams still arriving; abort them before taking the result")
         if not self.participants:
             raise ValueError("no update was recorded in this round")
+        total_share = math.fsum(self.shares)
         return Aggregate(
             round=round_number,
             encrypted_chunks=self.cipher_sum.chunks(),
-            plaintext=self.plaintext_sum / self.total_share,
-            total_share=self.total_share,
+            plaintext=self.plaintext_sum / total_share,
+            total_share=total_share,
             participants=tuple(self.participants),
         )
 

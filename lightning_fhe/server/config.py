@@ -36,6 +36,7 @@ OPTION_HELP: dict[str, str] = {
     "with RESOURCE_EXHAUSTED, so no site can take the threads the others need",
     "stream_idle_s": "seconds an update stream may send nothing before it is cancelled and loses its upload slot",
     "silent_after_s": "seconds without any call from a member after which the server logs a warning (once per silence)",
+    "max_model_values": "most values (encrypted and plaintext together) a joining site's layout may declare",
     "port_file": "write the bound port to this file once listening (for scripts using port=0)",
 }
 
@@ -64,6 +65,7 @@ class ServerConfig:
     max_calls_per_site: int = 4
     stream_idle_s: float = 60.0
     silent_after_s: float = 300.0
+    max_model_values: int = 2**31
 
     def __post_init__(self) -> None:
         if isinstance(self.clients, list):
@@ -183,5 +185,7 @@ def _validate(c: ServerConfig) -> None:
         value = getattr(c, name)
         if not (_is_number(value) and value > 0):
             raise ServerConfigError(f"{name}: expected a number of seconds > 0, got {value!r}")
+    if not (_is_int(c.max_model_values) and c.max_model_values >= 1):
+        raise ServerConfigError(f"max_model_values: expected an integer >= 1, got {c.max_model_values!r}")
     if c.port_file is not None and (not isinstance(c.port_file, str) or not c.port_file):
         raise ServerConfigError(f"port_file: expected a file path or null, got {c.port_file!r}")

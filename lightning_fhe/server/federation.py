@@ -244,13 +244,7 @@ class Federation:
             )
         membership = record.membership
         self.last_closed_round = max(record.last_closed_round, store.last_closed_round())
-        if self.last_closed_round >= 0:
-            try:
-                store.open_aggregate(self.last_closed_round).close()
-            except (OSError, StateError) as err:
-                raise StateError(
-                    f"cannot resume: round {self.last_closed_round}'s aggregate is unreadable ({err})"
-                ) from None
+        self._check_aggregates(record)
         if self.last_closed_round < 0 and self._initial_state is None and membership.initial_model_site is None:
             # Formed with a configured initial model that is no longer configured: a member sends it instead.
             membership = replace(membership, initial_model_site=membership.members[0])
@@ -266,15 +260,59 @@ class Federation:
             self.last_closed_round,
             self.config.rounds,
         )
-        self.phase = Phase.OPEN
-        if self.last_closed_round < 0 and self._initial_state is not None:
-            self._write_initial_model()  # saves the record too
-        else:
-            self._save_record()
-        if self.last_closed_round >= self.config.rounds:
-            self._finish(now)
-        else:
-            self._open_round(self.last_closed_round + 1, now)
+        with self._cond:  # no other thread runs yet, but _finish notifies, which needs the lock
+            self.phase = Phase.OPEN
+            if self.last_closed_round < 0 and self._initial_state is not None:
+                self._write_initial_model()  # saves the record too
+            else:
+                self._save_record()
+            if self.last_closed_round >= self.config.rounds:
+                self._finish(now)
+            else:
+                self._open_round(self.last_closed_round + 1, now)
+
+    def _check_aggregates(self, record: FederationRecord) -> None:
+        """Refuses to resume from aggregates this federation cannot have written, or from a damaged last one.
+
+        A round's aggregate is renamed into place just before the record says it closed, so at most one round more
+        than the record may be on disk; none beyond ``rounds``; each file's header must name its own round.
+        """
+        store, rounds = self.store, self.config.rounds
+        on_disk = store.stored_rounds()
+        finished = max([record.last_closed_round, *on_disk]) >= record.rounds
+        if finished and rounds != record.rounds:
+            raise StateError(
+                f"state_dir {store.root} holds a federation that finished its {record.rounds} rounds; this server "
+                f"is configured with rounds={rounds}. A finished federation is not extended: start the server with "
+                f"rounds={record.rounds} to serve its last model, or use another state_dir for a new federation"
+            )
+        beyond = [r for r in on_disk if r > rounds or r > record.last_closed_round + 1]
+        if beyond:
+            raise StateError(
+                f"state_dir {store.root}: {store.aggregate_path(beyond[0]).name} is beyond what this federation "
+                f"closed (round {record.last_closed_round} of rounds={rounds}); it was not written by this server: "
+                "remove it"
+            )
+        for r in on_disk:
+            try:
+                with store.open_aggregate(r) as reader:
+                    if reader.header.round != r:
+                        raise StateError(
+                            f"{reader.path}: its header says round {reader.header.round}; the file was renamed or "
+                            "planted: remove it"
+                        )
+                    if r == self.last_closed_round:  # the one a restarted federation serves first: check it whole
+                        for _ in reader.iter_chunks():
+                            pass
+                        for _ in reader.iter_plaintext(1 << 16):
+                            pass
+            except OSError as err:
+                raise StateError(f"cannot resume: round {r}'s aggregate is unreadable ({err})") from None
+        if self.last_closed_round >= 0 and self.last_closed_round not in on_disk:
+            raise StateError(
+                f"cannot resume: {store.aggregate_path(self.last_closed_round).name}, the last closed round's "
+                "aggregate, is missing from state_dir"
+            )
 
     # -- joining ----------------------------------------------------------------------------------------------------
 
@@ -294,7 +332,7 @@ class Federation:
             self._note_heard(site, "join", now)
             if self.phase is Phase.FORMING:
                 assert self.formation is not None
-                self.formation.check(site, declaration)
+                self.formation.check(site, declaration, self.config.rounds)
                 joined = self.formation.joined
                 layouts = (declaration.encrypted_layout, declaration.plaintext_layout)
                 defines_layouts = self.formation.sets_layouts(site) and layouts != self.formation.layouts
@@ -303,13 +341,20 @@ class Federation:
                     # (once: a waiting site asks again every max_wait_s with the same layouts).
                     self._initial_values = self._flatten_initial(declaration)
                 first_time = site not in joined
-                self.formation.join(site, declaration, now)
+                self.formation.join(site, declaration, now, self.config.rounds)
                 if first_time:  # a waiting site asks again every max_wait_s: log it once
                     expected = len(self.formation.expected)
                     logger.info("site %s joined (weight %g): %d of %d", site, declaration.weight, len(joined), expected)
                 self._tick_locked(now)
             else:
-                check_identity(site, declaration, self.config.expected, self.he_fingerprint, self.params_fingerprint)
+                check_identity(
+                    site,
+                    declaration,
+                    self.config.expected,
+                    self.he_fingerprint,
+                    self.params_fingerprint,
+                    self.config.rounds,
+                )
                 assert self.membership is not None
                 self.membership.check_rejoin(site, declaration)
                 logger.info("member %s joined again", site)
@@ -569,7 +614,15 @@ class Federation:
                             f"(keep_rounds={self.config.keep_rounds}); "
                             f"the latest is round {self.last_closed_round}",
                         )
-                    return self.store.open_aggregate(round_number)
+                    try:
+                        return self.store.open_aggregate(round_number)
+                    except StateError as err:  # its header fails the checksum: serve nothing from it
+                        logger.error("%s", err)
+                        raise Refusal(
+                            Status.DATA_LOSS,
+                            Reason.DATA_LOSS,
+                            f"round {round_number}'s aggregate on the server is damaged: {err}",
+                        ) from None
                 self._refuse_if_failed()
                 remaining = deadline - self._clock()
                 if remaining <= 0 or not is_active():
@@ -790,7 +843,13 @@ class Federation:
 
     def _close_formation(self, decision: Decision, now: float) -> None:
         assert self.formation is not None
-        self.membership = self.formation.close(server_has_initial_model=self._initial_values is not None)
+        try:
+            membership = self.formation.close(server_has_initial_model=self._initial_values is not None)
+        except Exception as err:  # noqa: BLE001 - the joins were checked; should one slip through, fail, never hang
+            logger.exception("formation could not close")
+            self._fail(f"the federation could not form: {err}", now)
+            return
+        self.membership = membership
         self.formation = None
         membership = self.membership
         logger.info(

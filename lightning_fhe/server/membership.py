@@ -30,6 +30,7 @@ class SiteDeclaration:
         plaintext_layout: the tensors it sends unencrypted, in stream order.
         he_fingerprint: its kit's HE fingerprint (same provisioning run as the server's kit).
         params_fingerprint: the fingerprint of its CKKS parameters.
+        rounds: the number of rounds the site means to train; 0: whatever the server runs.
     """
 
     weight: float
@@ -37,6 +38,7 @@ class SiteDeclaration:
     plaintext_layout: TensorLayout
     he_fingerprint: str
     params_fingerprint: str
+    rounds: int = 0
 
 
 def layout_difference(kind: str, ours: TensorLayout, theirs: TensorLayout) -> str | None:
@@ -69,7 +71,7 @@ class Membership:
 
     @property
     def total_weight(self) -> float:
-        return math.fsum(self.weights)
+        return math.fsum(self.weights)  # finite: check_total_weight refused every join that would overflow it
 
     def weight(self, site: str) -> float:
         return self.weights[self.members.index(site)]
@@ -110,8 +112,9 @@ class Membership:
         return cls(
             members=tuple(str(m["name"]) for m in data["members"]),
             weights=tuple(float(m["weight"]) for m in data["members"]),
-            encrypted_layout=TensorLayout.from_dict(data["encrypted_layout"]),
-            plaintext_layout=TensorLayout.from_dict(data["plaintext_layout"]),
+            # Checked when the site joined, against the max_model_values of that time: only the form counts here.
+            encrypted_layout=TensorLayout.from_dict(data["encrypted_layout"], max_values=2**62),
+            plaintext_layout=TensorLayout.from_dict(data["plaintext_layout"], max_values=2**62),
             initial_model_site=data.get("initial_model_site"),
         )
 
@@ -173,15 +176,20 @@ class Formation:
         (it may have restarted with another model)."""
         return not self.joined or (len(self.joined) == 1 and site in self.joined)
 
-    def check(self, site: str, declaration: SiteDeclaration) -> None:
-        """Refuses a join that must not be recorded, without changing anything."""
-        check_identity(site, declaration, self.expected, self.he_fingerprint, self.params_fingerprint)
+    def check(self, site: str, declaration: SiteDeclaration, rounds: int = 0) -> None:
+        """Refuses a join that must not be recorded, without changing anything.
+
+        ``rounds``: the server's number of rounds (0: not checked).
+        """
+        check_identity(site, declaration, self.expected, self.he_fingerprint, self.params_fingerprint, rounds)
         if not self.sets_layouts(site):
             check_layouts(declaration, *self.layouts)
+        weights = [d.weight for s, (d, _) in self.joined.items() if s != site] + [declaration.weight]
+        check_total_weight(site, declaration.weight, weights)
 
-    def join(self, site: str, declaration: SiteDeclaration, now: float) -> None:
+    def join(self, site: str, declaration: SiteDeclaration, now: float, rounds: int = 0) -> None:
         """Records (or, for a site that joins again before formation closes, updates) a site's declaration."""
-        self.check(site, declaration)
+        self.check(site, declaration, rounds)
         previous = self.joined.get(site)
         self.joined[site] = (declaration, previous[1] if previous else now)
 
@@ -195,6 +203,8 @@ class Formation:
         members = tuple(self.joined)
         layouts = self.layouts
         assert layouts is not None
+        last = members[-1]
+        check_total_weight(last, self.joined[last][0].weight, [d.weight for d, _ in self.joined.values()])
         return Membership(
             members=members,
             weights=tuple(self.joined[m][0].weight for m in members),
@@ -204,16 +214,48 @@ class Formation:
         )
 
 
+def check_total_weight(site: str, weight: float, weights: Sequence[float]) -> None:
+    """Refuses the weight that would make ``W`` (the sum of ``weights``, ``weight`` among them) unusable: infinite,
+    or so large that some member's share ``w_i / W`` is 0 and its update would vanish from the average."""
+    try:
+        total = math.fsum(weights)
+    except OverflowError:  # fsum raises where a plain sum would give inf
+        total = math.inf
+    if not math.isfinite(total) or not all(w / total > 0 for w in weights):
+        raise Refusal(
+            Status.INVALID_ARGUMENT,
+            Reason.BAD_REQUEST,
+            f"weight {weight:g} of site {site!r} is too large: with the weights already joined "
+            f"({', '.join(f'{w:g}' for w in weights)}) the total weight W "
+            f"{'overflows' if not math.isfinite(total) else 'leaves a share w_i/W of 0'}; use sample counts or "
+            "another scale for every site's weight",
+        )
+
+
 def check_identity(
-    site: str, declaration: SiteDeclaration, expected: Sequence[str], he_fingerprint: str, params_fingerprint: str
+    site: str,
+    declaration: SiteDeclaration,
+    expected: Sequence[str],
+    he_fingerprint: str,
+    params_fingerprint: str,
+    rounds: int = 0,
 ) -> None:
-    """The checks that hold before and after formation: expected site, valid weight, same key and parameters."""
+    """The checks that hold before and after formation: expected site, valid weight, same key, parameters and
+    number of rounds (``rounds``: the server's; 0 skips that check)."""
     if site not in expected:
         raise Refusal(
             Status.PERMISSION_DENIED,
             Reason.UNKNOWN_SITE,
             f"site {site!r} is not one of the expected sites ({', '.join(expected)}); the server's 'clients' "
             "option lists them",
+        )
+    if rounds and declaration.rounds and declaration.rounds != rounds:
+        raise Refusal(
+            Status.FAILED_PRECONDITION,
+            Reason.ROUNDS_MISMATCH,
+            f"site {site!r} means to train {declaration.rounds} rounds, but the server runs {rounds}: give the site "
+            f"rounds={rounds} (or leave it unset to take the server's), or restart the server with "
+            f"rounds={declaration.rounds}",
         )
     weight = declaration.weight
     if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):

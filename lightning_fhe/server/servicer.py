@@ -9,7 +9,6 @@ metadata), and aggregates on disk into a stream of parts.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -140,12 +139,18 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         with self._admitted(context, Method.JOIN) as caller:
             try:
+                max_values = self.federation.config.max_model_values
+                encrypted = _layout(request.encrypted_layout_json, "encrypted_layout_json", max_values)
                 declaration = SiteDeclaration(
                     weight=request.weight,
-                    encrypted_layout=_layout(request.encrypted_layout_json, "encrypted_layout_json"),
-                    plaintext_layout=_layout(request.plaintext_layout_json, "plaintext_layout_json"),
+                    encrypted_layout=encrypted,
+                    # One budget for both: the encrypted tensors count against max_model_values first.
+                    plaintext_layout=_layout(
+                        request.plaintext_layout_json, "plaintext_layout_json", max_values - encrypted.numel
+                    ),
                     he_fingerprint=request.he_fingerprint,
                     params_fingerprint=request.params_fingerprint,
+                    rounds=request.rounds,
                 )
                 result = self.federation.join(
                     caller.name, declaration, clamp_wait(request.max_wait_s), context.is_active
@@ -344,11 +349,11 @@ class IdleDeadlineStream(Generic[T]):
                 self._cond.notify_all()
 
 
-def _layout(text: str, field: str) -> TensorLayout:
+def _layout(text: str, field: str, max_values: int) -> TensorLayout:
     try:
-        return TensorLayout.from_dict(json.loads(text) if text else {"tensors": []})
-    except (ValueError, LayoutError) as err:
-        raise Refusal(Status.INVALID_ARGUMENT, Reason.BAD_REQUEST, f"{field}: not a tensor layout ({err})") from None
+        return TensorLayout.from_json(text, max_values)
+    except LayoutError as err:
+        raise Refusal(Status.INVALID_ARGUMENT, Reason.BAD_LAYOUT, f"{field}: {err}") from None
 
 
 def _update_parts(messages: Iterator[pb.UpdatePart]) -> Iterator[UploadPart]:

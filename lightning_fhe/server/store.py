@@ -12,20 +12,30 @@ closed: ``last_closed_round`` is the highest aggregate on disk, whatever ``feder
 
 Aggregate file format (little-endian)::
 
-    b"LFHEAGG1"                       magic and format version
+    b"LFHEAGG2"                       magic and format version
     u32 n, n bytes                    header, UTF-8 JSON: round, total_share, participants, num_chunks,
-                                      plaintext_count, plaintext_crc32
+                                      plaintext_count, body_sha256
+    32 bytes                          SHA-256 of the header's n bytes
     num_chunks x (u32 n, n bytes)     the encrypted sum's chunks (each carries its own CRC-32)
     plaintext_count x f64             the plaintext weighted average
+
+Every state file carries a SHA-256 checksum, because an edited ``total_share`` or member weight would otherwise be
+served as a silently wrong model: ``federation.json`` holds one over the canonical JSON of its other fields, an
+aggregate one over its header (checked when the file is opened) and one over its body (checked as the last block is
+read, before it is sent). Format 2 reads no older state (there were no users of format 1).
+
+The folder is kept private (0700; a folder of someone else's is refused) and every file is written 0600: the
+aggregates hold plaintext averages.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import stat
 import struct
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +47,8 @@ from lightning_fhe.server.accumulator import Aggregate
 from lightning_fhe.server.membership import Membership
 
 FEDERATION_FILE = "federation.json"
-STATE_FORMAT = 1
-_MAGIC = b"LFHEAGG1"
+STATE_FORMAT = 2
+_MAGIC = b"LFHEAGG2"
 _AGGREGATE = re.compile(r"round-(\d{4,})\.agg")
 _TMP_PREFIX = ".tmp-"
 
@@ -88,7 +98,7 @@ class AggregateHeader:
     participants: tuple[str, ...]
     num_chunks: int
     plaintext_count: int
-    plaintext_crc32: int
+    body_sha256: str
 
 
 class AggregateReader:
@@ -104,15 +114,19 @@ class AggregateReader:
         try:
             if self._file.read(len(_MAGIC)) != _MAGIC:
                 raise StateError(f"{path}: not an aggregate file (bad magic number)")
-            data = json.loads(self._read_sized().decode())
+            raw = self._read_sized()
+            if hashlib.sha256(raw).digest() != self._file.read(32):
+                raise StateError(f"{path}: the header does not match its checksum; the file was altered or is corrupt")
+            data = json.loads(raw.decode())
             self.header = AggregateHeader(
                 round=int(data["round"]),
                 total_share=float(data["total_share"]),
                 participants=tuple(data["participants"]),
                 num_chunks=int(data["num_chunks"]),
                 plaintext_count=int(data["plaintext_count"]),
-                plaintext_crc32=int(data["plaintext_crc32"]),
+                body_sha256=str(data["body_sha256"]),
             )
+            self._body = hashlib.sha256()
         except (ValueError, KeyError, TypeError, struct.error) as err:
             self._file.close()
             raise StateError(f"{path}: unreadable aggregate header ({err})") from None
@@ -131,21 +145,31 @@ class AggregateReader:
     def iter_chunks(self) -> Iterator[bytes]:
         """The encrypted chunks in order; call once, before :meth:`iter_plaintext`."""
         for _ in range(self.header.num_chunks):
-            yield self._read_sized()
+            blob = self._read_sized()
+            self._body.update(struct.pack("<I", len(blob)))
+            self._body.update(blob)
+            yield blob
+        if not self.header.plaintext_count:
+            self._check_body()
 
     def iter_plaintext(self, block_values: int) -> Iterator[bytes]:
-        """The plaintext values as float64 little-endian bytes, ``block_values`` at a time, checked against the CRC."""
-        remaining, crc = self.header.plaintext_count, 0
+        """The plaintext values as float64 little-endian bytes, ``block_values`` at a time; the body's checksum is
+        checked before the last block is yielded, so a damaged file is never served whole."""
+        remaining = self.header.plaintext_count
         while remaining:
             n = min(block_values, remaining)
             data = self._file.read(8 * n)
             if len(data) != 8 * n:
                 raise StateError(f"{self.path}: truncated plaintext")
-            crc = zlib.crc32(data, crc)
+            self._body.update(data)
             remaining -= n
-            if not remaining and crc != self.header.plaintext_crc32:
-                raise StateError(f"{self.path}: plaintext does not match its checksum; the file is corrupt")
+            if not remaining:
+                self._check_body()
             yield data
+
+    def _check_body(self) -> None:
+        if self._body.hexdigest() != self.header.body_sha256:
+            raise StateError(f"{self.path}: the chunks and plaintext do not match their checksum; the file is corrupt")
 
     def read(self) -> Aggregate:
         """The whole aggregate in memory (tests, checks at startup)."""
@@ -178,6 +202,17 @@ class StateStore:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as err:
             raise StateError(f"state_dir {self.root}: cannot create it ({err.strerror})") from None
+        info = self.root.stat()
+        if hasattr(os, "getuid") and info.st_uid != os.getuid():
+            raise StateError(
+                f"state_dir {self.root}: owned by uid {info.st_uid}, not by this server's user ({os.getuid()}); "
+                "aggregates hold plaintext averages, so the folder must be the server's own"
+            )
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            try:
+                self.root.chmod(0o700)  # a pre-existing folder may be readable by others
+            except OSError as err:
+                raise StateError(f"state_dir {self.root}: cannot make it private (0700): {err.strerror}") from None
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise StateError(f"state_dir {self.root}: not writable")
         for leftover in self.root.glob(f"{_TMP_PREFIX}*"):
@@ -191,14 +226,27 @@ class StateStore:
             return None
         try:
             data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object")
             if data.get("format") != STATE_FORMAT:
-                raise StateError(f"{path}: format {data.get('format')!r}, this server reads {STATE_FORMAT}")
+                raise StateError(
+                    f"{path}: format {data.get('format')!r}, this server reads {STATE_FORMAT}; move state_dir aside "
+                    "to start afresh"
+                )
+            checksum = data.pop("sha256", None)
+            if checksum != _canonical_sha256(data):
+                raise StateError(
+                    f"{path}: does not match its checksum; it was edited or is corrupt (restore it, or move state_dir "
+                    "aside to start afresh)"
+                )
             return FederationRecord.from_dict(data)
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise StateError(f"{path}: cannot resume from it ({err}); move state_dir aside to start afresh") from None
 
     def save_federation(self, record: FederationRecord) -> None:
-        self._write_atomically(FEDERATION_FILE, [json.dumps(record.to_dict(), indent=1).encode() + b"\n"])
+        data = record.to_dict()
+        data["sha256"] = _canonical_sha256(data)
+        self._write_atomically(FEDERATION_FILE, [json.dumps(data, indent=1).encode() + b"\n"])
 
     # -- aggregates ------------------------------------------------------------------------------------------------
 
@@ -215,19 +263,24 @@ class StateStore:
     def write_aggregate(self, aggregate: Aggregate) -> int:
         """Writes the aggregate atomically; returns its size in bytes."""
         plaintext = np.ascontiguousarray(aggregate.plaintext, dtype="<f8").tobytes()
+        body = hashlib.sha256()
+        for chunk in aggregate.encrypted_chunks:
+            body.update(struct.pack("<I", len(chunk)))
+            body.update(chunk)
+        body.update(plaintext)
         header = {
             "round": aggregate.round,
             "total_share": aggregate.total_share,
             "participants": list(aggregate.participants),
             "num_chunks": len(aggregate.encrypted_chunks),
             "plaintext_count": len(plaintext) // 8,
-            "plaintext_crc32": zlib.crc32(plaintext),
+            "body_sha256": body.hexdigest(),
         }
         header_bytes = json.dumps(header).encode()
 
         def parts() -> Iterator[bytes]:
             yield _MAGIC
-            yield struct.pack("<I", len(header_bytes)) + header_bytes
+            yield struct.pack("<I", len(header_bytes)) + header_bytes + hashlib.sha256(header_bytes).digest()
             for chunk in aggregate.encrypted_chunks:
                 yield struct.pack("<I", len(chunk))
                 yield chunk
@@ -253,7 +306,10 @@ class StateStore:
         tmp = self.root / f"{_TMP_PREFIX}{name}.{os.getpid()}"
         size = 0
         try:
-            with open(tmp, "wb") as f:
+            # 0600 from creation (not after): aggregates hold plaintext averages, whatever the umask.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as f:
                 for part in parts:
                     f.write(part)
                     size += len(part)
@@ -265,6 +321,11 @@ class StateStore:
             raise
         _fsync_dir(self.root)
         return size
+
+
+def _canonical_sha256(data: dict[str, Any]) -> str:
+    """SHA-256 of ``data`` as canonical JSON (sorted keys, no spaces), so formatting does not change it."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
