@@ -112,6 +112,13 @@ class SubmitReceipt:
 
 
 @dataclass(frozen=True)
+class MemberActivity:
+    site: str
+    idle_s: float  # seconds since the server last heard from this member
+    last_call: str  # "join", "upload", "download" or "status"
+
+
+@dataclass(frozen=True)
 class RoundStatus:
     phase: str  # "forming", "open", "finished" or "failed"
     current_round: int  # the round open for submissions (rounds + 1 once finished)
@@ -122,6 +129,10 @@ class RoundStatus:
     this_site_submitted: bool  # False after a server restart lost it: submit again (fetch_global does)
     failure: str  # why the federation failed, when phase == "failed"
     joined: tuple[str, ...]  # while forming
+    seconds_left: float = 0.0  # until formation or the open round fails (below quorum) or closes at the latest
+    activity: tuple[MemberActivity, ...] = ()  # when the server last heard from each member
+    left: tuple[str, ...] = ()  # members that left (Leave) and take part in no further round
+    site: str = ""  # who asked, as the server saw it: the site's name, or "operator"
 
 
 class _KeptUpdate:
@@ -507,4 +518,8 @@ def _round_status(message: pb.RoundStatus) -> RoundStatus:
         this_site_submitted=message.this_site_submitted,
         failure=message.failure,
         joined=tuple(message.joined),
+        seconds_left=message.seconds_left,
+        activity=tuple(MemberActivity(a.site, a.idle_s, a.last_call) for a in message.activity),
+        left=tuple(message.left),
+        site=message.site,
     )
