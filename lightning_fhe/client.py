@@ -102,6 +102,8 @@ class GlobalModel:
     bytes_received: int
     seconds: float  # the whole fetch: waiting for the round to close, then the download
     download_s: float = 0.0  # the download alone, from the first byte of the global model to the last
+    encrypted_layout_json: str = ""  # the federation's layouts as the server sent them ("" from older servers)
+    plaintext_layout_json: str = ""
 
 
 @dataclass(frozen=True)
@@ -456,6 +458,8 @@ class AggregatorClient:
             bytes_received=received,
             seconds=time.monotonic() - started,
             download_s=time.monotonic() - header_at,
+            encrypted_layout_json=header.encrypted_layout_json,
+            plaintext_layout_json=header.plaintext_layout_json,
         )
 
     def _with_retries(self, what: str, call: Callable[[], T], waiting: bool = False) -> T | None:
