@@ -10,6 +10,8 @@ SUBCOMMANDS = {
     "server": "run the aggregation server (sums encrypted updates without any key)",
     "bench": "measure what homomorphic encryption costs",
     "simulate": "run a federation (server and sites) on this machine and print the seed's results table",
+    "status": "where a federation stands: phase, round, who submitted, time left (site or server kit)",
+    "export": "write a closed round's decrypted global model as a torch state dict (site kit)",
 }
 
 
@@ -22,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nlightning-fhe: unknown subcommand {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    module = importlib.import_module(f"lightning_fhe.{argv[0]}.__main__")
+    module = importlib.import_module(f"lightning_fhe.{argv[0]}")
+    if hasattr(module, "__path__"):  # a package: its command line is its __main__
+        module = importlib.import_module(f"lightning_fhe.{argv[0]}.__main__")
     return module.main(argv[1:]) or 0
 
 

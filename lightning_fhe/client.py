@@ -102,6 +102,8 @@ class GlobalModel:
     bytes_received: int
     seconds: float  # the whole fetch: waiting for the round to close, then the download
     download_s: float = 0.0  # the download alone, from the first byte of the global model to the last
+    encrypted_layout_json: str = ""  # the federation's layouts as the server sent them ("" from older servers)
+    plaintext_layout_json: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,13 @@ class SubmitReceipt:
     round: int
     bytes_sent: int
     seconds: float
+
+
+@dataclass(frozen=True)
+class MemberActivity:
+    site: str
+    idle_s: float  # seconds since the server last heard from this member
+    last_call: str  # "join", "upload", "download" or "status"
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,10 @@ class RoundStatus:
     this_site_submitted: bool  # False after a server restart lost it: submit again (fetch_global does)
     failure: str  # why the federation failed, when phase == "failed"
     joined: tuple[str, ...]  # while forming
+    seconds_left: float = 0.0  # until formation or the open round fails (below quorum) or closes at the latest
+    activity: tuple[MemberActivity, ...] = ()  # when the server last heard from each member
+    left: tuple[str, ...] = ()  # members that left (Leave) and take part in no further round
+    site: str = ""  # who asked, as the server saw it: the site's name, or "operator"
 
 
 class _KeptUpdate:
@@ -445,6 +458,8 @@ class AggregatorClient:
             bytes_received=received,
             seconds=time.monotonic() - started,
             download_s=time.monotonic() - header_at,
+            encrypted_layout_json=header.encrypted_layout_json,
+            plaintext_layout_json=header.plaintext_layout_json,
         )
 
     def _with_retries(self, what: str, call: Callable[[], T], waiting: bool = False) -> T | None:
@@ -507,4 +522,8 @@ def _round_status(message: pb.RoundStatus) -> RoundStatus:
         this_site_submitted=message.this_site_submitted,
         failure=message.failure,
         joined=tuple(message.joined),
+        seconds_left=message.seconds_left,
+        activity=tuple(MemberActivity(a.site, a.idle_s, a.last_call) for a in message.activity),
+        left=tuple(message.left),
+        site=message.site,
     )

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from lightning_fhe.server.config import OPTION_HELP, ServerConfig, ServerConfigError, load_server_config
+from lightning_fhe.server.config import (
+    OPTION_HELP,
+    ServerConfig,
+    ServerConfigError,
+    default_quorum,
+    load_server_config,
+)
+from lightning_fhe.server.rounds import Outcome, QuorumRule
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "configs" / "server.yaml"
@@ -32,7 +39,24 @@ def test_overrides_and_kit_defaults():
     config = load_server_config(SHIPPED, ["rounds=5", "clients=[a,b]", "min_clients=1", "port=0"])
     assert (config.rounds, config.clients, config.min_clients, config.port) == (5, ("a", "b"), 1, 0)
     resolved = load_server_config(None, []).with_kit(("a", "b", "c"), 8443)
-    assert resolved.port == 8443 and resolved.expected == ("a", "b", "c") and resolved.quorum == 3
+    assert resolved.port == 8443 and resolved.expected == ("a", "b", "c") and resolved.quorum == 2  # a majority
+
+
+def test_the_default_quorum_is_a_majority_of_at_least_two():
+    # Never one site of several: a global model summed from one update is that site's update, readable by all.
+    assert [default_quorum(n) for n in (1, 2, 3, 4, 5, 10, 30)] == [1, 2, 2, 3, 3, 6, 16]
+    assert load_server_config(None, ["clients=[a,b]"]).with_kit(("a", "b"), 8443).quorum == 2
+    assert load_server_config(None, ["min_clients=4"]).with_kit(tuple("abcd"), 8443).quorum == 4  # as set
+
+
+def test_with_the_defaults_one_dead_site_costs_a_round_wait_after_min_s_not_the_timeout():
+    config = ServerConfig().with_kit(("a", "b", "c", "d", "e"), 8443)
+    rule = QuorumRule(config.quorum, config.wait_after_min_s, config.round_timeout_s)
+    arrivals = [60.0, 100.0, 200.0, 260.0]  # four of five sites submitted within 260 s; the fifth is dead
+    assert rule.decide(5, arrivals, 0.0, now=200.0 + config.wait_after_min_s - 0.1).outcome is Outcome.WAIT
+    closed = rule.decide(5, arrivals, 0.0, now=200.0 + config.wait_after_min_s)  # quorum 3 at 200 s
+    assert closed.outcome is Outcome.CLOSE and config.wait_after_min_s + 200.0 < config.round_timeout_s
+    assert (config.wait_after_min_s, config.round_timeout_s) == (300.0, 1800.0)
 
 
 @pytest.mark.parametrize(

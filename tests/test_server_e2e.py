@@ -162,7 +162,7 @@ def test_formation_below_quorum_fails_and_the_sites_are_told(kits, tmp_path):
         with site.client() as client, pytest.raises(FederationError) as info:
             client.join(WEIGHTS["site-1"], ENCRYPTED, PLAINTEXT)
         assert info.value.code == grpc.StatusCode.ABORTED and info.value.reason == "failed"
-        assert "the federation could not form: timeout_s=1 passed with 1 of 3 site(s); min_clients is 3" in str(
+        assert "the federation could not form: timeout_s=1 passed with 1 of 3 site(s); min_clients is 2" in str(
             info.value
         )
         assert server.wait(timeout=30) == 1

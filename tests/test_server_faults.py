@@ -60,8 +60,10 @@ def kits(tmp_path_factory):
 def test_a_site_killed_mid_upload_is_excluded_exactly(kits, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="lightning_fhe.server")
     torch.save(MODEL_STATE, tmp_path / "init.pt")  # so that round 0 does not wait for site-3, which joins first
+    # wait_after_min_s is also how long site-2 has to join after site-1 (formation closes at the quorum of 2 plus
+    # that wait): 10 s, not 2, so that a loaded machine cannot make site-2 miss formation.
     server = start_server(
-        kits, tmp_path / "state", rounds=1, min_clients=2, wait_after_min_s=2, initial_model=str(tmp_path / "init.pt")
+        kits, tmp_path / "state", rounds=1, min_clients=2, wait_after_min_s=10, initial_model=str(tmp_path / "init.pt")
     )
     address = f"127.0.0.1:{server.port}"
     slow = subprocess.Popen(

@@ -114,6 +114,8 @@ def _run_site(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)  # K sites on C cores: one thread each (unflatten is the only torch work)
+    if spec.get("gate") is not None:
+        spec["gate"].wait()  # held until the caller opens it (see run's hold_sites)
     encrypted = spec["setting"] == "encrypted"
     index, clients = spec["index"], spec["clients"]
     layout = TensorLayout.from_dict(spec["layout"])
@@ -353,6 +355,11 @@ def _context():
     return context
 
 
+def site_gate() -> Any:
+    """An event the site processes can wait on (see :func:`run`'s ``hold_sites``), from their start method."""
+    return _context().Event()
+
+
 def run(
     model: str = "segresnet-8",
     clients: int = 2,
@@ -361,6 +368,7 @@ def run(
     timeout_s: float = 900.0,
     server_overrides: Sequence[str] = (),
     settings: Sequence[str] = SETTINGS,
+    hold_sites: Any = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Runs one federation per setting with ``clients`` site processes for ``rounds`` rounds; the JSON record.
@@ -368,6 +376,8 @@ def run(
     Args:
         timeout_s: limit on each federation (sites and server); beyond it the bench fails with what still runs.
         server_overrides: extra ``key=value`` options for the server (``max_concurrent_uploads=4`` ...).
+        hold_sites: an event from :func:`site_gate`: every site process waits for it before it joins. A caller
+            that never sets it gets sites that provably cannot finish (how the timeout is tested).
 
     Raises:
         BenchError: a site or the server failed, or a federation ran past ``timeout_s``.
@@ -417,6 +427,7 @@ def run(
                         "result": str(workdir / f"{setting}-{name}.json"),
                         "timeout_s": timeout_s,
                         "retry_budget_s": 30.0,
+                        "gate": hold_sites,
                     }
                     for i, name in enumerate(names, start=1)
                 ]

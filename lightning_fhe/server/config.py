@@ -20,7 +20,7 @@ OPTION_HELP: dict[str, str] = {
     "bind": "address to listen on: 0.0.0.0 (every IPv4 interface, the default), 127.0.0.1, [::] ...",
     "rounds": "number of training rounds (round numbers 1..rounds); round 0 is the initial model",
     "min_clients": "quorum: sites needed to form the federation and to close a round without everyone; "
-    "default: every expected site",
+    "default: a majority of the expected sites, at least 2 (see default_quorum)",
     "clients": "expected site names (certificate common names); default: the sites in the server kit",
     "wait_after_min_s": "once the quorum is reached, seconds to wait for the other sites",
     "round_timeout_s": "seconds after a round opens (or the server starts forming) when it fails below quorum, "
@@ -41,6 +41,16 @@ OPTION_HELP: dict[str, str] = {
 }
 
 
+def default_quorum(expected: int) -> int:
+    """``min_clients`` when it is not set: a majority of the ``expected`` sites, and never fewer than 2.
+
+    A majority, so that one dead or stalled site costs a round ``wait_after_min_s``, not ``round_timeout_s``, while
+    every global model still averages most of the federation's data. At least 2, because a sum of one update is
+    that update: every other site could decrypt it. (With 1 or 2 expected sites that is every site.)
+    """
+    return min(expected, max(2, expected // 2 + 1))
+
+
 class ServerConfigError(ValueError):
     """An invalid server option. The message names the file (when there is one) and the option."""
 
@@ -54,8 +64,8 @@ class ServerConfig:
     rounds: int = 10
     min_clients: int | None = None
     clients: tuple[str, ...] | None = None
-    wait_after_min_s: float = 60.0
-    round_timeout_s: float = 3600.0
+    wait_after_min_s: float = 300.0
+    round_timeout_s: float = 1800.0
     state_dir: str = "aggregator-state"
     initial_model: str | None = None
     max_concurrent_uploads: int = 2
@@ -73,13 +83,13 @@ class ServerConfig:
         _validate(self)
 
     def with_kit(self, kit_clients: Sequence[str], kit_port: int) -> ServerConfig:
-        """Fills what was left to the kit (``port``, ``clients``) and the quorum default (everyone)."""
+        """Fills what was left to the kit (``port``, ``clients``) and the quorum default (:func:`default_quorum`)."""
         clients = self.clients if self.clients is not None else tuple(kit_clients)
         resolved = replace(
             self,
             port=self.port if self.port is not None else kit_port,
             clients=clients,
-            min_clients=self.min_clients if self.min_clients is not None else len(clients),
+            min_clients=self.min_clients if self.min_clients is not None else default_quorum(len(clients)),
         )
         unknown = [c for c in clients if c not in kit_clients]
         if unknown:

@@ -213,7 +213,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         sent, complete = 0, False
         with found as reader:
             try:
-                h = reader.header
+                h, membership = reader.header, self.federation.membership
                 yield pb.GlobalModelPart(
                     header=pb.GlobalModelHeader(
                         round=h.round,
@@ -221,6 +221,9 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                         plaintext_count=h.plaintext_count,
                         total_share=h.total_share,
                         participants=h.participants,
+                        # The federation's layouts name and shape the tensors (python -m lightning_fhe.export).
+                        encrypted_layout_json=json.dumps(membership.encrypted_layout.to_dict()) if membership else "",
+                        plaintext_layout_json=json.dumps(membership.plaintext_layout.to_dict()) if membership else "",
                     )
                 )
                 for index, blob in enumerate(reader.iter_chunks()):

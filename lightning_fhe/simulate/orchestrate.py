@@ -236,9 +236,10 @@ def _start_server(config: Mapping[str, Any], work: Path, out_dir: Path, env: Map
         "wait_after_min_s": federation["wait_after_min_s"],
         "round_timeout_s": federation["round_timeout_s"],
         "linger_s": SERVER_LINGER_S,
+        # null means every site: an experiment compares settings, so every round must hold the same sites (the
+        # server's own default, a majority, is for real federations).
+        "min_clients": federation["sites"] if federation["min_clients"] is None else federation["min_clients"],
     }
-    if federation["min_clients"] is not None:
-        options["min_clients"] = federation["min_clients"]
     command = [sys.executable, "-m", "lightning_fhe.server", "--kit", str(work / "kits" / "server")]
     command += [f"{key}={value}" for key, value in options.items()]
     # Started in the temporary folder, where no configs/server.yaml can slip in its own options.
