@@ -155,11 +155,6 @@ def test_status_shows_the_open_round_and_export_writes_the_exact_global_model(ki
     assert "joined again" not in caplog.text
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="until the server accepts its own certificate for GetRoundStatus (the gate part of issue 10), the TLS "
-    "handshake refuses the server certificate as a client identity",
-)
 def test_status_with_the_server_kit_asks_as_the_operator(kits, tmp_path, capsys):
     server = start_server(kits, tmp_path / "state", rounds=1, clients="[site-1,site-2]")
     try:

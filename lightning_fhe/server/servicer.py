@@ -9,6 +9,7 @@ metadata), and aggregates on disk into a stream of parts.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
