@@ -172,6 +172,15 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             finally:
                 self.federation.note_download(site, request.round, sent, complete)
 
+    # -- Leave ------------------------------------------------------------------------------------------------------
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
+        try:
+            remaining = self.federation.leave(self._site(context), request.why)
+        except Refusal as refusal:
+            _abort(context, refusal)
+        return pb.LeaveReply(members_left=remaining)
+
     # -- GetRoundStatus ---------------------------------------------------------------------------------------------
 
     def GetRoundStatus(self, request: pb.RoundStatusRequest, context: grpc.ServicerContext) -> pb.RoundStatus:
@@ -221,4 +230,5 @@ def _status_message(view: StatusView) -> pb.RoundStatus:
         this_site_submitted=view.this_site_submitted,
         failure=view.failure,
         joined=view.joined,
+        left=view.left,
     )

@@ -1,0 +1,190 @@
+"""A site that stops early, resumes with its kit elsewhere, disagrees on rounds, is told to stop, or waits: it
+says so, and no other site is left waiting for it.
+
+Real parts only: kits from the provisioning tool, a real server over mutual TLS, real site processes running real
+Lightning Trainers (tests/sites/boring_site.py) where a process is what shows the behaviour.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
+from test_server_federation import (  # noqa: F401 - cipher is a fixture
+    FakeClock,
+    cipher,
+    declaration,
+    form,
+    make_federation,
+    refusal,
+    submit,
+    values_of,
+)
+from test_server_support import ENCRYPTED, PLAINTEXT, WEIGHTS, initial_values, start_server, update_of, wait_for
+
+from lightning_fhe import HEFederation
+from lightning_fhe.client import AggregatorClient, ClientClosedError, _WaitLog
+from lightning_fhe.federation import FederationSetupError
+from lightning_fhe.provision import load_provision_config, load_site_kit, provision
+from lightning_fhe.server.errors import Reason, Status
+from lightning_fhe.server.federation import Phase, PlaintextPart, UploadHeader
+
+REPO = Path(__file__).resolve().parents[1]
+SITE = REPO / "tests" / "sites" / "boring_site.py"
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("kits")
+    provision(load_provision_config(REPO / "configs" / "provision.yaml", ["clients=[site-1,site-2]"]), out)
+    return out
+
+
+@pytest.fixture()
+def clock():
+    return FakeClock()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def site_process(kits: Path, name: str, port: int, out: Path, *args: str, kit: str | None = None, cwd=None):
+    command = [sys.executable, str(SITE), "--kit", kit or str(kits / name), "--server", f"localhost:{port}"]
+    command += ["--out", str(out / f"{name}.pt"), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env)
+
+
+def trainer(federation: HEFederation, **options) -> L.Trainer:
+    defaults = dict(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False)
+    defaults |= dict(enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    return L.Trainer(callbacks=[federation], **{**defaults, **options})
+
+
+# -- leaving: the server's side (fake clock, real ciphertexts) -----------------------------------------------------
+
+
+def test_a_member_that_leaves_is_no_longer_waited_for_in_this_round_or_the_next(tmp_path, server_context, cipher, clock):
+    fed = make_federation(tmp_path, server_context, clock, min_clients=2, wait_after_min_s=50.0, rounds=3)
+    form(fed, server_context)
+    initial = np.concatenate(values_of("a", 0))
+    fed.submit("a", iter([UploadHeader(0, 0, initial.size), PlaintextPart(0, initial.tobytes())]))
+    submit(fed, cipher, "a", 1)
+    submit(fed, cipher, "b", 1)
+    assert fed.current_round == 1  # quorum reached; c gets its grace period
+    assert fed.leave("c", "max_steps=12 reached") == ("a", "b")
+    assert fed.last_closed_round == 1 and fed.current_round == 2  # closed at once: the clock did not move
+    assert fed.status("a").left == ("c",)
+    assert refusal(submit, fed, cipher, "c", 2).reason is Reason.LEFT
+    assert fed.leave("c", "again") == ("a", "b")  # leaving twice is harmless
+    submit(fed, cipher, "a", 2)
+    submit(fed, cipher, "b", 2)
+    assert fed.last_closed_round == 2  # round 2 opened without c: the two remaining members close it
+    fed.leave("b", "KeyboardInterrupt")
+    assert fed.phase is Phase.FAILED and "fewer than the quorum of 2" in fed.failure  # at once, not at the timeout
+
+
+def test_only_members_may_leave(tmp_path, server_context, clock):
+    fed = make_federation(tmp_path, server_context, clock)
+    fed.join("a", declaration("a", server_context))
+    refused = refusal(fed.leave, "a", "")  # still forming: not a member yet
+    assert refused.status is Status.PERMISSION_DENIED and refused.reason is Reason.NOT_MEMBER
+    assert refusal(fed.leave, "z", "").reason is Reason.UNKNOWN_SITE
+    assert fed.phase is Phase.FORMING and fed.left == {}
+
+
+# -- the state key (defect 12) ---------------------------------------------------------------------------------------
+
+
+def test_the_state_key_names_the_site_and_its_federation_never_the_kit_path(kits, tmp_path):
+    link = tmp_path / "elsewhere"
+    link.symlink_to(kits / "site-1")
+    os.chdir(kits)
+    try:
+        keys = {HEFederation(kit=k).state_key for k in ("site-1", kits / "site-1", link, f"./{'site-1'}/")}
+    finally:
+        os.chdir(REPO)
+    assert len(keys) == 1
+    key = keys.pop()
+    kit = load_site_kit(kits / "site-1")
+    assert "site-1" in key and kit.he_fingerprint in key and str(kits) not in key
+    assert HEFederation(kit=kits / "site-2").state_key != key
+
+
+def test_a_checkpoint_with_another_sites_state_is_refused_and_an_old_key_is_adopted_loudly(kits):
+    federation = HEFederation(kit=kits / "site-1")
+    other = HEFederation(kit=kits / "site-2")
+    state = {"completed_round": 2, "epochs_in_round": 1}
+    with pytest.raises(FederationSetupError, match="belongs to .*site-2"):
+        federation.on_load_checkpoint(None, None, {"callbacks": {other.state_key: state}})
+    legacy = "HEFederation{'kit': 'kits/site-1', 'encrypt': 'all'}"  # how earlier versions keyed it
+    with pytest.warns(UserWarning, match="old key"):
+        federation.on_load_checkpoint(None, None, {"callbacks": {legacy: state}})
+    assert federation.state_dict() == state
+    with pytest.warns(UserWarning, match="no HEFederation state"):
+        HEFederation(kit=kits / "site-1").on_load_checkpoint(None, None, {"callbacks": {}})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resumed_as", ["symlink", "absolute"])
+def test_a_site_resumed_with_its_kit_at_another_path_continues_at_the_right_round(kits, tmp_path, resumed_as):
+    server = start_server(kits, tmp_path / "state", rounds=3, linger_s=1)
+    checkpoint = tmp_path / "site-1.ckpt"
+    epochs = ["--local-epochs", "2", "--max-epochs", "6"]
+    link = tmp_path / "kit-link"
+    link.symlink_to(kits / "site-1")
+    # The crashed run named its kit relatively, from the kits' folder; the restart names it another way.
+    first = {"kit": "site-1", "cwd": kits}
+    again = {"kit": str(link)} if resumed_as == "symlink" else {"kit": str((kits / "site-1").resolve())}
+    try:
+        other = site_process(kits, "site-2", server.port, tmp_path, "--seed", "1", *epochs)
+        crash = ["--crash-after-round", "1", "--checkpoint", str(checkpoint)]
+        crashing = site_process(kits, "site-1", server.port, tmp_path, *epochs, *crash, **first)
+        output, _ = crashing.communicate(timeout=120)
+        assert crashing.returncode == 3 and checkpoint.exists(), output[-3000:]
+        restarted = site_process(kits, "site-1", server.port, tmp_path, *epochs, "--checkpoint", str(checkpoint), **again)
+        for process in (restarted, other):
+            output, _ = process.communicate(timeout=120)
+            assert process.returncode == 0, output[-3000:]
+        assert server.wait(timeout=30) == 0
+    finally:
+        server.stop()
+    resumed, survivor = (torch.load(tmp_path / f"{name}.pt") for name in ("site-1", "site-2"))
+    assert [h["round"] for h in resumed["history"]] == [2, 3]
+    assert all(sorted(h["participants"]) == ["site-1", "site-2"] for h in survivor["history"])
+
+
+# -- rounds checked before anything is sent (defect 14, client half) ------------------------------------------------
+
+
+def test_too_few_epochs_for_the_rounds_is_refused_before_connecting(kits):
+    # No server listens there: a site that connected first would fail with ServerUnavailableError instead.
+    federation = HEFederation(kit=kits / "site-1", server=f"localhost:{free_port()}", rounds=3, local_epochs=2)
+    with pytest.raises(FederationSetupError, match="max_epochs=5 is too few for 3 rounds"):
+        trainer(federation, max_epochs=5).fit(BoringModel())
+
+
+def test_a_site_with_other_rounds_sends_no_initial_model(kits, tmp_path):
+    server = start_server(kits, tmp_path / "state", rounds=2, min_clients=1, wait_after_min_s=0)
+    try:
+        federation = HEFederation(kit=kits / "site-1", server=f"localhost:{server.port}")
+        with pytest.raises(FederationSetupError, match="server runs 2 rounds, but this site would run 5"):
+            trainer(federation, max_epochs=5).fit(BoringModel())
+        assert server.federation.last_closed_round == -1  # no initial model reached the server
+    finally:
+        server.stop(grace=0)
