@@ -36,6 +36,7 @@ from test_server_support import ENCRYPTED, PLAINTEXT, WEIGHTS, initial_values, s
 
 from lightning_fhe import HEFederation
 from lightning_fhe.client import AggregatorClient, ClientClosedError, _WaitLog
+from lightning_fhe.he.codec import UpdateCipher
 from lightning_fhe.federation import FederationSetupError
 from lightning_fhe.provision import load_provision_config, load_site_kit, provision
 from lightning_fhe.server.errors import Reason, Status
@@ -153,7 +154,8 @@ def test_a_site_resumed_with_its_kit_at_another_path_continues_at_the_right_roun
     again = {"kit": str(link)} if resumed_as == "symlink" else {"kit": str((kits / "site-1").resolve())}
     try:
         other = site_process(kits, "site-2", server.port, tmp_path, "--seed", "1", *epochs)
-        crash = ["--crash-after-round", "1", "--checkpoint", str(checkpoint)]
+        # Mid-round (one local epoch into round 2): lost state would make the restart train a round short.
+        crash = ["--crash-after-round", "1", "--crash-after-epochs", "1", "--checkpoint", str(checkpoint)]
         crashing = site_process(kits, "site-1", server.port, tmp_path, *epochs, *crash, **first)
         output, _ = crashing.communicate(timeout=120)
         assert crashing.returncode == 3 and checkpoint.exists(), output[-3000:]
@@ -186,5 +188,131 @@ def test_a_site_with_other_rounds_sends_no_initial_model(kits, tmp_path):
         with pytest.raises(FederationSetupError, match="server runs 2 rounds, but this site would run 5"):
             trainer(federation, max_epochs=5).fit(BoringModel())
         assert server.federation.last_closed_round == -1  # no initial model reached the server
+    finally:
+        server.stop(grace=0)
+
+
+# -- a site that stops early leaves (defect 13) ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_site_stopped_by_max_steps_leaves_and_the_other_finishes_without_waiting(kits, tmp_path):
+    # Hour-long grace and timeout: if site-1 waited for site-2 at all, the test would time out.
+    server = start_server(kits, tmp_path / "state", rounds=3, min_clients=1, wait_after_min_s=3600, linger_s=1)
+    try:
+        finisher = site_process(kits, "site-1", server.port, tmp_path, "--seed", "0", "--max-epochs", "3")
+        # site-2 has 10 batches per epoch: round 1 at step 10, round 2 at the cut-short epoch's step 12, then stops.
+        stopper = site_process(kits, "site-2", server.port, tmp_path, "--seed", "1", "--max-epochs", "3", "--max-steps", "12")
+        stopped, _ = stopper.communicate(timeout=120)
+        assert stopper.returncode == 0, stopped[-3000:]
+        finished, _ = finisher.communicate(timeout=120)
+        assert finisher.returncode == 0, finished[-3000:]
+        assert server.wait(timeout=30) == 0  # every member that did not leave fetched the last model
+        status = server.federation.status("site-1")
+    finally:
+        server.stop()
+    assert "stopped after round 2 of the 3 rounds" in stopped and "max_steps=12 reached" in stopped
+    assert "left the federation; 1 site(s) go on: site-1" in stopped
+    history = torch.load(tmp_path / "site-1.pt")["history"]
+    assert [sorted(h["participants"]) for h in history] == [["site-1", "site-2"]] * 2 + [["site-1"]]
+    assert status.left == ("site-2",)
+
+
+# -- SIGTERM (defect 15) and what a waiting site logs -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_site_retrying_a_dead_server_promptly(kits, tmp_path):
+    dead = free_port()  # nothing listens there
+    site = site_process(kits, "site-1", dead, tmp_path, "--retry-budget-s", "600")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(site.stdout), daemon=True)
+    reader.start()
+    try:
+        # Outside a terminal too, the site says what it is doing: retrying, since when, until when.
+        wait_for(lambda: any("unavailable since" in line for line in lines), 60, "the site to log its retries")
+        assert any("runs out in" in line for line in lines if "unavailable since" in line)
+        sent = time.monotonic()
+        site.send_signal(signal.SIGTERM)
+        code = site.wait(timeout=20)
+        took = time.monotonic() - sent
+    finally:
+        site.kill()
+    reader.join(5)
+    assert code != 0 and took < 10, (code, took, "".join(lines)[-3000:])
+
+
+def test_wait_lines_come_at_the_configured_cadence_and_not_more_often():
+    clock = FakeClock()
+    log = _WaitLog(clock, every_s=30.0)
+    assert log.due()  # the first line at once
+    clock.now += 29.9
+    assert not log.due()
+    clock.now += 0.1
+    assert log.due() and not log.due()
+    assert log.elapsed() == pytest.approx(30.0)
+
+
+def test_a_waiting_site_logs_who_joined_who_submitted_and_who_is_missing(kits, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lightning_fhe.client")
+    server = start_server(kits, tmp_path / "state", rounds=1, linger_s=1)
+    address = f"localhost:{server.port}"
+    clock = FakeClock()
+    logged = AggregatorClient(kits / "site-1", address, wait_s=0.2, log_every_s=30.0, clock=clock)
+    other = AggregatorClient(kits / "site-2", address, wait_s=0.2)
+
+    def lines(words: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "lightning_fhe.client" and words in r.getMessage()]
+
+    results: dict = {}
+    run = lambda key, call: results.__setitem__(key, call())  # noqa: E731
+    try:
+        joining = threading.Thread(target=run, args=("join", lambda: logged.join(WEIGHTS["site-1"], ENCRYPTED, PLAINTEXT)))
+        joining.start()
+        wait_for(lambda: lines("to form"), 30, "a forming line")
+        assert "1 of 2 site(s) joined (site-1)" in lines("to form")[0]
+        clock.now += 30.0  # the next line is due only now: the client's clock, not the wall clock, sets the cadence
+        wait_for(lambda: len(lines("to form")) >= 2, 30, "a second forming line")
+        other_info = other.join(WEIGHTS["site-2"], ENCRYPTED, PLAINTEXT)
+        joining.join(30)
+        info = results["join"]
+        first = logged if info.send_initial_model else other
+        first.submit(0, [], initial_values())
+        logged.fetch_global(0)
+        chunks = UpdateCipher(logged.kit.he_context).iter_encrypt(update_of("site-1", 1)[0], info.share)
+        logged.submit(1, chunks, update_of("site-1", 1)[1])
+        fetching = threading.Thread(target=run, args=("fetch", lambda: logged.fetch_global(1)))
+        fetching.start()
+        wait_for(lambda: lines("round 1: waiting"), 30, "a round line")
+        line = lines("round 1: waiting")[0]
+        assert "for site-2" in line and "submitted: site-1" in line
+        chunks = UpdateCipher(other.kit.he_context).iter_encrypt(update_of("site-2", 1)[0], other_info.share)
+        other.submit(1, chunks, update_of("site-2", 1)[1])
+        fetching.join(30)
+        assert sorted(results["fetch"].participants) == ["site-1", "site-2"]
+    finally:
+        logged.close()
+        other.close()
+        server.stop(grace=0)
+
+
+def test_closing_the_client_ends_a_wait_on_another_thread_at_once(kits, tmp_path):
+    server = start_server(kits, tmp_path / "state", rounds=1)
+    client = AggregatorClient(kits / "site-1", f"localhost:{server.port}", wait_s=30.0)
+    errors: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            client.join(1.0, ENCRYPTED, PLAINTEXT)  # site-2 never comes: formation waits
+        except BaseException as err:  # noqa: BLE001 - checked below
+            errors.append(err)
+
+    thread = threading.Thread(target=join, daemon=True)
+    try:
+        thread.start()
+        wait_for(lambda: server.federation.formation is not None and server.federation.formation.joined, 30, "join")
+        client.close()
+        thread.join(5)
+        assert not thread.is_alive() and isinstance(errors[0], ClientClosedError)
     finally:
         server.stop(grace=0)
