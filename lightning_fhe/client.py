@@ -4,7 +4,8 @@ TLS comes from the site kit (the site's certificate names it to the server). Cal
 unavailable are retried with exponential backoff for up to ``retry_budget_s`` of continuous outage, so a server
 restart is ridden out; :meth:`AggregatorClient.close` (from any thread) ends those retries and any call in flight at
 once. While it waits (for the federation to form, for a round to close, for the server to come back) the client logs
-what it waits for on the ``lightning_fhe.client`` logger at INFO, at least every ``log_every_s``. A site keeps its last update in memory until that round's global model arrives: if the
+what it waits for on the ``lightning_fhe.client`` logger at INFO, at least every ``log_every_s``. A site keeps its
+last update in memory until that round's global model arrives: if the
 server restarted and lost it, :meth:`AggregatorClient.fetch_global` submits it again by itself.
 
 Example::
@@ -536,7 +537,8 @@ class AggregatorClient:
     def _log_forming(self, reply: pb.JoinReply, waiting: _WaitLog) -> None:
         joined = ""
         try:  # the names are worth one cheap call; the count alone must do if it fails
-            status = _round_status(self._stub.GetRoundStatus(pb.RoundStatusRequest(), timeout=5, metadata=self._metadata))
+            answer = self._stub.GetRoundStatus(pb.RoundStatusRequest(), timeout=5, metadata=self._metadata)
+            status = _round_status(answer)
             if status.joined:
                 joined = f" ({', '.join(status.joined)})"
         except grpc.RpcError:

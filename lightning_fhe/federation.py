@@ -186,7 +186,9 @@ class HEFederation(Callback):
             return
         legacy = [k for k in others if "'kit':" in k]  # keyed on the kit path by earlier versions
         if len(others) == 1 and legacy:
-            rank_zero_warn(f"the checkpoint's federation state was saved under the old key {legacy[0]}; using it as {key}")
+            rank_zero_warn(
+                f"the checkpoint's federation state was saved under the old key {legacy[0]}; using it as {key}"
+            )
             self.load_state_dict(states[legacy[0]])
             return
         raise FederationSetupError(
@@ -197,7 +199,9 @@ class HEFederation(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         started = self._on_rank_zero(
-            trainer, lambda: self._start(trainer, pl_module), lambda e: FederationSetupError(f"rank 0 failed to join: {e}")
+            trainer,
+            lambda: self._start(trainer, pl_module),
+            lambda error: FederationSetupError(f"rank 0 failed to join: {error}"),
         )
         state, self._completed_round, self._epochs_in_round, self.rounds = started
         # Resumed mid-round from a checkpoint: the model's weights already descend from this round's global model,
@@ -328,8 +332,8 @@ class HEFederation(Callback):
 
     def _leave_if_short(self, trainer: Trainer, why: str) -> None:
         """Fit ended before the last round: says so, and tells the server this site leaves, so nobody waits for it."""
-        if self._site is None or self._left or not trainer.is_global_zero or not self.rounds:
-            return
+        if self._site is None or self._site.info is None or self._left or not trainer.is_global_zero or not self.rounds:
+            return  # nothing to leave: rank 0 never joined (a setup error), or not rank 0
         if self._completed_round >= self.rounds:
             return
         self._left = True

@@ -80,7 +80,9 @@ def trainer(federation: HEFederation, **options) -> L.Trainer:
 # -- leaving: the server's side (fake clock, real ciphertexts) -----------------------------------------------------
 
 
-def test_a_member_that_leaves_is_no_longer_waited_for_in_this_round_or_the_next(tmp_path, server_context, cipher, clock):
+def test_a_member_that_leaves_is_no_longer_waited_for_in_this_round_or_the_next(
+    tmp_path, server_context, cipher, clock
+):
     fed = make_federation(tmp_path, server_context, clock, min_clients=2, wait_after_min_s=50.0, rounds=3)
     form(fed, server_context)
     initial = np.concatenate(values_of("a", 0))
@@ -159,7 +161,8 @@ def test_a_site_resumed_with_its_kit_at_another_path_continues_at_the_right_roun
         crashing = site_process(kits, "site-1", server.port, tmp_path, *epochs, *crash, **first)
         output, _ = crashing.communicate(timeout=120)
         assert crashing.returncode == 3 and checkpoint.exists(), output[-3000:]
-        restarted = site_process(kits, "site-1", server.port, tmp_path, *epochs, "--checkpoint", str(checkpoint), **again)
+        resume = ["--checkpoint", str(checkpoint)]
+        restarted = site_process(kits, "site-1", server.port, tmp_path, *epochs, *resume, **again)
         for process in (restarted, other):
             output, _ = process.communicate(timeout=120)
             assert process.returncode == 0, output[-3000:]
@@ -202,7 +205,8 @@ def test_a_site_stopped_by_max_steps_leaves_and_the_other_finishes_without_waiti
     try:
         finisher = site_process(kits, "site-1", server.port, tmp_path, "--seed", "0", "--max-epochs", "3")
         # site-2 has 10 batches per epoch: round 1 at step 10, round 2 at the cut-short epoch's step 12, then stops.
-        stopper = site_process(kits, "site-2", server.port, tmp_path, "--seed", "1", "--max-epochs", "3", "--max-steps", "12")
+        stop = ["--seed", "1", "--max-epochs", "3", "--max-steps", "12"]
+        stopper = site_process(kits, "site-2", server.port, tmp_path, *stop)
         stopped, _ = stopper.communicate(timeout=120)
         assert stopper.returncode == 0, stopped[-3000:]
         finished, _ = finisher.communicate(timeout=120)
@@ -267,7 +271,8 @@ def test_a_waiting_site_logs_who_joined_who_submitted_and_who_is_missing(kits, t
     results: dict = {}
     run = lambda key, call: results.__setitem__(key, call())  # noqa: E731
     try:
-        joining = threading.Thread(target=run, args=("join", lambda: logged.join(WEIGHTS["site-1"], ENCRYPTED, PLAINTEXT)))
+        join = lambda: logged.join(WEIGHTS["site-1"], ENCRYPTED, PLAINTEXT)  # noqa: E731
+        joining = threading.Thread(target=run, args=("join", join))
         joining.start()
         wait_for(lambda: lines("to form"), 30, "a forming line")
         assert "1 of 2 site(s) joined (site-1)" in lines("to form")[0]
