@@ -114,14 +114,11 @@ def test_only_members_may_leave(tmp_path, server_context, clock):
 # -- the state key (defect 12) ---------------------------------------------------------------------------------------
 
 
-def test_the_state_key_names_the_site_and_its_federation_never_the_kit_path(kits, tmp_path):
+def test_the_state_key_names_the_site_and_its_federation_never_the_kit_path(kits, tmp_path, monkeypatch):
     link = tmp_path / "elsewhere"
     link.symlink_to(kits / "site-1")
-    os.chdir(kits)
-    try:
-        keys = {HEFederation(kit=k).state_key for k in ("site-1", kits / "site-1", link, f"./{'site-1'}/")}
-    finally:
-        os.chdir(REPO)
+    monkeypatch.chdir(kits)
+    keys = {HEFederation(kit=k).state_key for k in ("site-1", kits / "site-1", link, "./site-1/")}
     assert len(keys) == 1
     key = keys.pop()
     kit = load_site_kit(kits / "site-1")
