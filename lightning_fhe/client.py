@@ -2,7 +2,10 @@
 
 TLS comes from the site kit (the site's certificate names it to the server). Calls that find the server
 unavailable are retried with exponential backoff for up to ``retry_budget_s`` of continuous outage, so a server
-restart is ridden out. A site keeps its last update in memory until that round's global model arrives: if the
+restart is ridden out; :meth:`AggregatorClient.close` (from any thread) ends those retries and any call in flight at
+once. While it waits (for the federation to form, for a round to close, for the server to come back) the client logs
+what it waits for on the ``lightning_fhe.client`` logger at INFO, at least every ``log_every_s``. A site keeps its
+last update in memory until that round's global model arrives: if the
 server restarted and lost it, :meth:`AggregatorClient.fetch_global` submits it again by itself.
 
 Example::
@@ -39,6 +42,7 @@ from lightning_fhe.he.codec import num_chunks
 from lightning_fhe.he.layout import TensorLayout
 from lightning_fhe.proto import aggregator_pb2 as pb
 from lightning_fhe.proto import aggregator_pb2_grpc as pb_grpc
+from lightning_fhe.proto.reasons import Reason
 from lightning_fhe.proto.wire import (
     REFUSAL_REASON_METADATA,
     SITE_NAME_METADATA,
@@ -65,9 +69,9 @@ _PHASES = {
 
 class FederationError(RuntimeError):
     """The server refused a request, or the federation failed. ``code`` is the gRPC status, ``reason`` the server's
-    machine-readable refusal reason (``lightning_fhe.server.errors.Reason`` values), when there is one."""
+    machine-readable refusal :class:`~lightning_fhe.proto.reasons.Reason`, when it sent one this version knows."""
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None, reason: str | None = None) -> None:
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, reason: Reason | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
@@ -75,6 +79,10 @@ class FederationError(RuntimeError):
 
 class ServerUnavailableError(FederationError):
     """The server could not be reached for ``retry_budget_s`` (down, unreachable, or the TLS handshake fails)."""
+
+
+class ClientClosedError(FederationError):
+    """:meth:`AggregatorClient.close` was called (e.g. on SIGTERM) while a call was waiting or retrying."""
 
 
 class RoundClosedError(FederationError):
@@ -209,6 +217,8 @@ class AggregatorClient:
         retry_budget_s: how long to keep retrying while the server is unavailable before giving up.
         rpc_timeout_s: deadline of each call (beyond the time the server may wait for a round to close).
         wait_s: how long the server may hold a waiting call (join, download) before answering "not yet".
+        log_every_s: while waiting or retrying, log what for at least this often (also caps ``wait_s``).
+        clock: seconds on a monotonic clock, for the outage budget and the log cadence; tests pass a fake one.
     """
 
     def __init__(
@@ -221,6 +231,8 @@ class AggregatorClient:
         retry_budget_s: float = 60.0,
         rpc_timeout_s: float = 600.0,
         wait_s: float = 30.0,
+        log_every_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kit = kit if isinstance(kit, SiteKit) else load_site_kit(kit)
         if site_name is not None and not insecure:
@@ -229,7 +241,10 @@ class AggregatorClient:
         self.server = server or self.kit.server_address
         self.retry_budget_s = retry_budget_s
         self.rpc_timeout_s = rpc_timeout_s
-        self.wait_s = min(wait_s, rpc_timeout_s)
+        self.wait_s = min(wait_s, rpc_timeout_s, log_every_s)  # a waiting call returns in time for the next log line
+        self.log_every_s = log_every_s
+        self._clock = clock
+        self._closed = threading.Event()  # set by close(): retries and waits end at once
         options = channel_options(self.kit.params)
         if insecure:
             logger.warning("connecting to %s WITHOUT TLS (insecure mode): local experiments only", self.server)
@@ -247,11 +262,17 @@ class AggregatorClient:
 
     # -- the calls --------------------------------------------------------------------------------------------------
 
-    def join(self, weight: float, encrypted_layout: TensorLayout, plaintext_layout: TensorLayout) -> JoinInfo:
+    def join(
+        self, weight: float, encrypted_layout: TensorLayout, plaintext_layout: TensorLayout, rounds: int = 0
+    ) -> JoinInfo:
         """Joins (or, after a restart, joins again) and blocks until the federation has formed.
 
+        Args:
+            rounds: the rounds this site will train, checked by the server before anything is recorded; 0: any.
+
         Raises:
-            FederationError: refused (unknown site, layout or key mismatch, ...) or formation failed.
+            FederationError: refused (unknown site, layout or key mismatch, rounds mismatch
+                (``Reason.ROUNDS_MISMATCH``), ...) or formation failed.
             ServerUnavailableError: the server was unavailable for ``retry_budget_s``.
         """
         request = pb.JoinRequest(
@@ -261,7 +282,9 @@ class AggregatorClient:
             he_fingerprint=self.kit.he_fingerprint,
             params_fingerprint=self.kit.params.fingerprint(),
             max_wait_s=self.wait_s,
+            rounds=rounds,
         )
+        waiting = _WaitLog(self._clock, self.log_every_s)
         while True:
             reply = self._with_retries(
                 "join",
@@ -269,10 +292,8 @@ class AggregatorClient:
                 waiting=True,
             )
             if reply is None or not reply.formed:
-                if reply is not None:
-                    logger.info(
-                        "waiting for the federation to form: %d of %d sites joined", reply.joined, reply.expected
-                    )
+                if reply is not None and waiting.due():
+                    self._log_forming(reply, waiting)
                 continue
             self._layouts = (encrypted_layout, plaintext_layout)
             return JoinInfo(
@@ -334,6 +355,7 @@ class AggregatorClient:
             FederationError: the round failed (the message says why), or the round does not exist.
         """
         started = time.monotonic()
+        waiting = _WaitLog(self._clock, self.log_every_s)
         while True:
             outcome = self._with_retries(
                 f"fetch round {round}", lambda: self._download(round, progress, started), waiting=True
@@ -343,6 +365,8 @@ class AggregatorClient:
                 return outcome
             if outcome is not None:
                 self._resubmit_if_lost(round, outcome)
+                if waiting.due():
+                    _log_round_wait(round, outcome, waiting)
 
     def status(self) -> RoundStatus:
         reply = self._with_retries(
@@ -353,7 +377,17 @@ class AggregatorClient:
         )
         return _round_status(reply)
 
+    def leave(self, why: str, timeout_s: float = 10.0) -> tuple[str, ...]:
+        """Tells the server this site takes part in no further round, so the others stop waiting for it.
+
+        One attempt, no retries: it runs while the site stops. Returns the members still taking part.
+        """
+        reply = self._stub.Leave(pb.LeaveRequest(why=why), timeout=timeout_s, metadata=self._metadata)
+        return tuple(reply.members_left)
+
     def close(self) -> None:
+        """Closes the connection; a call waiting or retrying on another thread ends with :class:`ClientClosedError`."""
+        self._closed.set()
         self._channel.close()
 
     def __enter__(self) -> AggregatorClient:
@@ -395,7 +429,7 @@ class AggregatorClient:
     def _resubmit_if_lost(self, round_number: int, status: RoundStatus) -> None:
         kept = self._kept.get(round_number)
         if status.phase == "failed":
-            raise FederationError(status.failure or "the federation failed", grpc.StatusCode.ABORTED, "failed")
+            raise FederationError(status.failure or "the federation failed", grpc.StatusCode.ABORTED, Reason.FAILED)
         if kept is None or status.phase != "open" or status.current_round != round_number or status.this_site_submitted:
             return
         logger.warning(
@@ -469,16 +503,21 @@ class AggregatorClient:
         """
         outage_started: float | None = None
         delay = 0.2
+        log = _WaitLog(self._clock, self.log_every_s)
         while True:
+            self._raise_if_closed(what)
             try:
                 return call()
-            except grpc.RpcError as err:
+            except (grpc.RpcError, ValueError) as err:  # ValueError: the channel was closed under the call
+                self._raise_if_closed(what)
+                if not isinstance(err, grpc.RpcError):
+                    raise
                 code, details = _code_and_details(err)
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED and waiting:
                     return None
                 if code != grpc.StatusCode.UNAVAILABLE:
                     raise _federation_error(what, err) from None
-                now = time.monotonic()
+                now = self._clock()
                 outage_started = outage_started if outage_started is not None else now
                 left = self.retry_budget_s - (now - outage_started)
                 if left <= 0:
@@ -488,9 +527,41 @@ class AggregatorClient:
                         "provisioning run as this site's?",
                         code,
                     ) from None
-                logger.info("%s: server unavailable (%s); retrying in %.1f s", what, details, min(delay, left))
-                time.sleep(min(delay, left) * random.uniform(0.8, 1.0))
+                if log.due():
+                    logger.info(
+                        "%s: the aggregator at %s is unavailable since %.0f s (%s); retrying until the budget "
+                        "(retry_budget_s=%g) runs out in %.0f s",
+                        what,
+                        self.server,
+                        now - outage_started,
+                        details,
+                        self.retry_budget_s,
+                        left,
+                    )
+                if self._closed.wait(min(delay, left) * random.uniform(0.8, 1.0)):
+                    self._raise_if_closed(what)
                 delay = min(delay * 2, 5.0)
+
+    def _raise_if_closed(self, what: str) -> None:
+        if self._closed.is_set():
+            raise ClientClosedError(f"{what}: the client was closed (the site is stopping)", grpc.StatusCode.CANCELLED)
+
+    def _log_forming(self, reply: pb.JoinReply, waiting: _WaitLog) -> None:
+        joined = ""
+        try:  # the names are worth one cheap call; the count alone must do if it fails
+            answer = self._stub.GetRoundStatus(pb.RoundStatusRequest(), timeout=5, metadata=self._metadata)
+            status = _round_status(answer)
+            if status.joined:
+                joined = f" ({', '.join(status.joined)})"
+        except grpc.RpcError:
+            pass
+        logger.info(
+            "waiting for the federation to form since %.0f s: %d of %d site(s) joined%s",
+            waiting.elapsed(),
+            reply.joined,
+            reply.expected,
+            joined,
+        )
 
 
 def _code_and_details(err: grpc.RpcError) -> tuple[grpc.StatusCode | None, str]:
@@ -505,8 +576,8 @@ def _federation_error(what: str, err: grpc.RpcError) -> FederationError:
     if isinstance(err, grpc.Call):
         for key, value in err.trailing_metadata() or ():
             if key == REFUSAL_REASON_METADATA:
-                reason = value
-    cls = RoundClosedError if reason == "round_closed" else FederationError
+                reason = Reason.parse(value)
+    cls = RoundClosedError if reason is Reason.ROUND_CLOSED else FederationError
     name = code.name if code is not None else "error"
     return cls(f"{what}: {details} ({name})", code, reason)
 
@@ -526,4 +597,46 @@ def _round_status(message: pb.RoundStatus) -> RoundStatus:
         activity=tuple(MemberActivity(a.site, a.idle_s, a.last_call) for a in message.activity),
         left=tuple(message.left),
         site=message.site,
+    )
+
+
+class _WaitLog:
+    """When the next "still waiting" line is due: the first at once, then every ``every_s`` on ``clock``."""
+
+    def __init__(self, clock: Callable[[], float], every_s: float) -> None:
+        self._clock, self.every_s = clock, every_s
+        self.started = clock()
+        self._next: float | None = None
+
+    def due(self) -> bool:
+        now = self._clock()
+        if self._next is not None and now < self._next:
+            return False
+        self._next = now + self.every_s
+        return True
+
+    def elapsed(self) -> float:
+        return self._clock() - self.started
+
+
+def _log_round_wait(round_number: int, status: RoundStatus, waiting: _WaitLog) -> None:
+    if status.phase == "forming":
+        logger.info("round %d: waiting since %.0f s; the federation is still forming", round_number, waiting.elapsed())
+        return
+    if status.current_round != round_number:
+        return  # closed meanwhile: the global model comes with the next call
+    left = set(status.left)
+    missing = [m for m in status.members if m not in status.submitted and m not in left]
+    idle = {a.site: (a.idle_s, a.last_call) for a in status.activity}
+    described = [
+        f"{m} (last heard {idle[m][0]:.0f} s ago: {idle[m][1]})" if m in idle and idle[m][1] else m for m in missing
+    ]
+    logger.info(
+        "round %d: waiting since %.0f s for %s; submitted: %s%s%s",
+        round_number,
+        waiting.elapsed(),
+        ", ".join(described) or "the round to close",
+        ", ".join(status.submitted) or "none",
+        f"; left: {', '.join(status.left)}" if status.left else "",
+        f"; the round closes or fails within {status.seconds_left:.0f} s" if status.seconds_left > 0 else "",
     )

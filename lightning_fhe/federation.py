@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_fhe.client import FederationError
 from lightning_fhe.privacy import UpdateMechanism, mechanism_from_config
+from lightning_fhe.proto.reasons import Reason
 from lightning_fhe.selection import Selection, split_tensors
 from lightning_fhe.site import FederatedSite, RoundMetrics
 
 if TYPE_CHECKING:
+    from lightning_fhe.client import JoinInfo
     from lightning_fhe.provision import SiteKit
 
 OPTIMIZER_STATE = ("keep", "reset")
+T = TypeVar("T")
 
 
 class FederationSetupError(RuntimeError):
@@ -39,6 +47,12 @@ class HEFederation(Callback):
 
     Under DDP (or any multi-process strategy) only global rank 0 talks to the server; the global weights reach the
     other ranks through ``trainer.strategy.broadcast``.
+
+    If the Trainer stops before the last round (``max_steps``, ``max_time``, early stopping, an exception), the
+    callback warns and tells the server that this site leaves, so the other sites stop waiting for it. A SIGTERM
+    while the site waits for the server (or retries it) ends the site at once. The callback's checkpointed state is
+    keyed on the site's name and the kit's HE fingerprint, never on the kit's path, so a resumed site may find its
+    kit anywhere.
 
     Example::
 
@@ -130,11 +144,19 @@ class HEFederation(Callback):
         self._site: FederatedSite | None = None
         self._kit: SiteKit | None = None  # loaded on rank 0 when fit starts
         self._proximal_reference: dict[str, torch.Tensor] = {}
+        self._identity: tuple[str, str] | None = None  # (site name, HE fingerprint) from the kit, read once
+        self._left = False  # this site told the server it leaves (or tried to)
+        self._log_handler: logging.Handler | None = None
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(kit=str(self.kit), encrypt=str(self.encrypt))
+        # What identifies this site's place in the federation, never the kit's path: a resumed site may be given
+        # the same kit as an absolute path or through a symlink (Lightning restores state only on an equal key).
+        identity = self._kit_identity()
+        if identity is None:  # no readable kit: on_fit_start says why before any state matters
+            return self._generate_state_key(kit=str(self.kit))
+        return self._generate_state_key(site=identity[0], he_fingerprint=identity[1])
 
     # ----------------------------------------------------------------------------------------------- lifecycle
 
@@ -144,21 +166,44 @@ class HEFederation(Callback):
         # which runs before LightningModule.setup and configure_model, where a model may build its layers.
         if trainer.is_global_zero:
             self._kit = self._check_kit()
+            self._show_client_log()
         self._split(pl_module.state_dict(), pl_module)
 
     @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Lightning hands load_state_dict only the state saved under an equal state_key, and silently drops the rest:
+        # a site would then start over at the server's round, a round short, while the others wait for it.
+        states = checkpoint.get("callbacks") or {}
+        key = self.state_key
+        if key in states:
+            return
+        others = [k for k in states if isinstance(k, str) and k.startswith(type(self).__qualname__)]
+        if not others:
+            rank_zero_warn(
+                f"the checkpoint holds no {type(self).__qualname__} state: this site starts from the server's "
+                "current round, not from where the checkpoint stopped"
+            )
+            return
+        legacy = [k for k in others if "'kit':" in k]  # keyed on the kit path by earlier versions
+        if len(others) == 1 and legacy:
+            rank_zero_warn(
+                f"the checkpoint's federation state was saved under the old key {legacy[0]}; using it as {key}"
+            )
+            self.load_state_dict(states[legacy[0]])
+            return
+        raise FederationSetupError(
+            f"the checkpoint's federation state belongs to {', '.join(others)}, not to this site and kit ({key}): "
+            "resume with the kit the checkpoint was made with, or start without ckpt_path"
+        )
+
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        outcome: Any = None
-        if trainer.is_global_zero:
-            try:
-                outcome = ("ok", self._start(trainer, pl_module))
-            except Exception as err:  # every rank must leave the broadcast below, so errors travel too
-                outcome = ("error", err)
-        outcome = trainer.strategy.broadcast(outcome, src=0)
-        if outcome[0] == "error":
-            error = outcome[1]
-            raise error if trainer.is_global_zero else FederationSetupError(f"rank 0 failed to join: {error}")
-        state, self._completed_round, self._epochs_in_round, self.rounds = outcome[1]
+        started = self._on_rank_zero(
+            trainer,
+            lambda: self._start(trainer, pl_module),
+            lambda error: FederationSetupError(f"rank 0 failed to join: {error}"),
+        )
+        state, self._completed_round, self._epochs_in_round, self.rounds = started
         # Resumed mid-round from a checkpoint: the model's weights already descend from this round's global model,
         # and loading it again would throw the round's finished local epochs away.
         self._load_global(trainer, pl_module, state, into_model=self._epochs_in_round == 0)
@@ -189,11 +234,24 @@ class HEFederation(Callback):
                     parameter.grad.add_(parameter - reference, alpha=self.fedprox_mu)
 
     @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._leave_if_short(trainer, f"{type(exception).__name__}: {exception}" if str(exception) else repr(exception))
+        self._close()
+
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._leave_if_short(trainer, _why_stopped(trainer))
+        self._close()
+
+    def _close(self) -> None:
         if self._site is not None:
             self._site.client.close()
             self._site = None
         self._kit = None
+        if self._log_handler is not None:
+            logging.getLogger("lightning_fhe").removeHandler(self._log_handler)
+            self._log_handler = None
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -219,24 +277,19 @@ class HEFederation(Callback):
         if self._epochs_in_round < self.local_epochs:
             return
         round = self._completed_round + 1
-        outcome: Any = None
-        if trainer.is_global_zero:
-            try:
-                # state_dict() tensors may live on an accelerator: flattening copies only the shared ones to the CPU.
-                state = pl_module.state_dict()
-                tensors, metrics = self._site.exchange(round, state, progress=self._progress_bar(trainer))
-                self.history.append(metrics)
-                for logger in trainer.loggers:
-                    logger.log_metrics(metrics.as_log_dict(), step=trainer.global_step)
-                rank_zero_info(metrics.summary(self.rounds))
-                outcome = ("ok", tensors)
-            except Exception as err:
-                outcome = ("error", err)
-        outcome = trainer.strategy.broadcast(outcome, src=0)
-        if outcome[0] == "error":
-            error = outcome[1]
-            raise error if trainer.is_global_zero else RuntimeError(f"rank 0 failed in round {round}: {error}")
-        self._load_global(trainer, pl_module, outcome[1])
+
+        def exchange() -> dict[str, torch.Tensor]:
+            # state_dict() tensors may live on an accelerator: flattening copies only the shared ones to the CPU.
+            state = pl_module.state_dict()
+            tensors, metrics = self._site.exchange(round, state, progress=self._progress_bar(trainer))
+            self.history.append(metrics)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics.as_log_dict(), step=trainer.global_step)
+            rank_zero_info(metrics.summary(self.rounds))
+            return tensors
+
+        tensors = self._on_rank_zero(trainer, exchange, lambda e: RuntimeError(f"rank 0 failed in round {round}: {e}"))
+        self._load_global(trainer, pl_module, tensors)
         self._completed_round, self._epochs_in_round = round, 0
         if self.optimizer_state == "reset":
             for optimizer in trainer.optimizers:
@@ -259,6 +312,63 @@ class HEFederation(Callback):
             }
 
     # ----------------------------------------------------------------------------------------------- rank 0
+
+    def _on_rank_zero(
+        self, trainer: Trainer, run: Callable[[], T], other_ranks_error: Callable[[BaseException], Exception]
+    ) -> T:
+        """Runs ``run`` on global rank 0 only and broadcasts its result, or its error, which every rank then raises
+        (rank 0 the error itself, the others ``other_ranks_error(error)``): no rank is left waiting in a broadcast."""
+        outcome: Any = None
+        if trainer.is_global_zero:
+            try:
+                with _sigterm_ends_waiting():
+                    outcome = ("ok", run())
+            except Exception as err:  # every rank must leave the broadcast below, so errors travel too
+                outcome = ("error", err)
+        outcome = trainer.strategy.broadcast(outcome, src=0)
+        if outcome[0] == "error":
+            raise outcome[1] if trainer.is_global_zero else other_ranks_error(outcome[1])
+        return outcome[1]
+
+    def _leave_if_short(self, trainer: Trainer, why: str) -> None:
+        """Fit ended before the last round: says so, and tells the server this site leaves, so nobody waits for it."""
+        if self._site is None or self._site.info is None or self._left or not trainer.is_global_zero or not self.rounds:
+            return  # nothing to leave: rank 0 never joined (a setup error), or not rank 0
+        if self._completed_round >= self.rounds:
+            return
+        self._left = True
+        message = (
+            f"the Trainer stopped after round {self._completed_round} of the {self.rounds} rounds the federation "
+            f"runs ({why}); this site leaves the federation and takes part in no further round"
+        )
+        rank_zero_warn(message)
+        try:
+            remaining = self._site.client.leave(f"stopped after round {self._completed_round} of {self.rounds}: {why}")
+            rank_zero_info(f"fhe: left the federation; {len(remaining)} site(s) go on: {', '.join(remaining)}")
+        except Exception as err:  # noqa: BLE001 - the server may be gone; stopping must go on
+            rank_zero_warn(f"could not tell the server that this site leaves: {err}")
+
+    def _show_client_log(self) -> None:
+        # Lightning configures only its own loggers: without a handler, the client's INFO lines (waiting, retrying)
+        # would not show, and outside a terminal a waiting site would print nothing at all.
+        package = logging.getLogger("lightning_fhe")
+        if self._log_handler is None and not package.hasHandlers():
+            self._log_handler = logging.StreamHandler(sys.stderr)
+            self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+            package.addHandler(self._log_handler)
+            if package.level == logging.NOTSET or package.level > logging.INFO:
+                package.setLevel(logging.INFO)
+
+    def _kit_identity(self) -> tuple[str, str] | None:
+        if self._identity is None:
+            import yaml
+
+            try:
+                doc = yaml.safe_load((self.kit / "site.yaml").read_text())
+                self._identity = (str(self.site_name or doc["site"]), str(doc["he_fingerprint"]))
+            except (OSError, yaml.YAMLError, KeyError, TypeError):
+                return None
+        return self._identity
 
     def _check_kit(self):
         from lightning_fhe.provision import KitError, load_site_kit
@@ -292,9 +402,12 @@ class HEFederation(Callback):
         """Connects, joins, checks rounds against the Trainer, and returns the global state to start from."""
         from lightning_fhe.client import AggregatorClient
 
+        # Everything this site can check is checked before anything is sent: a refused site uploads nothing.
         kit = self._kit if self._kit is not None else self._check_kit()
         weight = float(self.weight) if self.weight is not None else self._default_weight(trainer)
         state = pl_module.state_dict()
+        split = self._split(state, pl_module)
+        planned = self._planned_rounds(trainer)
         client = AggregatorClient(
             kit,
             self.server,
@@ -302,10 +415,19 @@ class HEFederation(Callback):
             site_name=self.site_name,
             retry_budget_s=self.retry_budget_s,
         )
-        split = self._split(state, pl_module)
         self._site = FederatedSite(client, kit.he_context, split, state, self.privacy, self.privacy_delta)
-        info = self._site.join(weight, state)
-        rounds = self._rounds(trainer, info.rounds)
+        rounds = planned
+
+        def check(joined: JoinInfo) -> None:  # before the initial model goes out
+            nonlocal rounds
+            rounds = self._rounds(trainer, joined.rounds)
+
+        try:
+            info = self._site.join(weight, state, rounds=planned, check=check)
+        except FederationError as err:
+            if err.reason is not Reason.ROUNDS_MISMATCH:
+                raise
+            raise FederationSetupError(self._rounds_mismatch(trainer, planned, err)) from None
         # A restarted site resumes from the last closed round; a fresh one from the initial model (round 0).
         completed = max(0, info.current_round - 1)
         if self._completed_round > completed:
@@ -322,20 +444,49 @@ class HEFederation(Callback):
         )
         return tensors, completed, epochs_in_round, rounds
 
+    def _planned_rounds(self, trainer: Trainer) -> int:
+        """The rounds this site will train, told to the server when joining; 0: not fixed here (the server's)."""
+        max_epochs = _max_epochs(trainer)
+        rounds = self.rounds
+        if rounds is None and max_epochs is not None:
+            rounds = max_epochs // self.local_epochs
+        if rounds is not None and max_epochs is not None and max_epochs < rounds * self.local_epochs:
+            raise FederationSetupError(
+                f"max_epochs={max_epochs} is too few for {rounds} rounds of {self.local_epochs} local epoch(s)"
+            )
+        if rounds == 0:
+            raise FederationSetupError(
+                f"max_epochs={max_epochs} is fewer than local_epochs={self.local_epochs}: not even one round"
+            )
+        return rounds or 0
+
+    def _mismatch_message(self, trainer: Trainer, server_rounds: int | None, rounds: int) -> str:
+        max_epochs = _max_epochs(trainer)
+        how = "rounds=" if self.rounds is not None else f"max_epochs={max_epochs} // local_epochs="
+        server = f"the server runs {server_rounds} rounds" if server_rounds else "the server runs other rounds"
+        hint = f", e.g. max_epochs={server_rounds * self.local_epochs}" if server_rounds else ""
+        return (
+            f"{server}, but this site would run {rounds} ({how}"
+            f"{self.rounds if self.rounds is not None else self.local_epochs}); make them agree{hint}"
+        )
+
+    def _rounds_mismatch(self, trainer: Trainer, planned: int, err: FederationError) -> str:
+        server_rounds = None
+        try:  # the refusal's words are the server's; the number is worth one more call
+            server_rounds = self._site.client.status().rounds or None
+        except Exception:  # noqa: BLE001 - the message then does without it
+            pass
+        return f"{self._mismatch_message(trainer, server_rounds, planned)} (the server refused to join: {err})"
+
     def _rounds(self, trainer: Trainer, server_rounds: int) -> int:
-        max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
+        max_epochs = _max_epochs(trainer)
         rounds = self.rounds
         if rounds is None and max_epochs is not None:
             rounds = max_epochs // self.local_epochs
         if rounds is None:
             rounds = server_rounds
         if rounds != server_rounds:
-            how = "rounds=" if self.rounds is not None else f"max_epochs={max_epochs} // local_epochs="
-            raise FederationSetupError(
-                f"the server runs {server_rounds} rounds, but this site would run {rounds} ({how}"
-                f"{self.rounds if self.rounds is not None else self.local_epochs}); make them agree, e.g. "
-                f"max_epochs={server_rounds * self.local_epochs}"
-            )
+            raise FederationSetupError(self._mismatch_message(trainer, server_rounds, rounds))
         if max_epochs is not None and max_epochs < rounds * self.local_epochs:
             raise FederationSetupError(
                 f"max_epochs={max_epochs} is too few for {rounds} rounds of {self.local_epochs} local epoch(s)"
@@ -359,6 +510,43 @@ class HEFederation(Callback):
                 bar.close()
 
         return update
+
+
+def _max_epochs(trainer: Trainer) -> int | None:
+    return trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
+
+
+def _why_stopped(trainer: Trainer) -> str:
+    if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
+        return f"max_steps={trainer.max_steps} reached"
+    if trainer.interrupted:
+        return "interrupted"
+    return "trainer.should_stop was set (early stopping, max_time or user code)"
+
+
+@contextlib.contextmanager
+def _sigterm_ends_waiting() -> Iterator[None]:
+    """While rank 0 waits for the server (or retries it), SIGTERM ends the site at once.
+
+    Lightning's own SIGTERM handler only notes the signal for the training loop to act on at the next batch, which
+    a site blocked in a call or in its retry budget never reaches. Here the previous handler still runs first, then
+    ``SystemExit(143)`` (128 + SIGTERM) ends the wait; ``on_exception`` tells the server this site leaves.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: Any) -> None:
+        if callable(previous):
+            previous(signum, frame)
+        raise SystemExit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def is_last_batch(trainer: Trainer, batch_idx: int) -> bool:

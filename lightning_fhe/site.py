@@ -100,9 +100,23 @@ class FederatedSite:
         # Noise must be unpredictable to anyone else: a fresh OS-seeded generator, never a configured seed.
         self._rng = np.random.default_rng()
 
-    def join(self, weight: float, state: Mapping[str, torch.Tensor]) -> JoinInfo:
-        """Joins and, when the server asks this site for the first global model, sends its initial state."""
-        self.info = self.client.join(weight, self.encrypted_layout, self.plaintext_layout)
+    def join(
+        self,
+        weight: float,
+        state: Mapping[str, torch.Tensor],
+        rounds: int = 0,
+        check: Callable[[JoinInfo], None] | None = None,
+    ) -> JoinInfo:
+        """Joins and, when the server asks this site for the first global model, sends its initial state.
+
+        Args:
+            rounds: the rounds this site will train (0: the server's), for the server to check before recording.
+            check: called with the join's answer before the initial state is sent; raising stops it from being sent.
+        """
+        info = self.client.join(weight, self.encrypted_layout, self.plaintext_layout, rounds=rounds)
+        if check is not None:
+            check(info)
+        self.info = info
         if self.info.send_initial_model:
             self.client.submit(0, iter(()), self._flatten(state))
         return self.info

@@ -227,3 +227,52 @@ def test_membership_round_trips_through_its_dict():
 
 def test_layout_difference_is_none_for_equal_layouts():
     assert layout_difference("encrypted", ENCRYPTED, TensorLayout.from_dict(ENCRYPTED.to_dict())) is None
+
+
+# -- members that leave ------------------------------------------------------------------------------------------------
+
+
+def test_a_round_closes_once_every_remaining_member_submitted_after_one_left():
+    state = RoundState(1, ("a", "b", "c"), RULE, opened_at=0.0)
+    state.start_upload("a", 1)
+    state.finish_upload("a", recorded=True, now=1.0)
+    state.start_upload("b", 1)
+    state.finish_upload("b", recorded=True, now=2.0)
+    assert state.decide(now=3.0).outcome is Outcome.WAIT  # quorum reached, grace period for c
+    state.leave("c")
+    decision = state.decide(now=3.0)
+    assert decision.outcome is Outcome.CLOSE and "all 2" in decision.why
+    assert state.participants == ("a", "b") and state.remaining == ("a", "b")
+
+
+def test_a_member_that_submitted_then_left_is_summed_but_not_counted_as_waited_for():
+    state = RoundState(1, ("a", "b", "c"), RULE, opened_at=0.0)
+    state.start_upload("a", 1)
+    state.finish_upload("a", recorded=True, now=1.0)
+    state.leave("a")
+    state.start_upload("b", 1)
+    state.finish_upload("b", recorded=True, now=2.0)
+    assert state.decide(now=2.0).outcome is Outcome.WAIT  # c, still a member, has not arrived yet
+    assert state.participants == ("a", "b")
+
+
+def test_fewer_members_than_the_quorum_left_fails_the_round_at_once():
+    state = RoundState(1, ("a", "b", "c"), RULE, opened_at=0.0)
+    state.leave("b")
+    assert state.decide(now=0.0).outcome is Outcome.WAIT  # 2 remain: the quorum of 2 can still be reached
+    state.leave("c")
+    decision = state.decide(now=0.0)
+    assert decision.outcome is Outcome.FAIL
+    assert "1 member(s) remain" in decision.why and "b, c left" in decision.why and "quorum of 2" in decision.why
+
+
+def test_a_member_that_left_may_not_submit_and_leaving_twice_changes_nothing():
+    state = RoundState(1, ("a", "b", "c"), RULE, opened_at=0.0)
+    state.leave("a")
+    state.leave("a")
+    state.leave("z")  # not a member: nothing to stop waiting for
+    assert state.left == {"a"}
+    with pytest.raises(Refusal) as refused:
+        state.start_upload("a", 1)
+    assert refused.value.status is Status.FAILED_PRECONDITION and refused.value.reason is Reason.LEFT
+    assert "left" in refused.value.message and not state.uploading

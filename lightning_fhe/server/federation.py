@@ -114,6 +114,7 @@ class StatusView:
     site: str = ""  # who asked: a site's name, or "operator"
     seconds_left: float = 0.0  # until formation or the open round fails or closes at the latest; 0 when none is
     activity: tuple[MemberActivity, ...] = ()  # the members (the joined sites while forming), when last heard from
+    left: tuple[str, ...] = ()  # members that left (Leave)
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,9 @@ class Federation:
         self.failure = ""
         self.ended_at: float | None = None
         self.fetched_final: set[str] = set()
+        # Members that left (site -> why). Kept in memory only: after a restart a departed site is waited for again,
+        # but no longer than the quorum's grace period or round_timeout_s, as for any member that stays away.
+        self.left: dict[str, str] = {}
         self._stats = _RoundStats(opened_at=clock())
         self._started_at = clock()
         self._last_close_why = ""
@@ -638,6 +642,34 @@ class Federation:
                 self.fetched_final.add(site)
                 self._cond.notify_all()
 
+    # -- leaving ----------------------------------------------------------------------------------------------------
+
+    def leave(self, site: str, why: str) -> tuple[str, ...]:
+        """Records that member ``site`` takes part in no further round; returns the members still taking part.
+
+        The open round stops waiting for it (it closes once every remaining member submitted, or fails at once if
+        fewer than the quorum remain), and later rounds open without it. Leaving twice is harmless.
+        """
+        with self._cond:
+            now = self._clock()
+            self._tick_locked(now)
+            self._check_known(site)
+            if self.membership is None or site not in self.membership.members:
+                raise Refusal(
+                    Status.PERMISSION_DENIED,
+                    Reason.NOT_MEMBER,
+                    f"site {site!r} is not a member of the federation"
+                    + (" (it is still forming)" if self.phase is Phase.FORMING else ""),
+                )
+            if site not in self.left:
+                self.left[site] = why[:500]  # a site's words, for the log: bounded
+                logger.warning("member %s left the federation: %s", site, self.left[site] or "no reason given")
+                if self.round is not None:
+                    self.round.leave(site)
+                    self._tick_locked(now)
+                self._cond.notify_all()
+            return tuple(m for m in self.membership.members if m not in self.left)
+
     # -- status -----------------------------------------------------------------------------------------------------
 
     def status(self, site: str, operator: bool = False) -> StatusView:
@@ -692,6 +724,8 @@ class Federation:
             return
         limit = self.config.silent_after_s
         for site in self.membership.members:
+            if site in self.left:
+                continue  # it said goodbye: its silence is expected
             heard = self._heard.get(site)
             if heard is None:  # not heard from since this server started: count from when it did
                 heard = self._heard[site] = _Heard(self._started_at, "none since the server started")
@@ -742,6 +776,7 @@ class Federation:
             site=site,
             seconds_left=self._seconds_left_locked(now),
             activity=self._activity_locked(now),
+            left=tuple(m for m in self.membership.members if m in self.left) if self.membership else (),
         )
 
     def _check_known(self, site: str) -> None:
@@ -810,7 +845,7 @@ class Federation:
                 return None
             lingered = self._clock() >= self.ended_at + self.config.linger_s
             if self.phase is Phase.FINISHED:
-                members = set(self.membership.members) if self.membership else set()
+                members = set(self.membership.members) - set(self.left) if self.membership else set()
                 return 0 if lingered or members <= self.fetched_final else None
             return 1 if lingered else None
 
@@ -905,9 +940,12 @@ class Federation:
                 self.context, num_chunks(encrypted.numel, self.params), plaintext.numel, plaintext.locate
             )
         self.round = RoundState(number, members, rule, now)
+        for site in self.left:
+            self.round.leave(site)
         self.accumulator = accumulator
         self._stats = _RoundStats(opened_at=now)
-        what = f"the initial model from {members[0]}" if number == 0 else f"updates from {', '.join(members)}"
+        waited = self.round.remaining
+        what = f"the initial model from {members[0]}" if number == 0 else f"updates from {', '.join(waited)}"
         logger.info("round %d open: waiting for %s", number, what)
 
     def _close_round(self, decision: Decision, now: float) -> None:

@@ -3,7 +3,9 @@
 The same rule decides federation formation ("round 0" of membership: who joined) and every training round (who
 submitted): close as soon as every expected site arrived; once ``min_clients`` arrived, wait ``wait_after_min_s``
 more for the rest, then close; if the quorum is still missing ``timeout_s`` after the start, fail. ``timeout_s``
-also caps the grace period, so a round never lasts longer than it.
+also caps the grace period, so a round never lasts longer than it. A member that left (the Leave call) is no longer
+waited for: the round closes once every remaining member arrived, and fails at once when fewer members remain than
+the quorum.
 
 Nothing here reads a clock, sleeps or locks: callers pass ``now`` (seconds on any monotonic clock), which is what
 lets the tests walk through hours of rounds in microseconds.
@@ -109,6 +111,17 @@ class RoundState:
         self.opened_at = opened_at
         self.submitted: dict[str, float] = {}  # site -> when its update was recorded
         self.uploading: set[str] = set()
+        self.left: set[str] = set()  # members that left: no longer waited for, refused if they submit
+
+    @property
+    def remaining(self) -> tuple[str, ...]:
+        """The members still taking part, in the members' order."""
+        return tuple(site for site in self.members if site not in self.left)
+
+    def leave(self, site: str) -> None:
+        """``site`` takes part no further: the round stops waiting for it (an update it already sent stays in)."""
+        if site in self.members:
+            self.left.add(site)
 
     def check_round(self, round_number: int) -> None:
         """Refuses a round number other than this round's: stale (closed, or replayed) or not open yet."""
@@ -134,6 +147,12 @@ class RoundState:
         """Refuses what :meth:`start_upload` would refuse (wrong round, not a member, duplicate, busy), reserving
         nothing."""
         self.check_round(round_number)
+        if site in self.left:
+            raise Refusal(
+                Status.FAILED_PRECONDITION,
+                Reason.LEFT,
+                f"site {site!r} left the federation and takes part in no further round (round {self.number})",
+            )
         if site not in self.members:
             raise Refusal(
                 Status.PERMISSION_DENIED,
@@ -162,7 +181,18 @@ class RoundState:
             self.submitted[site] = now
 
     def decide(self, now: float) -> Decision:
-        return self.rule.decide(len(self.members), self.submitted.values(), self.opened_at, now)
+        remaining = self.remaining
+        quorum = min(self.rule.min_clients, len(self.members))
+        if self.left and len(remaining) < quorum:
+            return Decision(
+                Outcome.FAIL,
+                f"{len(remaining)} member(s) remain after {', '.join(sorted(self.left))} left, fewer than the quorum "
+                f"of {quorum} (min_clients)",
+            )
+        # Only the remaining members' arrivals count towards "everyone is here"; one that left after submitting
+        # stays in the sum (its share is in total_share) but is not waited for.
+        arrivals = [t for site, t in self.submitted.items() if site not in self.left]
+        return self.rule.decide(len(remaining), arrivals, self.opened_at, now)
 
     @property
     def participants(self) -> tuple[str, ...]:

@@ -245,6 +245,16 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             finally:
                 self.federation.note_download(site, request.round, sent, complete)
 
+    # -- Leave ------------------------------------------------------------------------------------------------------
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
+        with self._admitted(context, Method.LEAVE) as caller:
+            try:
+                remaining = self.federation.leave(caller.name, request.why)
+            except Refusal as refusal:
+                _abort(context, refusal)
+        return pb.LeaveReply(members_left=remaining)
+
     # -- GetRoundStatus ---------------------------------------------------------------------------------------------
 
     def GetRoundStatus(self, request: pb.RoundStatusRequest, context: grpc.ServicerContext) -> pb.RoundStatus:
@@ -391,4 +401,5 @@ def _status_message(view: StatusView) -> pb.RoundStatus:
         site=view.site,
         seconds_left=view.seconds_left,
         activity=[pb.MemberActivity(site=a.site, idle_s=a.idle_s, last_call=a.last_call) for a in view.activity],
+        left=view.left,
     )

@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--crash-after-round", type=int, help="save a checkpoint after this round, then die")
     parser.add_argument("--crash-after-epochs", type=int, default=0, help="... and this many local epochs more")
     parser.add_argument("--checkpoint", help="where --crash-after-round saves, and what a restart resumes from")
+    parser.add_argument("--max-steps", type=int, default=-1, help="the Trainer's max_steps: stop before the last round")
+    parser.add_argument("--retry-budget-s", type=float, default=60.0)
     args = parser.parse_args()
 
     # Same initial weights at every site whoever joins first, so runs are comparable; each site's own data.
@@ -113,10 +115,12 @@ def main() -> None:
         optimizer_state=args.optimizer_state,
         privacy=args.privacy,
         fedprox_mu=args.fedprox_mu,
+        retry_budget_s=args.retry_budget_s,
         progress=False,
     )
     trainer = L.Trainer(
         max_epochs=args.max_epochs,
+        max_steps=args.max_steps,
         accelerator="cpu",
         devices=args.devices,
         strategy=args.strategy,
