@@ -29,6 +29,7 @@ from lightning_fhe.he.codec import num_chunks
 from lightning_fhe.he.context import HEContext
 from lightning_fhe.proto.wire import plaintext_field
 from lightning_fhe.server.accumulator import Aggregate, RoundAccumulator, Upload
+from lightning_fhe.server.activity import ActivityLog, MemberActivity
 from lightning_fhe.server.admission import OPERATOR, Method, check_caller, clamp_wait
 from lightning_fhe.server.config import ServerConfig
 from lightning_fhe.server.errors import Reason, Refusal, Status
@@ -117,20 +118,6 @@ class StatusView:
     left: tuple[str, ...] = ()  # members that left (Leave)
 
 
-@dataclass(frozen=True)
-class MemberActivity:
-    site: str
-    idle_s: float  # seconds since the server last heard from it
-    last_call: str  # "join", "upload", "download" or "status"
-
-
-@dataclass
-class _Heard:
-    at: float
-    call: str
-    warned: bool = False  # the silence since ``at`` was logged
-
-
 @dataclass
 class _RoundStats:
     opened_at: float
@@ -213,9 +200,8 @@ class Federation:
         # but no longer than the quorum's grace period or round_timeout_s, as for any member that stays away.
         self.left: dict[str, str] = {}
         self._stats = _RoundStats(opened_at=clock())
-        self._started_at = clock()
         self._last_close_why = ""
-        self._heard: dict[str, _Heard] = {}  # per site, the last call from it
+        self._activity = ActivityLog(started_at=clock())
         self._stream_cancels: dict[int, Callable[[Refusal], None]] = {}  # of uploads reading, by id
         self._restore()
 
@@ -247,8 +233,7 @@ class Federation:
                 f"this server kit has {self.he_fingerprint}: use another state_dir, or the matching kit"
             )
         membership = record.membership
-        self.last_closed_round = max(record.last_closed_round, store.last_closed_round())
-        self._check_aggregates(record)
+        self.last_closed_round = store.check_resumable(record, self.config.rounds)
         if self.last_closed_round < 0 and self._initial_state is None and membership.initial_model_site is None:
             # Formed with a configured initial model that is no longer configured: a member sends it instead.
             membership = replace(membership, initial_model_site=membership.members[0])
@@ -274,49 +259,6 @@ class Federation:
                 self._finish(now)
             else:
                 self._open_round(self.last_closed_round + 1, now)
-
-    def _check_aggregates(self, record: FederationRecord) -> None:
-        """Refuses to resume from aggregates this federation cannot have written, or from a damaged last one.
-
-        A round's aggregate is renamed into place just before the record says it closed, so at most one round more
-        than the record may be on disk; none beyond ``rounds``; each file's header must name its own round.
-        """
-        store, rounds = self.store, self.config.rounds
-        on_disk = store.stored_rounds()
-        finished = max([record.last_closed_round, *on_disk]) >= record.rounds
-        if finished and rounds != record.rounds:
-            raise StateError(
-                f"state_dir {store.root} holds a federation that finished its {record.rounds} rounds; this server "
-                f"is configured with rounds={rounds}. A finished federation is not extended: start the server with "
-                f"rounds={record.rounds} to serve its last model, or use another state_dir for a new federation"
-            )
-        beyond = [r for r in on_disk if r > rounds or r > record.last_closed_round + 1]
-        if beyond:
-            raise StateError(
-                f"state_dir {store.root}: {store.aggregate_path(beyond[0]).name} is beyond what this federation "
-                f"closed (round {record.last_closed_round} of rounds={rounds}); it was not written by this server: "
-                "remove it"
-            )
-        for r in on_disk:
-            try:
-                with store.open_aggregate(r) as reader:
-                    if reader.header.round != r:
-                        raise StateError(
-                            f"{reader.path}: its header says round {reader.header.round}; the file was renamed or "
-                            "planted: remove it"
-                        )
-                    if r == self.last_closed_round:  # the one a restarted federation serves first: check it whole
-                        for _ in reader.iter_chunks():
-                            pass
-                        for _ in reader.iter_plaintext(1 << 16):
-                            pass
-            except OSError as err:
-                raise StateError(f"cannot resume: round {r}'s aggregate is unreadable ({err})") from None
-        if self.last_closed_round >= 0 and self.last_closed_round not in on_disk:
-            raise StateError(
-                f"cannot resume: {store.aggregate_path(self.last_closed_round).name}, the last closed round's "
-                "aggregate, is missing from state_dir"
-            )
 
     # -- joining ----------------------------------------------------------------------------------------------------
 
@@ -695,19 +637,14 @@ class Federation:
 
     def _note_heard(self, site: str, call: str, now: float) -> None:
         if site in self.config.expected:
-            heard = self._heard.get(site)
-            if heard is not None and heard.warned:
-                logger.info("member %s is heard from again (%s) after %.0f s", site, call, now - heard.at)
-            self._heard[site] = _Heard(now, call)
+            silence = self._activity.heard(site, call, now)
+            if silence is not None:
+                logger.info("member %s is heard from again (%s) after %.0f s", site, call, silence)
 
     def _activity_locked(self, now: float) -> tuple[MemberActivity, ...]:
         if self.phase is Phase.FORMING and self.formation is not None:
-            sites: tuple[str, ...] = tuple(self.formation.joined)
-        else:
-            sites = self.membership.members if self.membership else ()
-        return tuple(
-            MemberActivity(s, now - self._heard[s].at, self._heard[s].call) for s in sites if s in self._heard
-        )
+            return self._activity.of(self.formation.joined, now)
+        return self._activity.of(self.membership.members if self.membership else (), now)
 
     def _seconds_left_locked(self, now: float) -> float:
         if self.phase is Phase.FORMING and self.formation is not None:
@@ -722,16 +659,8 @@ class Federation:
         """Logs each member silent for ``silent_after_s``, once per silence: whom, since when, what is awaited."""
         if self.phase is not Phase.OPEN or self.membership is None:
             return
-        limit = self.config.silent_after_s
-        for site in self.membership.members:
-            if site in self.left:
-                continue  # it said goodbye: its silence is expected
-            heard = self._heard.get(site)
-            if heard is None:  # not heard from since this server started: count from when it did
-                heard = self._heard[site] = _Heard(self._started_at, "none since the server started")
-            if heard.warned or now - heard.at < limit:
-                continue
-            heard.warned = True
+        present = [m for m in self.membership.members if m not in self.left]  # a site that left is silent, rightly
+        for silent in self._activity.newly_silent(present, now, self.config.silent_after_s):
             waiting = ""
             if self.round is not None:
                 pending = [m for m in self.round.members if m not in self.round.participants]
@@ -739,10 +668,10 @@ class Federation:
             logger.warning(
                 "member %s has not been heard from for %.0f s (silent_after_s=%g; last call: %s)%s, "
                 "%.0f s before the round times out",
-                site,
-                now - heard.at,
-                limit,
-                heard.call,
+                silent.site,
+                silent.idle_s,
+                self.config.silent_after_s,
+                silent.last_call,
                 waiting,
                 self._seconds_left_locked(now),
             )

@@ -299,6 +299,51 @@ class StateStore:
             self.aggregate_path(r).unlink(missing_ok=True)
         return doomed
 
+    def check_resumable(self, record: FederationRecord, rounds: int) -> int:
+        """The last closed round to resume from; refuses aggregates this federation cannot have written, a damaged
+        last one, and ``rounds`` other than those of a finished federation.
+
+        A round's aggregate is renamed into place just before the record says it closed, so at most one round more
+        than the record may be on disk; none beyond ``rounds``; each file's header must name its own round.
+        """
+        on_disk = self.stored_rounds()
+        last_closed = max([record.last_closed_round, *on_disk])
+        finished = last_closed >= record.rounds
+        if finished and rounds != record.rounds:
+            raise StateError(
+                f"state_dir {self.root} holds a federation that finished its {record.rounds} rounds; this server "
+                f"is configured with rounds={rounds}. A finished federation is not extended: start the server with "
+                f"rounds={record.rounds} to serve its last model, or use another state_dir for a new federation"
+            )
+        beyond = [r for r in on_disk if r > rounds or r > record.last_closed_round + 1]
+        if beyond:
+            raise StateError(
+                f"state_dir {self.root}: {self.aggregate_path(beyond[0]).name} is beyond what this federation "
+                f"closed (round {record.last_closed_round} of rounds={rounds}); it was not written by this server: "
+                "remove it"
+            )
+        for r in on_disk:
+            try:
+                with self.open_aggregate(r) as reader:
+                    if reader.header.round != r:
+                        raise StateError(
+                            f"{reader.path}: its header says round {reader.header.round}; the file was renamed or "
+                            "planted: remove it"
+                        )
+                    if r == last_closed:  # the one a restarted federation serves first: check it whole
+                        for _ in reader.iter_chunks():
+                            pass
+                        for _ in reader.iter_plaintext(1 << 16):
+                            pass
+            except OSError as err:
+                raise StateError(f"cannot resume: round {r}'s aggregate is unreadable ({err})") from None
+        if last_closed >= 0 and last_closed not in on_disk:
+            raise StateError(
+                f"cannot resume: {self.aggregate_path(last_closed).name}, the last closed round's "
+                "aggregate, is missing from state_dir"
+            )
+        return last_closed
+
     # -- atomic writes ---------------------------------------------------------------------------------------------
 
     def _write_atomically(self, name: str, parts) -> int:

@@ -1,0 +1,20 @@
+"""The examples in the pure modules' docstrings run, so they stay true to the code."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "lightning_fhe.he.layout",
+    "lightning_fhe.server.activity",
+    "lightning_fhe.server.admission",
+    "lightning_fhe.server.membership",
+    "lightning_fhe.server.rounds",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
