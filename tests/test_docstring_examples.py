@@ -8,7 +8,6 @@ import pytest
 MODULES = [
     "lightning_fhe.he.layout",
     "lightning_fhe.server.activity",
-    "lightning_fhe.server.admission",
     "lightning_fhe.server.membership",
     "lightning_fhe.server.rounds",
 ]
@@ -17,4 +16,4 @@ MODULES = [
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0
+    assert result.attempted > 0 and result.failed == 0
