@@ -479,18 +479,10 @@ class HEFederation(Callback):
         return f"{self._mismatch_message(trainer, server_rounds, planned)} (the server refused to join: {err})"
 
     def _rounds(self, trainer: Trainer, server_rounds: int) -> int:
-        max_epochs = _max_epochs(trainer)
-        rounds = self.rounds
-        if rounds is None and max_epochs is not None:
-            rounds = max_epochs // self.local_epochs
-        if rounds is None:
-            rounds = server_rounds
+        """The rounds to run: this site's plan (checked against max_epochs there), which must be the server's."""
+        rounds = self._planned_rounds(trainer) or server_rounds
         if rounds != server_rounds:
             raise FederationSetupError(self._mismatch_message(trainer, server_rounds, rounds))
-        if max_epochs is not None and max_epochs < rounds * self.local_epochs:
-            raise FederationSetupError(
-                f"max_epochs={max_epochs} is too few for {rounds} rounds of {self.local_epochs} local epoch(s)"
-            )
         return rounds
 
     def _progress_bar(self, trainer: Trainer):
