@@ -15,10 +15,15 @@ from lightning_fhe.server.admission import (
     OPERATOR,
     CallLimiter,
     Method,
+    UploadSizes,
     check_caller,
+    check_upload_header,
     clamp_wait,
     worker_threads,
 )
+from lightning_fhe.he.layout import TensorLayout
+from lightning_fhe.server.membership import Membership
+from lightning_fhe.server.rounds import QuorumRule, RoundState
 from lightning_fhe.server.errors import Reason, Refusal, Status
 from lightning_fhe.server.federation import Phase, PlaintextPart, UploadHeader
 from lightning_fhe.server.servicer import IdleDeadlineStream
@@ -70,6 +75,41 @@ def test_the_operator_may_only_ask_for_the_status():
     for method in (Method.JOIN, Method.SUBMIT, Method.DOWNLOAD, Method.LEAVE):
         err = refusal(check_caller, OPERATOR, method, EXPECTED, ("a",), is_operator=True)
         assert err.status is Status.PERMISSION_DENIED and "may only call GetRoundStatus" in err.message
+
+
+_TWO = Membership(("a", "b"), (1.0, 3.0), TensorLayout(()), TensorLayout(()), initial_model_site="a")
+_SIZES = UploadSizes(num_chunks=3, plaintext_count=10, values_per_chunk=8192)
+
+
+@pytest.mark.parametrize(
+    ("site", "header", "open_round", "status", "reason", "words"),
+    [
+        ("c", (1, 3, 10), 1, Status.PERMISSION_DENIED, Reason.NOT_MEMBER, "never joined"),
+        ("a", (7, 3, 10), 1, Status.INVALID_ARGUMENT, Reason.NO_SUCH_ROUND, "round 7 does not exist"),
+        ("a", (1, 3, 10), None, Status.FAILED_PRECONDITION, Reason.ROUND_CLOSED, "finished its 3 rounds"),
+        ("a", (1, 3, 10), 2, Status.FAILED_PRECONDITION, Reason.ROUND_CLOSED, "round 1 is closed"),
+        ("a", (3, 3, 10), 2, Status.FAILED_PRECONDITION, Reason.ROUND_NOT_OPEN, "not open yet"),
+        ("b", (0, 3, 10), 0, Status.PERMISSION_DENIED, Reason.NOT_MEMBER, "which site 'a' sends"),
+        ("a", (1, 4, 10), 1, Status.INVALID_ARGUMENT, Reason.CHUNK_COUNT, "declares 4 ciphertext chunks"),
+        ("a", (1, 3, 11), 1, Status.INVALID_ARGUMENT, Reason.CHUNK_COUNT, "declares 11 plaintext values"),
+    ],
+)
+def test_an_update_header_is_refused_before_any_data(site, header, open_round, status, reason, words):
+    state = None if open_round is None else RoundState(open_round, ("a", "b"), QuorumRule(2, 0.0, 60.0), 0.0)
+    with pytest.raises(Refusal) as refused:
+        check_upload_header(site, *header, _TWO, 3, state, _SIZES)
+    assert (refused.value.status, refused.value.reason) == (status, reason) and words in refused.value.message
+    assert state is None or not state.uploading  # refusing reserves nothing
+
+
+def test_a_duplicate_header_is_refused_as_a_duplicate_before_its_sizes():
+    state = RoundState(1, ("a", "b"), QuorumRule(2, 0.0, 60.0), 0.0)
+    check_upload_header("a", 1, 3, 10, _TWO, 3, state, _SIZES)  # well formed: no refusal
+    state.start_upload("a", 1)
+    state.finish_upload("a", recorded=True, now=1.0)
+    with pytest.raises(Refusal) as refused:
+        check_upload_header("a", 1, 99, 99, _TWO, 3, state, _SIZES)
+    assert refused.value.reason is Reason.DUPLICATE
 
 
 @pytest.mark.parametrize(

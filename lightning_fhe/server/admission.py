@@ -8,6 +8,9 @@ but the refusal. The rules, in order:
 - while the federation forms, every expected site may call (the federation itself refuses what needs a member);
 - once it formed, only members may: an expected site that missed formation gets no model and no status.
 
+:func:`check_upload_header` refuses an update from its header alone (a member, the open round, not a duplicate, the
+sizes the round takes), before any of its data is read.
+
 :class:`CallLimiter` caps the calls one caller holds at once (``max_calls_per_site``), so that with a thread pool
 sized from that cap no single site can take the threads the others need. :func:`clamp_wait` makes every wait a
 caller asks for finite and bounded.
@@ -21,9 +24,15 @@ import math
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from lightning_fhe.server.errors import Reason, Refusal, Status
+
+if TYPE_CHECKING:
+    from lightning_fhe.server.membership import Membership
+    from lightning_fhe.server.rounds import RoundState
 
 # Waiting calls are answered at least this often, so a site notices a restarted server or a lost update soon.
 MAX_WAIT_S = 60.0
@@ -85,6 +94,86 @@ def check_caller(
         f"site {caller!r} never joined: the federation formed with {', '.join(members)} and members are fixed "
         f"from then on, so it may not call {method.value}",
     )
+
+
+@dataclass(frozen=True)
+class UploadSizes:
+    """What an update for the open round must declare: its chunks and plaintext values."""
+
+    num_chunks: int
+    plaintext_count: int
+    values_per_chunk: int  # for the message: encrypted values per ciphertext chunk
+
+
+def check_upload_header(
+    site: str,
+    round_number: int,
+    num_chunks: int,
+    plaintext_count: int,
+    membership: Membership,
+    rounds: int,
+    round_state: RoundState | None,
+    sizes: UploadSizes,
+) -> None:
+    """Refuses an update from its header alone, before any of its data is read: who sends it, to which round, a
+    duplicate, and the sizes it declares. Reserves nothing.
+
+    Args:
+        site: the sender, a name already admitted by :func:`check_caller`.
+        round_number, num_chunks, plaintext_count: the update's header.
+        membership: the formed federation.
+        rounds: the federation's number of training rounds.
+        round_state: the open round, or None once every round closed.
+        sizes: what the open round's updates must declare.
+    """
+    if site not in membership.members:
+        raise Refusal(
+            Status.PERMISSION_DENIED,
+            Reason.NOT_MEMBER,
+            f"site {site!r} never joined: the federation formed with {', '.join(membership.members)} and "
+            "members are fixed from then on",
+        )
+    check_round_exists(round_number, rounds)
+    if round_state is None:
+        raise Refusal(
+            Status.FAILED_PRECONDITION,
+            Reason.ROUND_CLOSED,
+            f"round {round_number} is closed: the federation finished its {rounds} rounds",
+        )
+    round_state.check_round(round_number)
+    if round_number == 0 and site != membership.initial_model_site:
+        raise Refusal(
+            Status.PERMISSION_DENIED,
+            Reason.NOT_MEMBER,
+            f"round 0 is the initial model, which site {membership.initial_model_site!r} sends, not {site!r}",
+        )
+    round_state.check_upload(site, round_number)  # a duplicate is refused as such before its sizes are read
+    if num_chunks != sizes.num_chunks:
+        values = membership.encrypted_layout.numel if round_number else 0
+        raise Refusal(
+            Status.INVALID_ARGUMENT,
+            Reason.CHUNK_COUNT,
+            f"the update declares {num_chunks} ciphertext chunks, but round {round_number} takes "
+            f"{sizes.num_chunks} ({values} encrypted values, {sizes.values_per_chunk} per chunk)",
+        )
+    if plaintext_count != sizes.plaintext_count:
+        initial = "encrypted and plaintext values of the initial model"
+        what = initial if round_number == 0 else "values in the plaintext layout"
+        raise Refusal(
+            Status.INVALID_ARGUMENT,
+            Reason.CHUNK_COUNT,
+            f"the update declares {plaintext_count} plaintext values, but there are {sizes.plaintext_count} {what}",
+        )
+
+
+def check_round_exists(round_number: int, rounds: int) -> None:
+    """Refuses a round number outside 0..rounds."""
+    if not 0 <= round_number <= rounds:
+        raise Refusal(
+            Status.INVALID_ARGUMENT,
+            Reason.NO_SUCH_ROUND,
+            f"round {round_number} does not exist: the federation runs rounds 1..{rounds} (0: the initial model)",
+        )
 
 
 def clamp_wait(requested: float) -> float:

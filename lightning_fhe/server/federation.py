@@ -30,7 +30,15 @@ from lightning_fhe.he.context import HEContext
 from lightning_fhe.proto.wire import plaintext_field
 from lightning_fhe.server.accumulator import Aggregate, RoundAccumulator, Upload
 from lightning_fhe.server.activity import ActivityLog, MemberActivity
-from lightning_fhe.server.admission import OPERATOR, Method, check_caller, clamp_wait
+from lightning_fhe.server.admission import (
+    OPERATOR,
+    Method,
+    UploadSizes,
+    check_caller,
+    check_round_exists,
+    check_upload_header,
+    clamp_wait,
+)
 from lightning_fhe.server.config import ServerConfig
 from lightning_fhe.server.errors import Reason, Refusal, Status
 from lightning_fhe.server.initial_model import InitialModelError, flatten_initial_state
@@ -451,50 +459,22 @@ class Federation:
                 + ("" if joined else f", and site {site!r} has not joined"),
             )
         assert self.membership is not None
-        if site not in self.membership.members:
-            raise Refusal(
-                Status.PERMISSION_DENIED,
-                Reason.NOT_MEMBER,
-                f"site {site!r} never joined: the federation formed with {', '.join(self.membership.members)} and "
-                "members are fixed from then on",
-            )
-        self._check_round_exists(header.round)
-        if self.phase is Phase.FINISHED:
-            raise Refusal(
-                Status.FAILED_PRECONDITION,
-                Reason.ROUND_CLOSED,
-                f"round {header.round} is closed: the federation finished its {self.config.rounds} rounds",
-            )
         round_state, accumulator = self.round, self.accumulator
-        assert round_state is not None and accumulator is not None
-        round_state.check_round(header.round)
-        if header.round == 0 and site != self.membership.initial_model_site:
-            raise Refusal(
-                Status.PERMISSION_DENIED,
-                Reason.NOT_MEMBER,
-                f"round 0 is the initial model, which site {self.membership.initial_model_site!r} sends, not {site!r}",
-            )
-        round_state.check_upload(site, header.round)  # a duplicate is refused as such before its sizes are read
-        if header.num_chunks != accumulator.num_chunks:
-            values = self.membership.encrypted_layout.numel if header.round else 0
-            raise Refusal(
-                Status.INVALID_ARGUMENT,
-                Reason.CHUNK_COUNT,
-                f"the update declares {header.num_chunks} ciphertext chunks, but round {header.round} takes "
-                f"{accumulator.num_chunks} ({values} encrypted values, {self.params.values_per_ciphertext} per chunk)",
-            )
-        if header.plaintext_count != accumulator.plaintext_count:
-            what = (
-                "encrypted and plaintext values of the initial model"
-                if header.round == 0
-                else "values in the plaintext layout"
-            )
-            raise Refusal(
-                Status.INVALID_ARGUMENT,
-                Reason.CHUNK_COUNT,
-                f"the update declares {header.plaintext_count} plaintext values, but there are "
-                f"{accumulator.plaintext_count} {what}",
-            )
+        check_upload_header(
+            site,
+            header.round,
+            header.num_chunks,
+            header.plaintext_count,
+            self.membership,
+            self.config.rounds,
+            round_state if self.phase is not Phase.FINISHED else None,
+            UploadSizes(
+                accumulator.num_chunks if accumulator else 0,
+                accumulator.plaintext_count if accumulator else 0,
+                self.params.values_per_ciphertext,
+            ),
+        )
+        assert round_state is not None
         round_state.start_upload(site, header.round)
         return round_state
 
@@ -548,7 +528,7 @@ class Federation:
                 raise Refusal(
                     Status.FAILED_PRECONDITION, Reason.NOT_JOINED, "the federation is still forming: join first"
                 )
-            self._check_round_exists(round_number)
+            check_round_exists(round_number, self.config.rounds)
             deadline = now + max_wait_s
             while True:
                 if round_number <= self.last_closed_round:
@@ -714,15 +694,6 @@ class Federation:
                 Status.PERMISSION_DENIED,
                 Reason.UNKNOWN_SITE,
                 f"site {site!r} is not one of the expected sites ({', '.join(self.config.expected)})",
-            )
-
-    def _check_round_exists(self, round_number: int) -> None:
-        if not 0 <= round_number <= self.config.rounds:
-            raise Refusal(
-                Status.INVALID_ARGUMENT,
-                Reason.NO_SUCH_ROUND,
-                f"round {round_number} does not exist: the federation runs rounds 1..{self.config.rounds} "
-                "(0: the initial model)",
             )
 
     def _refuse_if_failed(self) -> None:
