@@ -210,7 +210,7 @@ class Federation:
         self._stats = _RoundStats(opened_at=clock())
         self._last_close_why = ""
         self._activity = ActivityLog(started_at=clock())
-        self._stream_cancels: dict[int, Callable[[Refusal], None]] = {}  # of uploads reading, by id
+        self._stream_cancels: set[Callable[[Refusal], None]] = set()  # of the uploads reading their stream
         self._restore()
 
     # -- start-up ---------------------------------------------------------------------------------------------------
@@ -379,7 +379,7 @@ class Federation:
             self._note_heard(site, "upload", now)
             round_state = self._reserve_submission(site, header)
             if cancel is not None:
-                self._stream_cancels[id(cancel)] = cancel
+                self._stream_cancels.add(cancel)
         recorded = False
         try:
             self._acquire_slot(site, header.round, is_active)
@@ -439,7 +439,7 @@ class Federation:
         finally:
             with self._cond:
                 if cancel is not None:
-                    self._stream_cancels.pop(id(cancel), None)
+                    self._stream_cancels.discard(cancel)
                 self._note_heard(site, "upload", self._clock())
                 if not recorded:
                     round_state.finish_upload(site, recorded=False, now=self._clock())
@@ -925,7 +925,7 @@ class Federation:
 
     def _cancel_streams_locked(self, refusal: Refusal) -> None:
         """Unblocks every upload still reading its stream: a stalled one must not keep its slot past its round."""
-        for cancel in list(self._stream_cancels.values()):
+        for cancel in list(self._stream_cancels):
             cancel(refusal)
 
     def _save_record(self) -> None:

@@ -33,7 +33,7 @@ from lightning_fhe.proto.wire import (
     WIRE_DTYPES,
     block_payload,
 )
-from lightning_fhe.server.admission import MAX_WAIT_S, OPERATOR, CallLimiter, Method, clamp_wait
+from lightning_fhe.server.admission import MAX_WAIT_S, OPERATOR, CallLimiter, Method
 from lightning_fhe.server.errors import Reason, Refusal, Status
 from lightning_fhe.server.federation import (
     ChunkPart,
@@ -153,9 +153,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                     params_fingerprint=request.params_fingerprint,
                     rounds=request.rounds,
                 )
-                result = self.federation.join(
-                    caller.name, declaration, clamp_wait(request.max_wait_s), context.is_active
-                )
+                result = self.federation.join(caller.name, declaration, request.max_wait_s, context.is_active)
             except Refusal as refusal:
                 _abort(context, refusal)
         return pb.JoinReply(
@@ -205,7 +203,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self, site: str, request: pb.GlobalModelRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GlobalModelPart]:
         try:
-            found = self.federation.open_global(site, request.round, clamp_wait(request.max_wait_s), context.is_active)
+            found = self.federation.open_global(site, request.round, request.max_wait_s, context.is_active)
         except Refusal as refusal:
             _abort(context, refusal)
         if isinstance(found, StatusView):
