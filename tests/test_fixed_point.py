@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from lightning_fhe.he import CKKSParams, HEContext
-from lightning_fhe.he.codec import CiphertextSum, UpdateCipher
+from lightning_fhe.he.codec import ChunkSum, UpdateCipher
 from lightning_fhe.he.fixed_point import round_to_grid
 
 BITS = 24
@@ -54,7 +54,7 @@ def test_an_encrypted_sum_of_30_sites_decrypts_to_the_plaintext_sum_bit_for_bit(
     count = 2 * cipher.params.values_per_ciphertext
     shares = rng.dirichlet(np.ones(30))
     updates = [rng.normal(0, 0.1, count) for _ in shares]
-    total = CiphertextSum(site_context.without_keys(), 2)
+    total = ChunkSum.for_context(site_context.without_keys(), 2)
     plaintext_sum = np.zeros(count)
     for share, values in zip(shares, updates):
         for i, chunk in enumerate(cipher.encrypt(values, share)):

@@ -153,7 +153,7 @@ def test_plaintext_only_rounds_need_no_ciphertext(server_context):
     upload.add_plaintext(2, np.array([3.0]).tobytes())
     upload.commit()
     aggregate = acc.result(0)
-    assert aggregate.encrypted_chunks == [] and aggregate.plaintext.tolist() == [1.0, 2.0, 3.0]
+    assert list(aggregate.encrypted_chunks) == [] and aggregate.plaintext.tolist() == [1.0, 2.0, 3.0]
 
 
 # -- plaintext values and shares (defects 8 and 10) ------------------------------------------------------------------

@@ -16,15 +16,14 @@ from dataclasses import replace
 import grpc
 import numpy as np
 import pytest
-import tenseal.sealapi as sealapi
 import torch
 
 from lightning_fhe.client import AggregatorClient, FederationError, ServerUnavailableError
-from lightning_fhe.he.codec import UpdateCipher, frame, max_chunk_bytes
+from lightning_fhe.he.codec import UpdateCipher
+from lightning_fhe.he.frames import decode_upload_chunk, encode_upload_chunk, upload_chunk_bytes
 from lightning_fhe.he.context import HEContext
 from lightning_fhe.he.layout import TensorLayout
 from lightning_fhe.he.params import CKKSParams
-from lightning_fhe.he.seal_io import thread_buffer
 from lightning_fhe.proto import aggregator_pb2 as pb
 from lightning_fhe.proto.wire import REFUSAL_REASON_METADATA
 from lightning_fhe.provision import CertificateAuthority, issue_client_cert, load_site_kit, make_ca
@@ -132,14 +131,15 @@ def reason(err: grpc.RpcError) -> str | None:
     return dict(err.trailing_metadata() or ()).get(REFUSAL_REASON_METADATA)
 
 
-def seal_chunk(context: HEContext, values, parms_id, scale) -> bytes:
-    """A ciphertext made by hand, to get one at the wrong level or scale."""
-    seal_context = context.seal_context
-    encoder = sealapi.CKKSEncoder(seal_context)
-    encryptor = sealapi.Encryptor(seal_context, context.secret_key())
-    plain = sealapi.Plaintext()
-    encoder.encode(list(values), parms_id, scale, plain)
-    return frame(thread_buffer().dump(encryptor.encrypt_symmetric(plain)))
+def forged_chunk(good: bytes, edit) -> bytes:
+    """A well-framed upload chunk (valid checksum) whose parts ``edit(c0, seed) -> (c0, prng, seed)`` changed."""
+    parts = decode_upload_chunk(good, len_n(good), 2**61 - 1)
+    c0, prng, seed = edit(parts.c0.copy(), parts.seed)
+    return encode_upload_chunk(c0, prng, seed)
+
+
+def len_n(frame: bytes) -> int:
+    return (len(frame) - 70) * 2 // 15
 
 
 # -- chunks ----------------------------------------------------------------------------------------------------------
@@ -162,27 +162,34 @@ def test_a_ciphertext_made_with_other_parameters(fed):
     parts[2] = chunk(0, other.encrypt(np.zeros(10))[0])
     err = refused(fed, parts)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.details().startswith("chunk 0: chunk cannot be read under the federation's CKKS parameters")
+    assert err.details() == "chunk 0: chunk of 30790 bytes; an upload chunk of N=8192 takes 61510"
+    assert reason(err) == "bad_chunk"
 
 
-def test_a_ciphertext_at_the_wrong_level(fed):
-    context = fed.sites["site-2"].kit.he_context
-    top = context.seal_context.first_parms_id()
+def test_a_coefficient_beyond_the_first_prime(fed):
+    """Only a ciphertext's coefficients are below q0; anything else would make the sum wrap and decrypt to garbage."""
     parts = good_parts(fed)
-    parts[4] = chunk(2, seal_chunk(context, np.zeros(4096, complex), top, context.params.scale))
+    parts[4] = chunk(2, forged_chunk(parts[4].chunk.data, lambda c0, seed: (np.where(np.arange(c0.size) == 7, 2**60 - 1, c0).astype(np.uint64), 1, seed)))
     err = refused(fed, parts)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.details() == "chunk 2: chunk is at modulus level 1; updates must be encrypted at the lowest level (0)"
+    assert err.details().startswith(f"chunk 2: coefficient 7 is {2**60 - 1}, not below the first prime ")
+    assert reason(err) == "bad_chunk"
 
 
-def test_a_ciphertext_at_the_wrong_scale(fed):
-    context = fed.sites["site-2"].kit.he_context
-    lowest = context.seal_context.last_parms_id()
+@pytest.mark.parametrize(
+    "forge, message",
+    [
+        (lambda data: b"\x01" + data[1:], "chunk 0: chunk format 1; this version reads format 2"),
+        (lambda data: forged_chunk(data, lambda c0, seed: (c0, 9, seed)), "chunk 0: chunk names PRNG type 9; SEAL's are (1, 2)"),
+    ],
+    ids=["format-1", "unknown-prng"],
+)
+def test_a_chunk_of_another_format(fed, forge, message):
     parts = good_parts(fed)
-    parts[2] = chunk(0, seal_chunk(context, np.zeros(4096, complex), lowest, 2.0**30))
+    parts[2] = chunk(0, forge(parts[2].chunk.data))
     err = refused(fed, parts)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.details() == "chunk 0: chunk has scale 2^30.00; the federation uses 2^40"
+    assert err.details() == message
 
 
 def test_a_wrong_chunk_count(fed):
@@ -208,12 +215,12 @@ def test_chunks_out_of_order(fed):
 
 
 def test_an_oversized_chunk_is_refused_before_parsing(fed):
-    limit = max_chunk_bytes(fed.sites["site-2"].kit.params)
+    size = upload_chunk_bytes(fed.sites["site-2"].kit.params.poly_modulus_degree)
     parts = good_parts(fed)
-    parts[2] = chunk(0, b"\0" * (limit + 1))
+    parts[2] = chunk(0, b"\0" * (size + 1))
     err = refused(fed, parts)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.details() == f"chunk 0: chunk of {limit + 1} bytes exceeds the {limit} bytes a ciphertext can take"
+    assert err.details() == f"chunk 0: chunk of {size + 1} bytes; an upload chunk of N=8192 takes {size}"
 
 
 def test_an_8_mb_message_is_refused_by_grpc_itself(fed):

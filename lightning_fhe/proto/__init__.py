@@ -1,1 +1,1 @@
-"""The wire protocol: ``aggregator.proto`` (package ``lightning_fhe.v1``), its generated code, and :mod:`wire`."""
+"""The wire protocol: ``aggregator.proto`` (package ``lightning_fhe.v2``), its generated code, and :mod:`wire`."""

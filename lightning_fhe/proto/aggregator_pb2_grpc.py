@@ -5,7 +5,7 @@ import warnings
 
 from lightning_fhe.proto import aggregator_pb2 as lightning__fhe_dot_proto_dot_aggregator__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -35,27 +35,27 @@ class AggregatorStub:
             channel: A grpc.Channel.
         """
         self.Join = channel.unary_unary(
-                '/lightning_fhe.v1.Aggregator/Join',
+                '/lightning_fhe.v2.Aggregator/Join',
                 request_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.JoinRequest.SerializeToString,
                 response_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.JoinReply.FromString,
                 _registered_method=True)
         self.SubmitUpdate = channel.stream_unary(
-                '/lightning_fhe.v1.Aggregator/SubmitUpdate',
+                '/lightning_fhe.v2.Aggregator/SubmitUpdate',
                 request_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.UpdatePart.SerializeToString,
                 response_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.SubmitReply.FromString,
                 _registered_method=True)
         self.GetGlobalModel = channel.unary_stream(
-                '/lightning_fhe.v1.Aggregator/GetGlobalModel',
+                '/lightning_fhe.v2.Aggregator/GetGlobalModel',
                 request_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.GlobalModelRequest.SerializeToString,
                 response_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.GlobalModelPart.FromString,
                 _registered_method=True)
         self.GetRoundStatus = channel.unary_unary(
-                '/lightning_fhe.v1.Aggregator/GetRoundStatus',
+                '/lightning_fhe.v2.Aggregator/GetRoundStatus',
                 request_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.RoundStatusRequest.SerializeToString,
                 response_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.RoundStatus.FromString,
                 _registered_method=True)
         self.Leave = channel.unary_unary(
-                '/lightning_fhe.v1.Aggregator/Leave',
+                '/lightning_fhe.v2.Aggregator/Leave',
                 request_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.LeaveReply.FromString,
                 _registered_method=True)
@@ -136,9 +136,9 @@ def add_AggregatorServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'lightning_fhe.v1.Aggregator', rpc_method_handlers)
+            'lightning_fhe.v2.Aggregator', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('lightning_fhe.v1.Aggregator', rpc_method_handlers)
+    server.add_registered_method_handlers('lightning_fhe.v2.Aggregator', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -159,7 +159,7 @@ class Aggregator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/lightning_fhe.v1.Aggregator/Join',
+            '/lightning_fhe.v2.Aggregator/Join',
             lightning__fhe_dot_proto_dot_aggregator__pb2.JoinRequest.SerializeToString,
             lightning__fhe_dot_proto_dot_aggregator__pb2.JoinReply.FromString,
             options,
@@ -186,7 +186,7 @@ class Aggregator:
         return grpc.experimental.stream_unary(
             request_iterator,
             target,
-            '/lightning_fhe.v1.Aggregator/SubmitUpdate',
+            '/lightning_fhe.v2.Aggregator/SubmitUpdate',
             lightning__fhe_dot_proto_dot_aggregator__pb2.UpdatePart.SerializeToString,
             lightning__fhe_dot_proto_dot_aggregator__pb2.SubmitReply.FromString,
             options,
@@ -213,7 +213,7 @@ class Aggregator:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/lightning_fhe.v1.Aggregator/GetGlobalModel',
+            '/lightning_fhe.v2.Aggregator/GetGlobalModel',
             lightning__fhe_dot_proto_dot_aggregator__pb2.GlobalModelRequest.SerializeToString,
             lightning__fhe_dot_proto_dot_aggregator__pb2.GlobalModelPart.FromString,
             options,
@@ -240,7 +240,7 @@ class Aggregator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/lightning_fhe.v1.Aggregator/GetRoundStatus',
+            '/lightning_fhe.v2.Aggregator/GetRoundStatus',
             lightning__fhe_dot_proto_dot_aggregator__pb2.RoundStatusRequest.SerializeToString,
             lightning__fhe_dot_proto_dot_aggregator__pb2.RoundStatus.FromString,
             options,
@@ -267,7 +267,7 @@ class Aggregator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/lightning_fhe.v1.Aggregator/Leave',
+            '/lightning_fhe.v2.Aggregator/Leave',
             lightning__fhe_dot_proto_dot_aggregator__pb2.LeaveRequest.SerializeToString,
             lightning__fhe_dot_proto_dot_aggregator__pb2.LeaveReply.FromString,
             options,

@@ -6,11 +6,13 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from lightning_fhe.he.codec import max_chunk_bytes
+from lightning_fhe.he.frames import global_chunk_bytes, upload_chunk_bytes
 from lightning_fhe.he.layout import TensorLayout
 from lightning_fhe.he.params import CKKSParams
 
-SERVICE_NAME = "lightning_fhe.v1.Aggregator"
+SERVICE_NAME = "lightning_fhe.v2.Aggregator"
+# Most seeds a global chunk may carry (the server's seeds_up_to); past them the server sends the summed polynomial.
+MAX_SEEDS = 1024
 # In --insecure mode only (no certificate to name the site), the site's name travels as this metadata entry.
 SITE_NAME_METADATA = "site_name"
 # Trailing metadata entry with a machine-readable refusal reason (lightning_fhe.server.errors.Reason).
@@ -21,19 +23,26 @@ PLAINTEXT_BLOCK_VALUES = 8192
 _MESSAGE_SLACK = 16 * 1024
 
 
-def message_limit(params: CKKSParams) -> int:
-    """Largest gRPC message either side accepts: one ciphertext chunk and its framing (about 148 KB for N=8192).
+def upload_limit(params: CKKSParams) -> int:
+    """Largest message a site sends: one upload chunk or plaintext block and its framing (81,920 bytes for N=8192).
 
-    A larger message is refused by gRPC itself (RESOURCE_EXHAUSTED) before any of it is parsed.
+    The server refuses a larger one through gRPC itself (RESOURCE_EXHAUSTED) before any of it is parsed.
     """
-    return max(max_chunk_bytes(params), 8 * PLAINTEXT_BLOCK_VALUES) + _MESSAGE_SLACK
+    return max(upload_chunk_bytes(params.poly_modulus_degree), 8 * PLAINTEXT_BLOCK_VALUES) + _MESSAGE_SLACK
+
+
+def download_limit(params: CKKSParams) -> int:
+    """Largest message the server sends: a global chunk with :data:`MAX_SEEDS` seeds, or one with the summed
+    second polynomial, whichever is larger (144,392 bytes for N=8192)."""
+    n = params.poly_modulus_degree
+    largest = max(global_chunk_bytes(n, MAX_SEEDS, summed=False), global_chunk_bytes(n, 0, summed=True))
+    return max(largest, 8 * PLAINTEXT_BLOCK_VALUES) + _MESSAGE_SLACK
 
 
 def server_options(params: CKKSParams) -> list[tuple[str, int]]:
-    limit = message_limit(params)
     return [
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", upload_limit(params)),
+        ("grpc.max_send_message_length", download_limit(params)),
         # A second server on the same port must fail, not share it (gRPC sets SO_REUSEPORT by default on Linux).
         ("grpc.so_reuseport", 0),
         # Notice dead peers (a site that lost power mid-upload) within about a minute.
@@ -52,10 +61,9 @@ def server_options(params: CKKSParams) -> list[tuple[str, int]]:
 
 
 def channel_options(params: CKKSParams) -> list[tuple[str, int]]:
-    limit = message_limit(params)
     return [
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", download_limit(params)),
+        ("grpc.max_send_message_length", upload_limit(params)),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 1),

@@ -1,10 +1,16 @@
-"""One round's running sum, fed chunk by chunk as updates arrive, so memory stays about one model.
+"""One round's running sum, fed chunk by chunk as updates arrive; it lives on disk, so any model size fits.
 
-Encrypted chunks go straight into the round's :class:`~lightning_fhe.he.codec.CiphertextSum`. A stream that
-breaks midway is taken back out by ciphertext subtraction, which is exact modular arithmetic: the sum ends bit for
-bit as if the stream had never been sent. That needs the stream's own chunk blobs until it commits (seeded, about
-half the size of the sum's ciphertexts); the server bounds how many streams are accumulated at once, so this
-stays independent of the number of sites.
+Protocol v2: an upload chunk is a ciphertext's first polynomial and the seed of its second
+(:mod:`lightning_fhe.he.frames`). The server checks it (size, format, checksum, every coefficient below the first
+prime ``q0``), adds the first polynomial to the round's sum modulo ``q0`` with numpy, and keeps the seed: no SEAL,
+no key. The sum, each stream's undo record and each participant's seeds are rows of scratch files in ``state_dir``
+(:mod:`lightning_fhe.server.scratch`), so the server's memory stays a few chunks whatever the model's size. A stream
+that breaks midway is taken back out by modular subtraction, which is exact: the sum ends bit for bit as if the
+stream had never been sent.
+
+At the close, each global chunk carries the summed first polynomial and either the participants' seeds, from
+which every site rebuilds the sum's second polynomial, or (past ``seeds_up_to`` participants, when rebuilding would
+cost the sites more than the bytes it saves) that second polynomial summed by the server.
 
 Plaintext tensors (those a site sends unencrypted) are staged per stream and added, times the site's share, at
 commit: floating-point sums do not subtract back exactly. Weighted plaintext values are rounded to the same
@@ -16,15 +22,30 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from lightning_fhe.he.codec import CiphertextError, CiphertextSum
 from lightning_fhe.he.context import HEContext
 from lightning_fhe.he.fixed_point import round_to_grid
+from lightning_fhe.he.frames import (
+    SEED_ENTRY_BYTES,
+    CiphertextError,
+    decode_upload_chunk,
+    encode_global_chunk,
+    upload_chunk_bytes,
+)
+from lightning_fhe.he.modular import add_mod, sub_mod
+from lightning_fhe.he.seeded import CiphertextLayout
 from lightning_fhe.server.errors import Reason, Refusal, Status
+from lightning_fhe.server.scratch import ScratchRows
+
+_U64 = np.dtype("<u8")
+# Participants up to which a global chunk carries the seeds rather than the summed second polynomial (server option).
+DEFAULT_SEEDS_UP_TO = 16
 
 _FLOAT64 = np.dtype("<f8")
 # Round 0's initial model is taken as it is (off the grid); it must still be a model a float32 tensor can hold.
@@ -44,14 +65,15 @@ class Aggregate:
 
     Args:
         round: the round number (0: the initial model).
-        encrypted_chunks: the sum of the participants' encrypted (share-weighted) updates, one blob per chunk.
+        encrypted_chunks: the global chunks (:mod:`lightning_fhe.he.frames`) of the participants' encrypted,
+            share-weighted updates: a list, or the accumulator's lazy :class:`GlobalChunks`.
         plaintext: float64; the weighted average of the plaintext parts (already divided by ``total_share``).
         total_share: the participants' summed shares; sites divide the decrypted sum by it.
         participants: the sites whose update is in the sum.
     """
 
     round: int
-    encrypted_chunks: list[bytes]
+    encrypted_chunks: Sequence[bytes]
     plaintext: np.ndarray
     total_share: float
     participants: tuple[str, ...]
@@ -70,13 +92,16 @@ class Upload:
         self.share = share
         self._plaintext = np.zeros(accumulator.plaintext_count, dtype=np.float64)
         self._plaintext_filled = 0
-        self._added: list[bytes] = []  # this stream's chunks already in the round's sum, to take back out on abort
+        self._added = 0  # chunks of this stream already in the round's sum
+        # This stream's chunks as received, to take back out on abort, and its seeds, kept once it commits.
+        self._undo = accumulator.scratch(upload_chunk_bytes(accumulator.layout.n))
+        self.seeds = accumulator.scratch(SEED_ENTRY_BYTES)
         self.bytes_received = 0
         self.state = "open"  # open -> committed | aborted
 
     @property
     def chunks_received(self) -> int:
-        return len(self._added)
+        return self._added
 
     def _require_open(self) -> None:
         if self.state != "open":
@@ -133,7 +158,7 @@ class Upload:
         """Adds ciphertext chunk ``index`` to the round's sum; a bad chunk is refused and changes nothing."""
         self._require_open()
         accumulator = self._accumulator
-        expected = len(self._added)
+        expected = self._added
         if self._plaintext_filled != accumulator.plaintext_count:
             raise _bad(
                 Reason.CHUNK_ORDER,
@@ -152,10 +177,13 @@ class Upload:
                 f"0..{accumulator.num_chunks - 1}",
             )
         try:
-            accumulator.cipher_sum.add(index, blob)
+            chunk = decode_upload_chunk(blob, accumulator.layout.n, accumulator.layout.q0)
         except CiphertextError as err:
             raise _bad(Reason.BAD_CHUNK, f"chunk {index}: {err}") from None
-        self._added.append(blob)
+        self._undo.write(index, blob)
+        self.seeds.write(index, chunk.seed_entry)
+        accumulator.add_to_sum(index, chunk.c0)
+        self._added += 1
         self.bytes_received += len(blob)
 
     def missing(self) -> str | None:
@@ -163,8 +191,8 @@ class Upload:
         accumulator = self._accumulator
         if self._plaintext_filled != accumulator.plaintext_count:
             return f"{self._plaintext_filled} of {accumulator.plaintext_count} plaintext values"
-        if len(self._added) != accumulator.num_chunks:
-            return f"{len(self._added)} of {accumulator.num_chunks} chunks"
+        if self._added != accumulator.num_chunks:
+            return f"{self._added} of {accumulator.num_chunks} chunks"
         return None
 
     def commit(self) -> None:
@@ -182,8 +210,9 @@ class Upload:
         # Exact and so independent of arrival order: a running sum of floats is not.
         accumulator.total_share = math.fsum(accumulator.shares)
         accumulator.participants.append(self.site)
+        accumulator.seeds.append(self.seeds)
         accumulator.active.discard(self)
-        self._added.clear()
+        self._undo.close()
         self._plaintext = np.empty(0)
         self.state = "committed"
 
@@ -193,14 +222,12 @@ class Upload:
             return
         accumulator = self._accumulator
         accumulator.active.discard(self)
-        if self._added:
-            if not accumulator.participants and not any(u._added for u in accumulator.active):
-                # Nothing else is in the sum: start afresh rather than leave a zero ciphertext where none was.
-                accumulator.cipher_sum = CiphertextSum(accumulator.context, accumulator.num_chunks)
-            else:
-                for index in reversed(range(len(self._added))):
-                    accumulator.cipher_sum.subtract(index, self._added[index])
-        self._added.clear()
+        layout = accumulator.layout
+        for index in reversed(range(self._added)):
+            accumulator.subtract_from_sum(index, decode_upload_chunk(self._undo.read(index), layout.n, layout.q0).c0)
+        self._added = 0
+        self._undo.close()
+        self.seeds.close()
         self._plaintext = np.empty(0)
         self.state = "aborted"
 
@@ -215,6 +242,9 @@ class RoundAccumulator:
         describe_plaintext: names the tensor element at a plaintext position, for error messages.
         on_grid: round weighted plaintext values to the context's fixed-point grid, as sites do before encrypting;
             off only for round 0, whose single initial model is taken as it is.
+        scratch_dir: where the sum and the seeds live while the round is open (the server's ``state_dir``).
+        seeds_up_to: global chunks carry the participants' seeds up to this many participants, else the summed
+            second polynomial.
     """
 
     def __init__(
@@ -224,19 +254,37 @@ class RoundAccumulator:
         plaintext_count: int,
         describe_plaintext: Callable[[int], str] = lambda i: f"value {i}",
         on_grid: bool = True,
+        scratch_dir: str | os.PathLike | None = None,
+        seeds_up_to: int = DEFAULT_SEEDS_UP_TO,
     ) -> None:
         self.context = context
+        self.layout = CiphertextLayout(context)
         self.num_chunks = num_chunks
         self.plaintext_count = plaintext_count
         self.describe_plaintext = describe_plaintext
         self.grid_bits = context.params.grid_bits if on_grid else None
         self.plaintext_limit = plaintext_limit(self.grid_bits)
-        self.cipher_sum = CiphertextSum(context, num_chunks)
+        self.scratch_dir = scratch_dir if scratch_dir is not None else tempfile.gettempdir()
+        self.seeds_up_to = seeds_up_to
+        self._sum = self.scratch(8 * self.layout.n)
         self.plaintext_sum = np.zeros(plaintext_count, dtype=np.float64)
         self.total_share = 0.0
         self.shares: list[float] = []  # in the order of ``participants``
         self.participants: list[str] = []
+        self.seeds: list[ScratchRows] = []  # each participant's seed entries, in the order of ``participants``
         self.active: set[Upload] = set()
+
+    def scratch(self, row_bytes: int) -> ScratchRows:
+        """Rows for each of the round's chunks, on disk."""
+        return ScratchRows(self.scratch_dir, self.num_chunks, row_bytes)
+
+    def add_to_sum(self, index: int, c0: np.ndarray) -> None:
+        total = np.frombuffer(self._sum.read(index), dtype=_U64).copy()
+        self._sum.write(index, add_mod(total, c0, self.layout.q0).tobytes())
+
+    def subtract_from_sum(self, index: int, c0: np.ndarray) -> None:
+        total = np.frombuffer(self._sum.read(index), dtype=_U64).copy()
+        self._sum.write(index, sub_mod(total, c0, self.layout.q0).tobytes())
 
     def begin(self, site: str, share: float) -> Upload:
         if site in self.participants:
@@ -253,7 +301,8 @@ class RoundAccumulator:
         return aborted
 
     def result(self, round_number: int) -> Aggregate:
-        """The round's global model; unfinished streams must have been aborted first."""
+        """The round's global model; unfinished streams must have been aborted first. Its chunks are read from the
+        scratch files as they are written out: :meth:`close` only after that."""
         if self.active:
             raise RuntimeError("streams still arriving; abort them before taking the result")
         if not self.participants:
@@ -261,20 +310,52 @@ class RoundAccumulator:
         total_share = math.fsum(self.shares)
         return Aggregate(
             round=round_number,
-            encrypted_chunks=self.cipher_sum.chunks(),
+            encrypted_chunks=GlobalChunks(self),
             plaintext=self.plaintext_sum / total_share,
             total_share=total_share,
             participants=tuple(self.participants),
         )
 
+    def global_chunk(self, index: int) -> bytes:
+        c0 = np.frombuffer(self._sum.read(index), dtype=_U64)
+        entries = [seeds.read(index) for seeds in self.seeds]
+        if len(entries) <= self.seeds_up_to:
+            return encode_global_chunk(c0, entries)
+        return encode_global_chunk(c0, c1=self.layout.second_polynomial([(e[0], e[1:]) for e in entries]))
+
+    def close(self) -> None:
+        """Releases the scratch files (the round is written out, or failed)."""
+        self.abort_all()
+        for rows in (self._sum, *self.seeds):
+            rows.close()
+
     def digest(self) -> str:
         """A fingerprint of everything the round has accumulated, to check that a refusal changed nothing."""
         h = hashlib.sha256()
-        try:
-            for blob in self.cipher_sum.chunks():
-                h.update(blob)
-        except ValueError:  # some positions never added: only a fresh sum is incomplete outside an upload
-            h.update(b"incomplete")
+        for index in range(self.num_chunks):
+            h.update(self._sum.read(index))
+            for seeds in self.seeds:
+                h.update(seeds.read(index))
         h.update(self.plaintext_sum.tobytes())
         h.update(repr((self.total_share, self.participants)).encode())
         return h.hexdigest()
+
+
+class GlobalChunks(Sequence[bytes]):
+    """A closed round's global chunks, made from the scratch files one at a time as they are read."""
+
+    def __init__(self, accumulator: RoundAccumulator) -> None:
+        self._accumulator = accumulator
+
+    def __len__(self) -> int:
+        return self._accumulator.num_chunks
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._accumulator.global_chunk(index)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (self._accumulator.global_chunk(i) for i in range(len(self)))

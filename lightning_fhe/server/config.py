@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from lightning_fhe.proto.wire import MAX_SEEDS
 from lightning_fhe.yaml_config import read_config
 
 # The options and what each means, in the order --help shows them. The docs repeat this table.
@@ -37,6 +38,9 @@ OPTION_HELP: dict[str, str] = {
     "stream_idle_s": "seconds an update stream may send nothing before it is cancelled and loses its upload slot",
     "silent_after_s": "seconds without any call from a member after which the server logs a warning (once per silence)",
     "max_model_values": "most values (encrypted and plaintext together) a joining site's layout may declare",
+    "seeds_up_to": "a global model carries the participants' seeds (sites rebuild the sum's second polynomial, "
+    "65 bytes a site a chunk) up to this many participants, and past it the server's summed second polynomial "
+    "(61,440 bytes a chunk, no rebuild); 0: always summed",
     "port_file": "write the bound port to this file once listening (for scripts using port=0)",
 }
 
@@ -76,6 +80,7 @@ class ServerConfig:
     stream_idle_s: float = 60.0
     silent_after_s: float = 300.0
     max_model_values: int = 2**31
+    seeds_up_to: int = 16
 
     def __post_init__(self) -> None:
         if isinstance(self.clients, list):
@@ -197,5 +202,7 @@ def _validate(c: ServerConfig) -> None:
             raise ServerConfigError(f"{name}: expected a number of seconds > 0, got {value!r}")
     if not (_is_int(c.max_model_values) and c.max_model_values >= 1):
         raise ServerConfigError(f"max_model_values: expected an integer >= 1, got {c.max_model_values!r}")
+    if not (_is_int(c.seeds_up_to) and 0 <= c.seeds_up_to <= MAX_SEEDS):
+        raise ServerConfigError(f"seeds_up_to: expected an integer from 0 to {MAX_SEEDS}, got {c.seeds_up_to!r}")
     if c.port_file is not None and (not isinstance(c.port_file, str) or not c.port_file):
         raise ServerConfigError(f"port_file: expected a file path or null, got {c.port_file!r}")

@@ -832,12 +832,19 @@ class Federation:
             def describe(i: int) -> str:
                 return encrypted.locate(i) if i < split else plaintext.locate(i - split)
 
-            accumulator = RoundAccumulator(self.context, 0, encrypted.numel + plaintext.numel, describe, on_grid=False)
+            accumulator = RoundAccumulator(
+                self.context, 0, encrypted.numel + plaintext.numel, describe, on_grid=False, scratch_dir=self.store.root
+            )
         else:
             members = tuple(m for m in membership.members if m in self.config.expected)
             rule = self._rule
             accumulator = RoundAccumulator(
-                self.context, num_chunks(encrypted.numel, self.params), plaintext.numel, plaintext.locate
+                self.context,
+                num_chunks(encrypted.numel, self.params),
+                plaintext.numel,
+                plaintext.locate,
+                scratch_dir=self.store.root,
+                seeds_up_to=self.config.seeds_up_to,
             )
         self.round = RoundState(number, members, rule, now)
         for site in self.left:
@@ -873,6 +880,8 @@ class Federation:
         except OSError as err:
             self._fail(f"round {number} could not be stored in state_dir {self.store.root}: {err}", now)
             return
+        finally:
+            accumulator.close()  # its scratch files: the aggregate is on disk, or the round failed
         pruned = self.store.prune(self.config.keep_rounds)
         stats = self._stats
         missing = [m for m in round_state.members if m not in aggregate.participants]
@@ -912,7 +921,7 @@ class Federation:
 
     def _fail(self, why: str, now: float) -> None:
         if self.accumulator is not None:
-            self.accumulator.abort_all()
+            self.accumulator.close()
         self.phase = Phase.FAILED
         self.failure = why
         self.ended_at = now

@@ -3,7 +3,7 @@
 Files::
 
     federation.json     the members, their weights and W, the layouts, the HE fingerprint, the closed-round counter
-    round-0003.agg      round 3's aggregate: the encrypted sum, the plaintext average, total_share, participants
+    round-0003.agg      round 3's aggregate: the global chunks, the plaintext average, total_share, participants
 
 Every file is written to a temporary name in the same folder, flushed to disk (fsync), then renamed over its final
 name, and the folder is fsynced: a reader sees the old file or the new one, never half of one. A round's
@@ -12,17 +12,17 @@ closed: ``last_closed_round`` is the highest aggregate on disk, whatever ``feder
 
 Aggregate file format (little-endian)::
 
-    b"LFHEAGG2"                       magic and format version
+    b"LFHEAGG3"                       magic and format version
     u32 n, n bytes                    header, UTF-8 JSON: round, total_share, participants, num_chunks,
                                       plaintext_count, body_sha256
     32 bytes                          SHA-256 of the header's n bytes
-    num_chunks x (u32 n, n bytes)     the encrypted sum's chunks (each carries its own CRC-32)
+    num_chunks x (u32 n, n bytes)     the global chunks, as downloads send them (protocol v2, each with its CRC-32)
     plaintext_count x f64             the plaintext weighted average
 
 Every state file carries a SHA-256 checksum, because an edited ``total_share`` or member weight would otherwise be
 served as a silently wrong model: ``federation.json`` holds one over the canonical JSON of its other fields, an
 aggregate one over its header (checked when the file is opened) and one over its body (checked as the last block is
-read, before it is sent). Format 2 reads no older state (there were no users of format 1).
+read, before it is sent). Format 3 (protocol v2's chunks) reads no older state.
 
 The folder is kept private (0700; a folder of someone else's is refused) and every file is written 0600: the
 aggregates hold plaintext averages.
@@ -47,8 +47,8 @@ from lightning_fhe.server.accumulator import Aggregate
 from lightning_fhe.server.membership import Membership
 
 FEDERATION_FILE = "federation.json"
-STATE_FORMAT = 2
-_MAGIC = b"LFHEAGG2"
+STATE_FORMAT = 3
+_MAGIC = b"LFHEAGG3"
 _AGGREGATE = re.compile(r"round-(\d{4,})\.agg")
 _TMP_PREFIX = ".tmp-"
 
@@ -261,32 +261,35 @@ class StateStore:
         return rounds[-1] if rounds else -1
 
     def write_aggregate(self, aggregate: Aggregate) -> int:
-        """Writes the aggregate atomically; returns its size in bytes."""
+        """Writes the aggregate atomically, reading its chunks once (they may be made as they are read); returns its
+        size in bytes."""
         plaintext = np.ascontiguousarray(aggregate.plaintext, dtype="<f8").tobytes()
         body = hashlib.sha256()
-        for chunk in aggregate.encrypted_chunks:
-            body.update(struct.pack("<I", len(chunk)))
-            body.update(chunk)
-        body.update(plaintext)
-        header = {
-            "round": aggregate.round,
-            "total_share": aggregate.total_share,
-            "participants": list(aggregate.participants),
-            "num_chunks": len(aggregate.encrypted_chunks),
-            "plaintext_count": len(plaintext) // 8,
-            "body_sha256": body.hexdigest(),
-        }
-        header_bytes = json.dumps(header).encode()
+
+        def header(body_sha256: str) -> bytes:
+            data = {
+                "round": aggregate.round,
+                "total_share": aggregate.total_share,
+                "participants": list(aggregate.participants),
+                "num_chunks": len(aggregate.encrypted_chunks),
+                "plaintext_count": len(plaintext) // 8,
+                "body_sha256": body_sha256,
+            }
+            raw = json.dumps(data).encode()
+            return _MAGIC + struct.pack("<I", len(raw)) + raw + hashlib.sha256(raw).digest()
 
         def parts() -> Iterator[bytes]:
-            yield _MAGIC
-            yield struct.pack("<I", len(header_bytes)) + header_bytes + hashlib.sha256(header_bytes).digest()
+            yield header("0" * 64)  # the same length as the real one, written over it once the body is hashed
             for chunk in aggregate.encrypted_chunks:
-                yield struct.pack("<I", len(chunk))
-                yield chunk
+                sized = struct.pack("<I", len(chunk)) + chunk
+                body.update(sized)
+                yield sized
+            body.update(plaintext)
             yield plaintext
 
-        return self._write_atomically(self.aggregate_path(aggregate.round).name, parts())
+        return self._write_atomically(
+            self.aggregate_path(aggregate.round).name, parts(), head=lambda: header(body.hexdigest())
+        )
 
     def open_aggregate(self, round_number: int) -> AggregateReader:
         return AggregateReader(self.aggregate_path(round_number))
@@ -346,7 +349,9 @@ class StateStore:
 
     # -- atomic writes ---------------------------------------------------------------------------------------------
 
-    def _write_atomically(self, name: str, parts) -> int:
+    def _write_atomically(self, name: str, parts, head=None) -> int:
+        """Writes ``parts`` to ``name`` atomically; ``head``, when given, is called after the last part and its bytes
+        are written over the file's start (a header that sums up what followed)."""
         final = self.root / name
         tmp = self.root / f"{_TMP_PREFIX}{name}.{os.getpid()}"
         size = 0
@@ -358,6 +363,9 @@ class StateStore:
                 for part in parts:
                     f.write(part)
                     size += len(part)
+                if head is not None:
+                    f.seek(0)
+                    f.write(head())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)

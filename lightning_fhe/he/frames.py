@@ -1,0 +1,179 @@
+"""The bytes of one encrypted chunk under protocol v2, up (a site's ciphertext) and down (the sum), and their checks.
+
+Pure numpy: the server parses, checks and adds chunks without SEAL and without any key. A chunk carries ``N``
+values (``N/2`` complex slots of two reals). Little-endian throughout; ``P(x)`` is :func:`~lightning_fhe.he.packing.pack60`
+of ``N`` coefficients (``15 * N / 2`` bytes, 61,440 for N=8192)::
+
+    upload chunk (a site's seeded ciphertext)        global chunk (the participants' sum)
+      u8   format = 2                                  u8   format = 2
+      u32  CRC-32 of everything after it               u32  CRC-32 of everything after it
+      u8   PRNG type (SEAL: 1 BLAKE2Xb, 2 SHAKE256)    u8   second polynomial: 0 seeds, 1 summed
+      64   seed of the second polynomial               u16  K, seeds that follow (0 when summed)
+      P(c0) first polynomial                           K x (u8 PRNG type, 64-byte seed), participants' order
+                                                       P(sum c1 mod q0), only when summed
+                                                       P(sum c0 mod q0)
+
+The leading format byte tells a later format apart; the CRC-32 catches corruption in transit or on the server's
+disk (TLS guards against tampering in transit).
+
+Example::
+
+    >>> import numpy as np
+    >>> c0 = np.arange(8, dtype=np.uint64)
+    >>> frame = encode_upload_chunk(c0, prng=1, seed=bytes(64))
+    >>> len(frame) == upload_chunk_bytes(8)
+    True
+    >>> decode_upload_chunk(frame, n=8, q0=97).c0.tolist()
+    [0, 1, 2, 3, 4, 5, 6, 7]
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from lightning_fhe.he.packing import PackingError, pack60, packed_size, unpack60
+
+FORMAT = 2
+SEED_BYTES = 64
+SEED_ENTRY_BYTES = 1 + SEED_BYTES
+PRNG_TYPES = (1, 2)  # SEAL's prng_type: blake2xb, shake256
+SEEDS, SUMMED = 0, 1
+_UPLOAD_HEAD = 1 + 4 + SEED_ENTRY_BYTES
+_GLOBAL_HEAD = 1 + 4 + 1 + 2
+
+
+class CiphertextError(ValueError):
+    """A chunk that must not be used. ``reason`` is one of ``REASONS``; the message says what was wrong."""
+
+    REASONS = ("corrupt", "format", "size", "range", "index")
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # raised in a worker process, re-raised in the site's
+        return type(self), (self.reason, str(self))
+
+
+@dataclass(frozen=True)
+class UploadChunk:
+    c0: np.ndarray  # uint64, N coefficients below q0
+    prng: int
+    seed: bytes
+
+    @property
+    def seed_entry(self) -> bytes:
+        """The PRNG type and the seed, as a global chunk lists them."""
+        return bytes([self.prng]) + self.seed
+
+
+@dataclass(frozen=True)
+class GlobalChunk:
+    c0: np.ndarray  # uint64: the participants' summed first polynomials
+    seeds: tuple[tuple[int, bytes], ...]  # (PRNG type, seed) per participant; empty when ``c1`` is given
+    c1: np.ndarray | None  # the summed second polynomial, when the server sent it instead of the seeds
+
+
+def upload_chunk_bytes(n: int) -> int:
+    """The exact size of an upload chunk of ring dimension ``n``."""
+    return _UPLOAD_HEAD + packed_size(n)
+
+
+def global_chunk_bytes(n: int, participants: int, summed: bool) -> int:
+    """The exact size of a global chunk of ``participants`` sites' sum."""
+    if summed:
+        return _GLOBAL_HEAD + 2 * packed_size(n)
+    return _GLOBAL_HEAD + participants * SEED_ENTRY_BYTES + packed_size(n)
+
+
+def encode_upload_chunk(c0: np.ndarray, prng: int, seed: bytes) -> bytes:
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"a seed takes {SEED_BYTES} bytes, got {len(seed)}")
+    return _framed(bytes([prng]) + seed + pack60(c0))
+
+
+def decode_upload_chunk(frame: bytes, n: int, q0: int) -> UploadChunk:
+    """Parses and checks an upload chunk: size, format, checksum, PRNG type, every coefficient below ``q0``."""
+    expected = upload_chunk_bytes(n)
+    if len(frame) != expected:
+        raise CiphertextError("size", f"chunk of {len(frame)} bytes; an upload chunk of N={n} takes {expected}")
+    body = _unframed(frame)
+    prng = body[0]
+    if prng not in PRNG_TYPES:
+        raise CiphertextError("format", f"chunk names PRNG type {prng}; SEAL's are {PRNG_TYPES}")
+    return UploadChunk(_coefficients(body[SEED_ENTRY_BYTES:], n, q0), prng, bytes(body[1:SEED_ENTRY_BYTES]))
+
+
+def encode_global_chunk(
+    c0: np.ndarray, seeds: list[bytes] | tuple[bytes, ...] = (), c1: np.ndarray | None = None
+) -> bytes:
+    """A global chunk: ``seeds`` are the participants' 65-byte seed entries; or ``c1``, their summed second
+    polynomial, instead."""
+    if c1 is not None:
+        if seeds:
+            raise ValueError("a global chunk carries the seeds or the summed second polynomial, not both")
+        return _framed(struct.pack("<BH", SUMMED, 0) + pack60(c1) + pack60(c0))
+    if any(len(s) != SEED_ENTRY_BYTES for s in seeds):
+        raise ValueError(f"each seed entry takes {SEED_ENTRY_BYTES} bytes (PRNG type and seed)")
+    return _framed(struct.pack("<BH", SEEDS, len(seeds)) + b"".join(seeds) + pack60(c0))
+
+
+def decode_global_chunk(frame: bytes, n: int, q0: int, participants: int | None = None) -> GlobalChunk:
+    """Parses and checks a global chunk of ``participants`` sites' sum (None: as many as it lists)."""
+    if len(frame) < _GLOBAL_HEAD:
+        raise CiphertextError("size", f"global chunk of {len(frame)} bytes is too short")
+    body = _unframed(frame)
+    kind, count = struct.unpack_from("<BH", body)
+    participants = count if participants is None else participants
+    if kind not in (SEEDS, SUMMED):
+        raise CiphertextError("format", f"global chunk names second-polynomial kind {kind}; known: 0 seeds, 1 summed")
+    expected = global_chunk_bytes(n, participants, kind == SUMMED)
+    if len(frame) != expected or (kind == SEEDS and count != participants):
+        raise CiphertextError(
+            "size",
+            f"global chunk of {len(frame)} bytes with {count} seeds; the sum of {participants} participants takes "
+            f"{expected} bytes",
+        )
+    rest = body[3:]
+    if kind == SUMMED:
+        size = packed_size(n)
+        return GlobalChunk(_coefficients(rest[size:], n, q0), (), _coefficients(rest[:size], n, q0))
+    seeds = []
+    for i in range(count):
+        entry = rest[i * SEED_ENTRY_BYTES : (i + 1) * SEED_ENTRY_BYTES]
+        if entry[0] not in PRNG_TYPES:
+            raise CiphertextError("format", f"seed {i} names PRNG type {entry[0]}; SEAL's are {PRNG_TYPES}")
+        seeds.append((entry[0], bytes(entry[1:])))
+    return GlobalChunk(_coefficients(rest[count * SEED_ENTRY_BYTES :], n, q0), tuple(seeds), None)
+
+
+def _framed(body: bytes) -> bytes:
+    return struct.pack("<BI", FORMAT, zlib.crc32(body)) + body
+
+
+def _unframed(frame: bytes) -> memoryview:
+    version, checksum = struct.unpack_from("<BI", frame)
+    if version != FORMAT:
+        raise CiphertextError("format", f"chunk format {version}; this version reads format {FORMAT}")
+    body = memoryview(frame)[5:]
+    if zlib.crc32(body) != checksum:
+        raise CiphertextError("corrupt", "chunk bytes do not match their checksum: corrupted in transit or storage")
+    return body
+
+
+def _coefficients(data: memoryview, n: int, q0: int) -> np.ndarray:
+    try:
+        values = unpack60(data, n)
+    except PackingError as err:
+        raise CiphertextError("size", str(err)) from None
+    over = values >= np.uint64(q0)
+    if over.any():
+        i = int(np.argmax(over))
+        raise CiphertextError(
+            "range", f"coefficient {i} is {int(values[i])}, not below the first prime {q0}: not a ciphertext"
+        )
+    return values
