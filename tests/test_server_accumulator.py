@@ -153,7 +153,7 @@ def test_plaintext_only_rounds_need_no_ciphertext(server_context):
     upload.add_plaintext(2, np.array([3.0]).tobytes())
     upload.commit()
     aggregate = acc.result(0)
-    assert list(aggregate.encrypted_chunks) == [] and aggregate.plaintext.tolist() == [1.0, 2.0, 3.0]
+    assert list(aggregate.encrypted_chunks) == [] and np.asarray(aggregate.plaintext).tolist() == [1.0, 2.0, 3.0]
 
 
 # -- plaintext values and shares (defects 8 and 10) ------------------------------------------------------------------
@@ -195,6 +195,6 @@ def test_total_share_does_not_depend_on_arrival_order(server_context):
             upload.add_plaintext(0, np.array([1.0]).tobytes())
             upload.commit()
         aggregate = accumulator.result(1)
-        seen.add((aggregate.total_share, aggregate.plaintext.tobytes()))
+        seen.add((aggregate.total_share, np.asarray(aggregate.plaintext).tobytes()))
     # One result whatever the order; the shares' exact sum, rounded once (a running sum gives 1 - 2^-53 for some).
     assert len(seen) == 1 and next(iter(seen))[0] == math.fsum(shares) == 1.0

@@ -41,7 +41,7 @@ from lightning_fhe.he.frames import (
 from lightning_fhe.he.modular import add_mod, sub_mod
 from lightning_fhe.he.seeded import CiphertextLayout
 from lightning_fhe.server.errors import Reason, Refusal, Status
-from lightning_fhe.server.scratch import ScratchRows
+from lightning_fhe.server.scratch import ScratchFile, ScratchRows
 
 _U64 = np.dtype("<u8")
 # Participants up to which a global chunk carries the seeds rather than the summed second polynomial (server option).
@@ -67,14 +67,15 @@ class Aggregate:
         round: the round number (0: the initial model).
         encrypted_chunks: the global chunks (:mod:`lightning_fhe.he.frames`) of the participants' encrypted,
             share-weighted updates: a list, or the accumulator's lazy :class:`GlobalChunks`.
-        plaintext: float64; the weighted average of the plaintext parts (already divided by ``total_share``).
+        plaintext: float64; the weighted average of the plaintext parts (already divided by ``total_share``): an
+            array, or the accumulator's :class:`PlaintextAverage`, read from disk block by block.
         total_share: the participants' summed shares; sites divide the decrypted sum by it.
         participants: the sites whose update is in the sum.
     """
 
     round: int
     encrypted_chunks: Sequence[bytes]
-    plaintext: np.ndarray
+    plaintext: np.ndarray | PlaintextAverage
     total_share: float
     participants: tuple[str, ...]
 
@@ -90,7 +91,7 @@ class Upload:
         self._accumulator = accumulator
         self.site = site
         self.share = share
-        self._plaintext = np.zeros(accumulator.plaintext_count, dtype=np.float64)
+        self._plaintext = accumulator.plaintext_scratch()  # staged as float64, weighted and summed at commit
         self._plaintext_filled = 0
         self._added = 0  # chunks of this stream already in the round's sum
         # This stream's chunks as received, to take back out on abort, and its seeds, kept once it commits.
@@ -150,7 +151,7 @@ class Upload:
                 f"plaintext value {offset + i} ({where}) is {values[i]:.6g}, outside the range the server sums exactly "
                 f"({bound} = {limit:.6g}); nothing of this update was kept",
             )
-        self._plaintext[offset:end] = values
+        self._plaintext.write(8 * offset, values.astype(_FLOAT64, copy=False).tobytes())
         self._plaintext_filled = end
         self.bytes_received += len(data)
 
@@ -202,10 +203,11 @@ class Upload:
         if missing:
             raise _bad(Reason.INCOMPLETE, f"the update stream ended after {missing}; nothing of it was kept")
         accumulator = self._accumulator
-        weighted = self.share * self._plaintext
-        if accumulator.grid_bits is not None:
-            round_to_grid(weighted, accumulator.grid_bits)
-        accumulator.plaintext_sum += weighted
+        for start, block in _blocks(self._plaintext, accumulator.plaintext_count):
+            weighted = self.share * block
+            if accumulator.grid_bits is not None:
+                round_to_grid(weighted, accumulator.grid_bits)
+            accumulator.add_plaintext(start, weighted)
         accumulator.shares.append(self.share)
         # Exact and so independent of arrival order: a running sum of floats is not.
         accumulator.total_share = math.fsum(accumulator.shares)
@@ -213,7 +215,7 @@ class Upload:
         accumulator.seeds.append(self.seeds)
         accumulator.active.discard(self)
         self._undo.close()
-        self._plaintext = np.empty(0)
+        self._plaintext.close()
         self.state = "committed"
 
     def abort(self) -> None:
@@ -228,7 +230,7 @@ class Upload:
         self._added = 0
         self._undo.close()
         self.seeds.close()
-        self._plaintext = np.empty(0)
+        self._plaintext.close()
         self.state = "aborted"
 
 
@@ -267,7 +269,7 @@ class RoundAccumulator:
         self.scratch_dir = scratch_dir if scratch_dir is not None else tempfile.gettempdir()
         self.seeds_up_to = seeds_up_to
         self._sum = self.scratch(8 * self.layout.n)
-        self.plaintext_sum = np.zeros(plaintext_count, dtype=np.float64)
+        self._plaintext_sum = self.plaintext_scratch()
         self.total_share = 0.0
         self.shares: list[float] = []  # in the order of ``participants``
         self.participants: list[str] = []
@@ -277,6 +279,14 @@ class RoundAccumulator:
     def scratch(self, row_bytes: int) -> ScratchRows:
         """Rows for each of the round's chunks, on disk."""
         return ScratchRows(self.scratch_dir, self.num_chunks, row_bytes)
+
+    def plaintext_scratch(self) -> ScratchFile:
+        """Room for one float64 per plaintext value, on disk."""
+        return ScratchFile(self.scratch_dir, 8 * self.plaintext_count)
+
+    def add_plaintext(self, start: int, weighted: np.ndarray) -> None:
+        total = np.frombuffer(self._plaintext_sum.read(8 * start, weighted.nbytes), dtype=_FLOAT64) + weighted
+        self._plaintext_sum.write(8 * start, total.tobytes())
 
     def add_to_sum(self, index: int, c0: np.ndarray) -> None:
         total = np.frombuffer(self._sum.read(index), dtype=_U64).copy()
@@ -311,7 +321,7 @@ class RoundAccumulator:
         return Aggregate(
             round=round_number,
             encrypted_chunks=GlobalChunks(self),
-            plaintext=self.plaintext_sum / total_share,
+            plaintext=PlaintextAverage(self._plaintext_sum, self.plaintext_count, total_share),
             total_share=total_share,
             participants=tuple(self.participants),
         )
@@ -326,8 +336,8 @@ class RoundAccumulator:
     def close(self) -> None:
         """Releases the scratch files (the round is written out, or failed)."""
         self.abort_all()
-        for rows in (self._sum, *self.seeds):
-            rows.close()
+        for scratch in (self._sum, self._plaintext_sum, *self.seeds):
+            scratch.close()
 
     def digest(self) -> str:
         """A fingerprint of everything the round has accumulated, to check that a refusal changed nothing."""
@@ -336,7 +346,8 @@ class RoundAccumulator:
             h.update(self._sum.read(index))
             for seeds in self.seeds:
                 h.update(seeds.read(index))
-        h.update(self.plaintext_sum.tobytes())
+        for _, block in _blocks(self._plaintext_sum, self.plaintext_count):
+            h.update(block.tobytes())
         h.update(repr((self.total_share, self.participants)).encode())
         return h.hexdigest()
 
@@ -359,3 +370,26 @@ class GlobalChunks(Sequence[bytes]):
 
     def __iter__(self) -> Iterator[bytes]:
         return (self._accumulator.global_chunk(i) for i in range(len(self)))
+
+
+class PlaintextAverage:
+    """A closed round's plaintext average, read from the scratch file and divided block by block as it is written
+    out; ``np.asarray`` gives it whole (tests)."""
+
+    def __init__(self, total: ScratchFile, count: int, total_share: float) -> None:
+        self._total, self.size, self.total_share = total, count, total_share
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        for _, block in _blocks(self._total, self.size):
+            yield block / self.total_share
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = np.concatenate([np.zeros(0), *self.blocks()])
+        return whole if dtype is None else whole.astype(dtype)
+
+
+def _blocks(scratch: ScratchFile, count: int, block: int = 1 << 16) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, float64 values)`` of the first ``count`` values in ``scratch``, ``block`` at a time."""
+    for start in range(0, count, block):
+        n = min(block, count - start)
+        yield start, np.frombuffer(scratch.read(8 * start, 8 * n), dtype=_FLOAT64).copy()

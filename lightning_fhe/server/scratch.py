@@ -1,8 +1,8 @@
-"""Rows of bytes in an anonymous file: what the server holds per round lives on disk, not in its memory.
+"""Anonymous files: what the server holds per round lives on disk, not in its memory.
 
-A round's encrypted sum, each upload's undo record and each participant's seeds are as large as the model (or a
-fraction of it), so the server would only handle models that fit in RAM several times over if it kept them in
-memory. They are rows in temporary files in ``state_dir`` instead, read and written with ``pread``/``pwrite``: the
+A round's encrypted sum, each upload's undo record, each participant's seeds, and the plaintext values sent
+unencrypted are as large as the model (or a fraction of it), so the server would only handle models that fit in RAM several times over if it kept them in
+memory. They live in temporary files in ``state_dir`` instead, read and written with ``pread``/``pwrite``: the
 kernel's page cache serves them at memory speed while there is room, and none of it counts as the server's own
 memory (a memory map's touched pages would). The files are unlinked at creation, so a crash leaves nothing behind.
 
@@ -23,16 +23,45 @@ import tempfile
 from pathlib import Path
 
 
+class ScratchFile:
+    """``size`` bytes in an unlinked file in ``directory``, zeros until written (sparse: no disk until then)."""
+
+    def __init__(self, directory: str | os.PathLike, size: int) -> None:
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        self.size = size
+        self._file = tempfile.TemporaryFile(dir=Path(directory), prefix=".scratch-")
+        self._fd = self._file.fileno()
+        os.ftruncate(self._fd, size)
+
+    def read(self, offset: int, size: int) -> bytes:
+        if not (0 <= offset and offset + size <= self.size):
+            raise IndexError(f"bytes {offset}..{offset + size} are outside the scratch file's {self.size}")
+        data = os.pread(self._fd, size, offset)
+        if len(data) != size:
+            raise OSError(f"scratch file truncated at byte {offset + len(data)}")
+        return data
+
+    def write(self, offset: int, data: bytes) -> None:
+        if not (0 <= offset and offset + len(data) <= self.size):
+            raise IndexError(f"bytes {offset}..{offset + len(data)} are outside the scratch file's {self.size}")
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            view, offset = view[written:], offset + written
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class ScratchRows:
-    """``rows`` fixed-size rows of ``row_bytes`` in an unlinked file in ``directory``; unwritten rows read as zeros."""
+    """``rows`` rows of ``row_bytes`` each in a :class:`ScratchFile`; unwritten rows read as zeros."""
 
     def __init__(self, directory: str | os.PathLike, rows: int, row_bytes: int) -> None:
         if rows < 0 or row_bytes < 1:
             raise ValueError(f"rows must be >= 0 and row_bytes >= 1, got {rows} and {row_bytes}")
         self.rows, self.row_bytes = rows, row_bytes
-        self._file = tempfile.TemporaryFile(dir=Path(directory), prefix=".scratch-")
-        self._fd = self._file.fileno()
-        os.ftruncate(self._fd, rows * row_bytes)  # sparse: costs no disk until written
+        self._file = ScratchFile(directory, rows * row_bytes)
 
     def _check(self, index: int) -> None:
         if not 0 <= index < self.rows:
@@ -40,20 +69,13 @@ class ScratchRows:
 
     def read(self, index: int) -> bytes:
         self._check(index)
-        data = os.pread(self._fd, self.row_bytes, index * self.row_bytes)
-        if len(data) != self.row_bytes:
-            raise OSError(f"scratch file truncated at row {index}")
-        return data
+        return self._file.read(index * self.row_bytes, self.row_bytes)
 
     def write(self, index: int, data: bytes) -> None:
         self._check(index)
         if len(data) != self.row_bytes:
             raise ValueError(f"a row takes {self.row_bytes} bytes, got {len(data)}")
-        view = memoryview(data)
-        offset = index * self.row_bytes
-        while view:
-            written = os.pwrite(self._fd, view, offset)
-            view, offset = view[written:], offset + written
+        self._file.write(index * self.row_bytes, data)
 
     def close(self) -> None:
         self._file.close()

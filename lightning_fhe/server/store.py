@@ -263,7 +263,8 @@ class StateStore:
     def write_aggregate(self, aggregate: Aggregate) -> int:
         """Writes the aggregate atomically, reading its chunks once (they may be made as they are read); returns its
         size in bytes."""
-        plaintext = np.ascontiguousarray(aggregate.plaintext, dtype="<f8").tobytes()
+        plaintext = aggregate.plaintext
+        blocks = plaintext.blocks() if hasattr(plaintext, "blocks") else [np.asarray(plaintext)]
         body = hashlib.sha256()
 
         def header(body_sha256: str) -> bytes:
@@ -272,7 +273,7 @@ class StateStore:
                 "total_share": aggregate.total_share,
                 "participants": list(aggregate.participants),
                 "num_chunks": len(aggregate.encrypted_chunks),
-                "plaintext_count": len(plaintext) // 8,
+                "plaintext_count": int(plaintext.size),
                 "body_sha256": body_sha256,
             }
             raw = json.dumps(data).encode()
@@ -284,8 +285,10 @@ class StateStore:
                 sized = struct.pack("<I", len(chunk)) + chunk
                 body.update(sized)
                 yield sized
-            body.update(plaintext)
-            yield plaintext
+            for block in blocks:
+                data = np.ascontiguousarray(block, dtype="<f8").tobytes()
+                body.update(data)
+                yield data
 
         return self._write_atomically(
             self.aggregate_path(aggregate.round).name, parts(), head=lambda: header(body.hexdigest())
