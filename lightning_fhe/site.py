@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from lightning_fhe.client import AggregatorClient, GlobalModel, JoinInfo, RoundClosedError, SubmitReceipt
-from lightning_fhe.he.codec import UpdateCipher, num_chunks
+from lightning_fhe.he.codec import UpdateCipher
 from lightning_fhe.he.context import HEContext
 from lightning_fhe.he.layout import TensorLayout
 from lightning_fhe.privacy import UpdateMechanism
+from lightning_fhe.proto.update_shape import INITIAL_MODEL_ROUND, UpdateShape, update_shape
 from lightning_fhe.selection import TensorSplit
 
 Progress = Callable[[str, int, int], None]
@@ -118,7 +119,7 @@ class FederatedSite:
             check(info)
         self.info = info
         if self.info.send_initial_model:
-            self.client.submit(0, iter(()), self._flatten(state))
+            self.client.submit(INITIAL_MODEL_ROUND, iter(()), self._flatten(state))
         return self.info
 
     def global_state(self, round: int, progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], GlobalModel]:
@@ -126,8 +127,13 @@ class FederatedSite:
         model = self.client.fetch_global(round, progress=_bind(progress, "download"))
         return self._decode(model), model
 
+    def _shape(self, round_number: int) -> UpdateShape:
+        return update_shape(round_number, self.encrypted_layout, self.plaintext_layout, self.cipher.params)
+
     def _flatten(self, state: Mapping[str, torch.Tensor]) -> np.ndarray:
-        return np.concatenate([self.encrypted_layout.flatten(state), self.plaintext_layout.flatten(state)])
+        """The whole model, flat, as the initial model travels: the encrypted part, then the plaintext part."""
+        initial = self._shape(INITIAL_MODEL_ROUND)
+        return initial.join(self.encrypted_layout.flatten(state), self.plaintext_layout.flatten(state))
 
     def _privatize(self, local: np.ndarray) -> tuple[np.ndarray, float, float | None]:
         """The values to send instead of ``local``: the last global model plus the privatized update.
@@ -148,10 +154,11 @@ class FederatedSite:
         """Encrypts this site's selected tensors, submits them for ``round`` and returns the global model."""
         if self.info is None:
             raise RuntimeError("join() before exchange()")
+        shape = self._shape(round)
         values, shared_fraction, epsilon = self._privatize(self._flatten(state))
-        encrypted, plaintext = np.split(values, [self.encrypted_layout.numel])
+        encrypted, plaintext = shape.split(values)
         start = time.perf_counter()
-        chunks, total = [], num_chunks(encrypted.size, self.cipher.params)
+        chunks, total = [], shape.num_chunks
         for chunk in self.cipher.iter_encrypt(encrypted, self.info.share, where=self.encrypted_layout.locate):
             chunks.append(chunk)
             if progress is not None:
@@ -186,14 +193,10 @@ class FederatedSite:
 
     def _decode(self, model: GlobalModel) -> dict[str, torch.Tensor]:
         encrypted, plaintext = self.encrypted_layout, self.plaintext_layout
-        if model.round == 0:  # the initial model travels in plaintext: encrypted part, then plaintext part
-            values = model.plaintext
-            if values.size != encrypted.numel + plaintext.numel:
-                raise ValueError(
-                    f"initial model holds {values.size} values; this site's layout has "
-                    f"{encrypted.numel + plaintext.numel}"
-                )
-            tensors = {**encrypted.unflatten(values[: encrypted.numel]), **plaintext.unflatten(values[encrypted.numel :])}
+        shape = self._shape(model.round)
+        if shape.is_initial_model:  # in plaintext: the encrypted part, then the plaintext part
+            encrypted_values, plaintext_values = shape.split(model.plaintext)
+            tensors = {**encrypted.unflatten(encrypted_values), **plaintext.unflatten(plaintext_values)}
         else:
             tensors = plaintext.unflatten(model.plaintext)
             if encrypted.numel:

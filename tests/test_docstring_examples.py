@@ -7,6 +7,7 @@ import pytest
 
 MODULES = [
     "lightning_fhe.he.layout",
+    "lightning_fhe.proto.update_shape",
     "lightning_fhe.server.activity",
     "lightning_fhe.server.membership",
     "lightning_fhe.server.rounds",

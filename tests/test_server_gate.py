@@ -15,13 +15,13 @@ from lightning_fhe.server.admission import (
     OPERATOR,
     CallLimiter,
     Method,
-    UploadSizes,
     check_caller,
     check_upload_header,
     clamp_wait,
     worker_threads,
 )
-from lightning_fhe.he.layout import TensorLayout
+from lightning_fhe.he.layout import TensorLayout, TensorSpec
+from lightning_fhe.he.params import CKKSParams
 from lightning_fhe.server.membership import Membership
 from lightning_fhe.server.rounds import QuorumRule, RoundState
 from lightning_fhe.server.errors import Reason, Refusal, Status
@@ -77,8 +77,11 @@ def test_the_operator_may_only_ask_for_the_status():
         assert err.status is Status.PERMISSION_DENIED and "may only call GetRoundStatus" in err.message
 
 
-_TWO = Membership(("a", "b"), (1.0, 3.0), TensorLayout(()), TensorLayout(()), initial_model_site="a")
-_SIZES = UploadSizes(num_chunks=3, plaintext_count=10, values_per_chunk=8192)
+# Rounds 1.. take 3 chunks (20000 encrypted values, 8192 per chunk) and 10 plaintext values.
+_ENCRYPTED = TensorLayout((TensorSpec("w", (20000,), "float32"),))
+_PLAINTEXT = TensorLayout((TensorSpec("b", (10,), "float32"),))
+_TWO = Membership(("a", "b"), (1.0, 3.0), _ENCRYPTED, _PLAINTEXT, initial_model_site="a")
+_PARAMS = CKKSParams()
 
 
 @pytest.mark.parametrize(
@@ -97,18 +100,18 @@ _SIZES = UploadSizes(num_chunks=3, plaintext_count=10, values_per_chunk=8192)
 def test_an_update_header_is_refused_before_any_data(site, header, open_round, status, reason, words):
     state = None if open_round is None else RoundState(open_round, ("a", "b"), QuorumRule(2, 0.0, 60.0), 0.0)
     with pytest.raises(Refusal) as refused:
-        check_upload_header(site, *header, _TWO, 3, state, _SIZES)
+        check_upload_header(site, *header, _TWO, 3, state, _PARAMS)
     assert (refused.value.status, refused.value.reason) == (status, reason) and words in refused.value.message
     assert state is None or not state.uploading  # refusing reserves nothing
 
 
 def test_a_duplicate_header_is_refused_as_a_duplicate_before_its_sizes():
     state = RoundState(1, ("a", "b"), QuorumRule(2, 0.0, 60.0), 0.0)
-    check_upload_header("a", 1, 3, 10, _TWO, 3, state, _SIZES)  # well formed: no refusal
+    check_upload_header("a", 1, 3, 10, _TWO, 3, state, _PARAMS)  # well formed: no refusal
     state.start_upload("a", 1)
     state.finish_upload("a", recorded=True, now=1.0)
     with pytest.raises(Refusal) as refused:
-        check_upload_header("a", 1, 99, 99, _TWO, 3, state, _SIZES)
+        check_upload_header("a", 1, 99, 99, _TWO, 3, state, _PARAMS)
     assert refused.value.reason is Reason.DUPLICATE
 
 

@@ -9,7 +9,8 @@ but the refusal. The rules, in order:
 - once it formed, only members may: an expected site that missed formation gets no model and no status.
 
 :func:`check_upload_header` refuses an update from its header alone (a member, the open round, not a duplicate, the
-sizes the round takes), before any of its data is read.
+sizes the round takes, as :func:`~lightning_fhe.proto.update_shape.update_shape` says), before any of its data is
+read.
 
 :class:`CallLimiter` caps the calls one caller holds at once (``max_calls_per_site``), so that with a thread pool
 sized from that cap no single site can take the threads the others need. :func:`clamp_wait` makes every wait a
@@ -24,10 +25,11 @@ import math
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from lightning_fhe.he.params import CKKSParams
+from lightning_fhe.proto.update_shape import update_shape
 from lightning_fhe.server.errors import Reason, Refusal, Status
 
 if TYPE_CHECKING:
@@ -96,15 +98,6 @@ def check_caller(
     )
 
 
-@dataclass(frozen=True)
-class UploadSizes:
-    """What an update for the open round must declare: its chunks and plaintext values."""
-
-    num_chunks: int
-    plaintext_count: int
-    values_per_chunk: int  # for the message: encrypted values per ciphertext chunk
-
-
 def check_upload_header(
     site: str,
     round_number: int,
@@ -113,7 +106,7 @@ def check_upload_header(
     membership: Membership,
     rounds: int,
     round_state: RoundState | None,
-    sizes: UploadSizes,
+    params: CKKSParams,
 ) -> None:
     """Refuses an update from its header alone, before any of its data is read: who sends it, to which round, a
     duplicate, and the sizes it declares. Reserves nothing.
@@ -124,7 +117,7 @@ def check_upload_header(
         membership: the formed federation.
         rounds: the federation's number of training rounds.
         round_state: the open round, or None once every round closed.
-        sizes: what the open round's updates must declare.
+        params: the federation's CKKS parameters, which fix the values per ciphertext chunk.
     """
     if site not in membership.members:
         raise Refusal(
@@ -148,21 +141,20 @@ def check_upload_header(
             f"round 0 is the initial model, which site {membership.initial_model_site!r} sends, not {site!r}",
         )
     round_state.check_upload(site, round_number)  # a duplicate is refused as such before its sizes are read
-    if num_chunks != sizes.num_chunks:
-        values = membership.encrypted_layout.numel if round_number else 0
+    shape = update_shape(round_number, membership.encrypted_layout, membership.plaintext_layout, params)
+    if num_chunks != shape.num_chunks:
         raise Refusal(
             Status.INVALID_ARGUMENT,
             Reason.CHUNK_COUNT,
             f"the update declares {num_chunks} ciphertext chunks, but round {round_number} takes "
-            f"{sizes.num_chunks} ({values} encrypted values, {sizes.values_per_chunk} per chunk)",
+            f"{shape.num_chunks} ({shape.encrypted_count} encrypted values, {shape.values_per_chunk} per chunk)",
         )
-    if plaintext_count != sizes.plaintext_count:
-        initial = "encrypted and plaintext values of the initial model"
-        what = initial if round_number == 0 else "values in the plaintext layout"
+    if plaintext_count != shape.plaintext_count:
         raise Refusal(
             Status.INVALID_ARGUMENT,
             Reason.CHUNK_COUNT,
-            f"the update declares {plaintext_count} plaintext values, but there are {sizes.plaintext_count} {what}",
+            f"the update declares {plaintext_count} plaintext values, but there are {shape.plaintext_count} "
+            f"{shape.plaintext_meaning}",
         )
 
 

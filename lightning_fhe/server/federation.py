@@ -25,15 +25,13 @@ from enum import Enum
 import numpy as np
 import torch
 
-from lightning_fhe.he.codec import num_chunks
 from lightning_fhe.he.context import HEContext
-from lightning_fhe.proto.wire import plaintext_field
+from lightning_fhe.proto.update_shape import UpdateShape, update_shape
 from lightning_fhe.server.accumulator import Aggregate, RoundAccumulator, Upload
 from lightning_fhe.server.activity import ActivityLog, MemberActivity
 from lightning_fhe.server.admission import (
     OPERATOR,
     Method,
-    UploadSizes,
     check_caller,
     check_round_exists,
     check_upload_header,
@@ -387,7 +385,7 @@ class Federation:
                 with self._cond:
                     self._check_still_open(header.round)
                     assert self.accumulator is not None and self.membership is not None
-                    share = 1.0 if header.round == 0 else self.membership.share(site)
+                    share = self._update_shape(header.round).share(self.membership.share(site))
                     upload = self.accumulator.begin(site, share)
                 try:
                     for part in parts:
@@ -459,7 +457,7 @@ class Federation:
                 + ("" if joined else f", and site {site!r} has not joined"),
             )
         assert self.membership is not None
-        round_state, accumulator = self.round, self.accumulator
+        round_state = self.round
         check_upload_header(
             site,
             header.round,
@@ -468,11 +466,7 @@ class Federation:
             self.membership,
             self.config.rounds,
             round_state if self.phase is not Phase.FINISHED else None,
-            UploadSizes(
-                accumulator.num_chunks if accumulator else 0,
-                accumulator.plaintext_count if accumulator else 0,
-                self.params.values_per_ciphertext,
-            ),
+            self.params,
         )
         assert round_state is not None
         round_state.start_upload(site, header.round)
@@ -658,10 +652,15 @@ class Federation:
 
     def plaintext_field(self, round_number: int) -> str:
         """How round ``round_number``'s plaintext values travel: float32 unless the model holds float64 tensors."""
-        membership = self.membership
-        if membership is None:
+        if self.membership is None:
             return "float64_le"
-        return plaintext_field(round_number, membership.encrypted_layout, membership.plaintext_layout)
+        return self._update_shape(round_number).plaintext_field
+
+    def _update_shape(self, round_number: int) -> UpdateShape:
+        """What round ``round_number``'s updates and global model hold, in the formed federation's layouts."""
+        membership = self.membership
+        assert membership is not None
+        return update_shape(round_number, membership.encrypted_layout, membership.plaintext_layout, self.params)
 
     @property
     def current_round(self) -> int:
@@ -822,37 +821,30 @@ class Federation:
     def _open_round(self, number: int, now: float) -> None:
         membership = self.membership
         assert membership is not None
-        encrypted, plaintext = membership.encrypted_layout, membership.plaintext_layout
-        if number == 0:
+        shape = self._update_shape(number)
+        if shape.is_initial_model:
             assert membership.initial_model_site is not None
             members: tuple[str, ...] = (membership.initial_model_site,)
             rule = QuorumRule(1, 0.0, self.config.round_timeout_s)
-            split = encrypted.numel
-
-            def describe(i: int) -> str:
-                return encrypted.locate(i) if i < split else plaintext.locate(i - split)
-
-            accumulator = RoundAccumulator(
-                self.context, 0, encrypted.numel + plaintext.numel, describe, on_grid=False, scratch_dir=self.store.root
-            )
         else:
             members = tuple(m for m in membership.members if m in self.config.expected)
             rule = self._rule
-            accumulator = RoundAccumulator(
-                self.context,
-                num_chunks(encrypted.numel, self.params),
-                plaintext.numel,
-                plaintext.locate,
-                scratch_dir=self.store.root,
-                seeds_up_to=self.config.seeds_up_to,
-            )
+        accumulator = RoundAccumulator(
+            self.context,
+            shape.num_chunks,
+            shape.plaintext_count,
+            shape.locate,
+            on_grid=shape.weighted,
+            scratch_dir=self.store.root,
+            seeds_up_to=self.config.seeds_up_to,
+        )
         self.round = RoundState(number, members, rule, now)
         for site in self.left:
             self.round.leave(site)
         self.accumulator = accumulator
         self._stats = _RoundStats(opened_at=now)
         waited = self.round.remaining
-        what = f"the initial model from {members[0]}" if number == 0 else f"updates from {', '.join(waited)}"
+        what = f"the initial model from {members[0]}" if shape.is_initial_model else f"updates from {', '.join(waited)}"
         logger.info("round %d open: waiting for %s", number, what)
 
     def _close_round(self, decision: Decision, now: float) -> None:
