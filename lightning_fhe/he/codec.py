@@ -16,6 +16,8 @@ rounded back to that grid, which removes the CKKS noise, and divided by the tota
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import tenseal.sealapi as sealapi
@@ -34,7 +36,35 @@ from lightning_fhe.he.params import CKKSParams
 from lightning_fhe.he.seal_io import thread_buffer
 from lightning_fhe.he.seeded import CiphertextLayout, SealFormatError
 
-__all__ = ["ChunkSum", "CiphertextError", "HeadroomError", "UpdateCipher", "num_chunks"]
+__all__ = ["ChunkSum", "CiphertextError", "HeadroomError", "UpdateCipher", "ValueSource", "as_source", "num_chunks"]
+
+
+class ValueSource(Protocol):
+    """``size`` values to encrypt, read a piece at a time (so a large model is never copied whole)."""
+
+    size: int
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Values ``start:stop`` as float64."""
+        ...
+
+
+@dataclass(frozen=True)
+class ArraySource:
+    values: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return self.values.size
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.values[start:stop], dtype=np.float64)
+
+
+def as_source(values: np.ndarray | ValueSource) -> ValueSource:
+    if hasattr(values, "read"):
+        return values  # type: ignore[return-value]
+    return ArraySource(np.asarray(values, dtype=np.float64).ravel())
 
 
 class HeadroomError(ValueError):
@@ -94,22 +124,39 @@ class UpdateCipher:
                 f"and decrypt to garbage. Lower scale_bits, or send this tensor unencrypted."
             )
 
-    def prepare(
-        self, values: np.ndarray, weight_fraction: float = 1.0, where: Callable[[int], str] | None = None
-    ) -> np.ndarray:
-        """``values * weight_fraction`` on the fixed-point grid, zero-padded to whole chunks, after the checks.
+    def iter_prepared(
+        self,
+        values: np.ndarray | ValueSource,
+        weight_fraction: float = 1.0,
+        where: Callable[[int], str] | None = None,
+        chunks_per_piece: int = 1,
+    ) -> Iterator[np.ndarray]:
+        """``values * weight_fraction`` on the fixed-point grid, zero-padded to whole chunks, ``chunks_per_piece``
+        chunks at a time: a chunk's worth of memory, whatever the update's size.
 
-        ``weight_fraction`` is this site's share ``w_i / W`` of the announced total weight, in (0, 1].
+        ``values`` is an array, or a :class:`ValueSource` that reads them a piece at a time (a model's tensors).
+        ``weight_fraction`` is this site's share ``w_i / W`` of the announced total weight, in (0, 1]. Every value
+        is checked (finite, within the headroom) before the first piece is yielded.
         """
         if not 0.0 < weight_fraction <= 1.0:
             raise ValueError(
                 f"weight_fraction must be in (0, 1] (this site's weight over the federation's total), got {weight_fraction}"
             )
-        values = np.asarray(values, dtype=np.float64).ravel()
-        self.check_headroom(values, where)
-        padded = np.zeros(num_chunks(values.size, self.params) * self.params.values_per_ciphertext, dtype=np.float64)
-        np.multiply(values, weight_fraction, out=padded[: values.size])
-        return round_to_grid(padded, self.params.grid_bits)
+        source = as_source(values)
+        where = where or (lambda i: f"value {i}")
+        step = chunks_per_piece * self.params.values_per_ciphertext
+        pieces = range(0, source.size, step)
+        for start in pieces:  # all checks first: nothing of a refused update is encrypted or sent
+            self.check_headroom(source.read(start, min(start + step, source.size)), lambda i, s=start: where(s + i))
+
+        def prepared() -> Iterator[np.ndarray]:
+            for start in pieces:
+                piece = source.read(start, min(start + step, source.size))
+                padded = np.zeros(num_chunks(piece.size, self.params) * self.params.values_per_ciphertext)
+                np.multiply(piece, weight_fraction, out=padded[: piece.size])
+                yield round_to_grid(padded, self.params.grid_bits)
+
+        return prepared()
 
     def encrypt_chunk(self, values: np.ndarray) -> bytes:
         """One upload chunk (:mod:`~lightning_fhe.he.frames`) of ``N`` prepared values."""
@@ -120,13 +167,10 @@ class UpdateCipher:
         return encode_upload_chunk(parts.c0, parts.prng, parts.seed)
 
     def iter_encrypt(
-        self, values: np.ndarray, weight_fraction: float = 1.0, where: Callable[[int], str] | None = None
+        self, values: np.ndarray | ValueSource, weight_fraction: float = 1.0, where: Callable[[int], str] | None = None
     ) -> Iterator[bytes]:
         """Yields upload chunks of ``values * weight_fraction`` on the fixed-point grid, one per ``N`` values."""
-        prepared = self.prepare(values, weight_fraction, where)
-        per_chunk = self.params.values_per_ciphertext
-        for start in range(0, prepared.size, per_chunk):
-            yield self.encrypt_chunk(prepared[start : start + per_chunk])
+        return (self.encrypt_chunk(piece) for piece in self.iter_prepared(values, weight_fraction, where))
 
     def encrypt(
         self, values: np.ndarray, weight_fraction: float = 1.0, where: Callable[[int], str] | None = None

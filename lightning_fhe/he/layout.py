@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from bisect import bisect_right
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from math import prod
@@ -112,16 +112,49 @@ class TensorLayout:
         """One float64 stream of the layout's tensors, checked against names, shapes and dtypes."""
         out = np.empty(self.numel, dtype=np.float64)
         for spec, start, end in zip(self.specs, self._offsets, self._offsets[1:]):
-            tensor = tensors.get(spec.name)
-            if tensor is None:
-                raise LayoutError(f"tensor {spec.name!r} of the layout is missing")
-            if tuple(tensor.shape) != spec.shape or str(tensor.dtype).removeprefix("torch.") != spec.dtype:
-                raise LayoutError(
-                    f"tensor {spec.name!r} is {tensor.dtype} {tuple(tensor.shape)}; the layout expects "
-                    f"{spec.dtype} {spec.shape}"
-                )
+            tensor = self._check(spec, tensors.get(spec.name))
             out[start:end] = tensor.detach().to("cpu", torch.float64).reshape(-1).numpy()
         return out
+
+    def _check(self, spec: TensorSpec, tensor: torch.Tensor | None) -> torch.Tensor:
+        if tensor is None:
+            raise LayoutError(f"tensor {spec.name!r} of the layout is missing")
+        if tuple(tensor.shape) != spec.shape or str(tensor.dtype).removeprefix("torch.") != spec.dtype:
+            raise LayoutError(
+                f"tensor {spec.name!r} is {tensor.dtype} {tuple(tensor.shape)}; the layout expects "
+                f"{spec.dtype} {spec.shape}"
+            )
+        return tensor
+
+    def _spans(self, start: int, stop: int) -> Iterator[tuple[TensorSpec, int, int, int]]:
+        """``(spec, from, to, at)``: elements ``from:to`` of the tensor ``spec`` hold stream positions from ``at``."""
+        if not 0 <= start <= stop <= self.numel:
+            raise LayoutError(f"values {start}..{stop} are outside the stream's {self.numel}")
+        i = bisect_right(self._offsets, start) - 1
+        while start < stop:
+            spec, base = self.specs[i], self._offsets[i]
+            end = min(stop, self._offsets[i + 1])
+            if end > start:
+                yield spec, start - base, end - base, start
+            start, i = end, i + 1
+
+    def read(self, tensors: Mapping[str, torch.Tensor], start: int, stop: int) -> np.ndarray:
+        """Values ``start:stop`` of :meth:`flatten`'s stream, without making the whole stream (a chunk at a time)."""
+        out = np.empty(stop - start, dtype=np.float64)
+        for spec, a, b, at in self._spans(start, stop):
+            tensor = self._check(spec, tensors.get(spec.name)).detach().reshape(-1)[a:b]
+            out[at - start : at - start + b - a] = tensor.to("cpu", torch.float64).numpy()
+        return out
+
+    def empty(self) -> dict[str, torch.Tensor]:
+        """The layout's tensors, uninitialized: for :meth:`write` to fill a chunk at a time."""
+        return {spec.name: torch.empty(spec.shape, dtype=SUPPORTED_DTYPES[spec.dtype]) for spec in self.specs}
+
+    def write(self, tensors: Mapping[str, torch.Tensor], start: int, values: np.ndarray) -> None:
+        """Stores ``values`` (float64) as stream positions ``start...`` of ``tensors``, each in its own dtype."""
+        source = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
+        for spec, a, b, at in self._spans(start, start + source.numel()):
+            tensors[spec.name].view(-1)[a:b] = source[at - start : at - start + b - a]
 
     def unflatten(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
         """The named tensors back from a flat stream, in their own shapes and dtypes."""

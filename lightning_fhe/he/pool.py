@@ -3,9 +3,10 @@
 :class:`CipherPool` runs :class:`~lightning_fhe.he.codec.UpdateCipher`'s chunk work on worker processes, started
 once (a site starts its pool when ``fit`` starts) and fed batches of chunks. Both directions are pipelined and
 bounded: :meth:`CipherPool.iter_encrypt` yields upload chunks in order while later batches are still being
-encrypted, so an upload that reads it overlaps encryption with the transfer; :meth:`CipherPool.iter_decrypt` takes
-global chunks as a download yields them. At most ``window`` batches are in flight, so memory stays a few batches
-whatever the model's size. With one worker everything runs in the calling process, and nothing is started.
+encrypted, so an upload that reads it overlaps encryption with the transfer; a :class:`StreamDecryption` takes
+global chunks as a download delivers them and writes each chunk's values where they go. At most ``window`` batches
+per worker are in flight, so memory stays a few batches whatever the model's size. With one worker everything runs
+in the calling process, and nothing is started.
 
 Workers are spawned, not forked: a process that runs gRPC's threads must not fork.
 
@@ -31,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from lightning_fhe.he.codec import CiphertextError, UpdateCipher, num_chunks
+from lightning_fhe.he.codec import CiphertextError, UpdateCipher, ValueSource, num_chunks
 from lightning_fhe.he.context import HEContext
 
 _worker_cipher: UpdateCipher | None = None
@@ -50,9 +51,17 @@ def _encrypt_batch(prepared: np.ndarray) -> list[bytes]:
     return [_worker_cipher.encrypt_chunk(prepared[i : i + n]) for i in range(0, prepared.size, n)]
 
 
-def _decrypt_batch(frames: list[bytes]) -> list[np.ndarray]:
+def _decrypt_batch(frames: list[bytes]) -> list[np.ndarray | CiphertextError]:
+    """The decoded chunks; a bad one ends the list as its error, so the caller can name the chunk."""
     assert _worker_cipher is not None
-    return [_worker_cipher.decrypt_chunk(frame) for frame in frames]
+    decoded: list[np.ndarray | CiphertextError] = []
+    for frame in frames:
+        try:
+            decoded.append(_worker_cipher.decrypt_chunk(frame))
+        except CiphertextError as err:
+            decoded.append(err)
+            break
+    return decoded
 
 
 def default_workers() -> int:
@@ -89,50 +98,34 @@ class CipherPool:
             self._pool = spawn.Pool(self.workers, _start_worker, (context.serialize(with_secret_key=True),))
 
     def iter_encrypt(
-        self, values: np.ndarray, weight_fraction: float = 1.0, where: Callable[[int], str] | None = None
+        self, values: np.ndarray | ValueSource, weight_fraction: float = 1.0, where: Callable[[int], str] | None = None
     ) -> Iterator[bytes]:
         """Upload chunks of ``values * weight_fraction`` on the grid, in order, as :meth:`UpdateCipher.iter_encrypt`.
 
         The checks (finite, headroom, share) run before the first chunk is yielded.
         """
-        prepared = self.cipher.prepare(values, weight_fraction, where)
         if self._pool is None:
-            return (self.cipher.encrypt_chunk(piece) for piece in self._pieces(prepared, 1))
-        return self._ordered(_encrypt_batch, self._pieces(prepared, self.batch))
+            return self.cipher.iter_encrypt(values, weight_fraction, where)
+        return self._ordered(_encrypt_batch, self.cipher.iter_prepared(values, weight_fraction, where, self.batch))
 
-    def iter_decrypt(self, frames: Iterable[bytes]) -> Iterator[np.ndarray]:
-        """The ``N`` decoded values of each global chunk, in order, as ``frames`` arrive."""
-        if self._pool is None:
-            decoded = (self.cipher.decrypt_chunk(frame) for frame in frames)
-        else:
-            decoded = self._ordered(_decrypt_batch, _batched(frames, self.batch))
-        index = 0
-        try:
-            for values in decoded:
-                yield values
-                index += 1
-        except CiphertextError as err:
-            raise CiphertextError(err.reason, f"chunk {index}: {err}") from None
+    def decryption(
+        self, count: int, total_weight_fraction: float, write: Callable[[int, np.ndarray], None]
+    ) -> StreamDecryption:
+        """A decryption fed global chunks one by one as a download delivers them; see :class:`StreamDecryption`."""
+        return StreamDecryption(self, count, total_weight_fraction, write)
 
     def decrypt(self, chunks: Iterable[bytes], count: int, total_weight_fraction: float = 1.0) -> np.ndarray:
         """As :meth:`UpdateCipher.decrypt`: the averaged ``count`` values, on the grid."""
-        expected = num_chunks(count, self.params)
-        per_chunk = self.params.values_per_ciphertext
-        out = np.empty(expected * per_chunk, dtype=np.float64)
-        received = 0
-        for i, decoded in enumerate(self.iter_decrypt(chunks)):
-            if i >= expected:
-                raise CiphertextError("index", f"{count} values need {expected} chunks, got more")
-            out[i * per_chunk : (i + 1) * per_chunk] = decoded
-            received = i + 1
-        if received != expected:
-            raise CiphertextError("index", f"{count} values need {expected} chunks, got {received}")
-        return self.cipher.finish(out, total_weight_fraction)[:count]
+        out = np.empty(count, dtype=np.float64)
 
-    def _pieces(self, prepared: np.ndarray, chunks_per_piece: int) -> Iterator[np.ndarray]:
-        step = chunks_per_piece * self.params.values_per_ciphertext
-        for start in range(0, prepared.size, step):
-            yield prepared[start : start + step]
+        def write(start: int, values: np.ndarray) -> None:
+            out[start : start + values.size] = values
+
+        decryption = self.decryption(count, total_weight_fraction, write)
+        for frame in chunks:
+            decryption.add(frame)
+        decryption.finish()
+        return out
 
     def _ordered(self, work, tasks: Iterable) -> Iterator:
         """Results of ``work`` over ``tasks`` in order, flattened, with at most ``window * workers`` in flight."""
@@ -158,12 +151,63 @@ class CipherPool:
         self.close()
 
 
-def _batched(items: Iterable, size: int) -> Iterator[list]:
-    batch: list = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+class StreamDecryption:
+    """Decrypts global chunks as they are added and hands each chunk's averaged values to ``write(start, values)``,
+    in order: a download feeds it while the rest is still in transit, and ``write`` puts the values where they go
+    (a model's tensors), so no copy of the whole model is made. At most ``window * workers`` batches are pending.
+    """
+
+    def __init__(
+        self, pool: CipherPool, count: int, total_weight_fraction: float, write: Callable[[int, np.ndarray], None]
+    ) -> None:
+        if not total_weight_fraction > 0:
+            raise ValueError(f"total_weight_fraction must be positive, got {total_weight_fraction}")
+        self._pool, self._count, self._share, self._write = pool, count, total_weight_fraction, write
+        self._expected = num_chunks(count, pool.params)
+        self._batch: list[bytes] = []
+        self._pending: deque = deque()
+        self._added = self._written = 0
+
+    def add(self, frame: bytes) -> None:
+        if self._added >= self._expected:
+            raise CiphertextError("index", f"{self._count} values need {self._expected} chunks, got more")
+        self._added += 1
+        self._batch.append(frame)
+        if len(self._batch) >= (self._pool.batch if self._pool._pool is not None else 1):
+            self._submit()
+
+    def finish(self) -> None:
+        """Waits for the last chunks; raises if fewer arrived than ``count`` values need."""
+        if self._batch:
+            self._submit()
+        while self._pending:
+            self._store(self._pending.popleft())
+        if self._written != self._expected:
+            raise CiphertextError("index", f"{self._count} values need {self._expected} chunks, got {self._written}")
+
+    def _submit(self) -> None:
+        batch, self._batch = self._batch, []
+        if self._pool._pool is None:
+            self._store(batch)
+            return
+        self._pending.append(self._pool._pool.apply_async(_decrypt_batch, (batch,)))
+        if len(self._pending) >= self._pool._in_flight:
+            self._store(self._pending.popleft())
+
+    def _store(self, work) -> None:
+        cipher, per_chunk = self._pool.cipher, self._pool.params.values_per_ciphertext
+        decoded = _decrypt_here(cipher, work) if isinstance(work, list) else work.get()
+        for values in decoded:
+            if isinstance(values, CiphertextError):
+                raise CiphertextError(values.reason, f"chunk {self._written}: {values}")
+            start = self._written * per_chunk
+            averaged = cipher.finish(values, self._share)[: max(0, min(per_chunk, self._count - start))]
+            self._write(start, averaged)
+            self._written += 1
+
+
+def _decrypt_here(cipher: UpdateCipher, frames: list[bytes]) -> list[np.ndarray | CiphertextError]:
+    try:
+        return [cipher.decrypt_chunk(frame) for frame in frames]
+    except CiphertextError as err:
+        return [err]
