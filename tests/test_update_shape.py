@@ -1,14 +1,19 @@
-"""The shape of a round's update, decided once (lightning_fhe.proto.update_shape)."""
+"""The shape of a round's update, decided once (lightning_fhe.proto.update_shape) and agreed on by the site's
+client and the server's admission."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from lightning_fhe.client.upload import KeptUpdate
 from lightning_fhe.he.layout import TensorLayout, TensorSpec
 from lightning_fhe.he.params import CKKSParams
 from lightning_fhe.proto.update_shape import INITIAL_MODEL_ROUND, update_shape
 from lightning_fhe.proto.wire import WIRE_DTYPES
+from lightning_fhe.server.admission import check_upload_header
+from lightning_fhe.server.membership import Membership
+from lightning_fhe.server.rounds import QuorumRule, RoundState
 
 PARAMS = CKKSParams()  # 8192 values per chunk
 
@@ -79,3 +84,26 @@ def test_shapes_are_equal_values():
     assert update_shape(1, ENCRYPTED, PLAINTEXT, PARAMS) == update_shape(1, ENCRYPTED, PLAINTEXT, PARAMS)
     assert update_shape(1, ENCRYPTED, PLAINTEXT, PARAMS) != update_shape(2, ENCRYPTED, PLAINTEXT, PARAMS)
     assert "conv.weight" not in repr(update_shape(1, ENCRYPTED, PLAINTEXT, PARAMS))  # layouts stay out of logs
+
+
+@pytest.mark.parametrize("round_number", [0, 1])
+def test_the_header_a_site_sends_is_the_one_the_server_admits(round_number):
+    shape = update_shape(round_number, ENCRYPTED, PLAINTEXT, PARAMS)
+    chunks = [b"x"] * shape.num_chunks
+    kept = KeptUpdate.for_round(shape, chunks, np.zeros(shape.plaintext_count))
+    header = next(kept.messages(None)).header
+    assert (header.round, header.num_chunks, header.plaintext_count) == (
+        round_number,
+        shape.num_chunks,
+        shape.plaintext_count,
+    )
+    assert kept.plaintext.dtype == WIRE_DTYPES[shape.plaintext_field]
+    members = Membership(("a", "b"), (1.0, 3.0), ENCRYPTED, PLAINTEXT, initial_model_site="a")
+    state = RoundState(round_number, ("a",) if round_number == 0 else ("a", "b"), QuorumRule(1, 0.0, 60.0), 0.0)
+    check_upload_header("a", header.round, header.num_chunks, header.plaintext_count, members, 3, state, PARAMS)
+
+
+def test_a_site_refuses_plaintext_of_another_size_before_sending():
+    shape = update_shape(1, ENCRYPTED, PLAINTEXT, PARAMS)
+    with pytest.raises(ValueError, match="round 1: plaintext holds 3 values; expected 10 values in the plaintext"):
+        KeptUpdate.for_round(shape, [], np.zeros(3))

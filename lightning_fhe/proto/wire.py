@@ -7,7 +7,6 @@ from collections.abc import Iterator
 import numpy as np
 
 from lightning_fhe.he.frames import global_chunk_bytes, upload_chunk_bytes
-from lightning_fhe.he.layout import TensorLayout
 from lightning_fhe.he.params import CKKSParams
 
 SERVICE_NAME = "lightning_fhe.v2.Aggregator"
@@ -75,17 +74,9 @@ def channel_options(params: CKKSParams) -> list[tuple[str, int]]:
     ]
 
 
-# Plaintext values travel as float32 when every tensor they belong to is float32 or narrower (float32 holds
-# float16 and bfloat16 exactly), so an unencrypted fp32 model costs its fp32 size on the wire, not twice that.
+# The PlaintextBlock fields and the dtype of their values; which one a round's values take is
+# :func:`lightning_fhe.proto.update_shape.update_shape`'s to say.
 WIRE_DTYPES = {"float32_le": np.dtype("<f4"), "float64_le": np.dtype("<f8")}
-
-
-def plaintext_field(round_number: int, encrypted: TensorLayout, plaintext: TensorLayout) -> str:
-    """The PlaintextBlock field a round's plaintext values travel in, both ways: ``float32_le`` unless a tensor they
-    belong to is float64. Round 0's plaintext is the initial model, so it carries the encrypted part too."""
-    layouts = (encrypted, plaintext) if round_number == 0 else (plaintext,)
-    wide = any(spec.dtype == "float64" for layout in layouts for spec in layout.specs)
-    return "float64_le" if wide else "float32_le"
 
 
 def plaintext_blocks(values: np.ndarray, field: str = "float64_le") -> Iterator[tuple[int, bytes]]:

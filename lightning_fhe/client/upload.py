@@ -1,0 +1,140 @@
+"""A site's update on its way to the server: checked against the round's shape, streamed as it is encrypted, and
+kept until the round's global model arrives, to be sent again if the server restarted and lost it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from lightning_fhe.client.errors import FederationError
+from lightning_fhe.client.retry import RetryLoop
+from lightning_fhe.proto import aggregator_pb2 as pb
+from lightning_fhe.proto.update_shape import UpdateShape
+from lightning_fhe.proto.wire import WIRE_DTYPES, plaintext_blocks
+
+logger = logging.getLogger("lightning_fhe.client")  # the whole client logs under one name users configure
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class SubmitReceipt:
+    round: int
+    bytes_sent: int
+    seconds: float
+
+
+class KeptUpdate:
+    """An update as sent: chunks are pulled from the caller's iterable once and kept for resubmission.
+
+    Build it with :meth:`for_round`, which checks the plaintext values against the round's shape.
+    """
+
+    def __init__(
+        self, round_number: int, source: Iterator[bytes], expected_chunks: int, plaintext: np.ndarray, field: str
+    ) -> None:
+        self.round = round_number
+        self.expected_chunks = expected_chunks
+        self.plaintext = plaintext  # already in the dtype of ``field``, the PlaintextBlock field it travels in
+        self.field = field
+        self._source = source
+        self._chunks: list[bytes] = []
+        self._lock = threading.Lock()  # gRPC reads requests on its own thread; a retry may start a second reader
+        self.source_error: BaseException | None = None
+
+    @classmethod
+    def for_round(cls, shape: UpdateShape, encrypted_chunks: Iterable[bytes], plaintext: np.ndarray) -> KeptUpdate:
+        """The update for ``shape.round``; its chunks are counted as they are pulled.
+
+        Raises:
+            ValueError: ``plaintext`` does not hold the values the round takes.
+        """
+        values = np.ascontiguousarray(plaintext, dtype=WIRE_DTYPES[shape.plaintext_field]).reshape(-1)  # as it travels
+        if values.size != shape.plaintext_count:
+            raise ValueError(
+                f"round {shape.round}: plaintext holds {values.size} values; expected {shape.plaintext_count} "
+                f"{shape.plaintext_meaning}"
+            )
+        return cls(shape.round, iter(encrypted_chunks), shape.num_chunks, values, shape.plaintext_field)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(map(len, self._chunks)) + self.plaintext.nbytes
+
+    def _chunk(self, index: int) -> bytes | None:
+        with self._lock:
+            if index < len(self._chunks):
+                return self._chunks[index]
+            if self.source_error is not None:
+                return None
+            try:
+                blob = next(self._source)
+                if index == self.expected_chunks - 1 and next(self._source, None) is not None:
+                    raise ValueError(
+                        f"encrypted_chunks yielded more than the {self.expected_chunks} chunks the encrypted layout "
+                        "takes"
+                    )
+            except StopIteration:
+                self.source_error = ValueError(
+                    f"encrypted_chunks yielded {index} chunks; the encrypted layout takes {self.expected_chunks}"
+                )
+                return None
+            except BaseException as err:  # the caller's encryption failed (e.g. headroom): end the stream, re-raise
+                self.source_error = err
+                return None
+            self._chunks.append(bytes(blob))
+            return self._chunks[-1]
+
+    def messages(self, progress: Progress | None) -> Iterator[pb.UpdatePart]:
+        yield pb.UpdatePart(
+            header=pb.UpdateHeader(
+                round=self.round, num_chunks=self.expected_chunks, plaintext_count=self.plaintext.size
+            )
+        )
+        for offset, data in plaintext_blocks(self.plaintext, self.field):
+            yield pb.UpdatePart(plaintext=pb.PlaintextBlock(offset=offset, **{self.field: data}))
+        for index in range(self.expected_chunks):
+            blob = self._chunk(index)
+            if blob is None:
+                return  # the server sees an incomplete stream and keeps nothing of it
+            yield pb.UpdatePart(chunk=pb.Chunk(index=index, data=blob))
+            if progress is not None:
+                progress(index + 1, self.expected_chunks)
+
+
+def send_update(
+    submit: Callable[[Iterator[pb.UpdatePart]], pb.SubmitReply],
+    retries: RetryLoop,
+    kept: KeptUpdate,
+    progress: Progress | None,
+    resubmission: bool,
+) -> SubmitReceipt:
+    """Streams ``kept`` through ``submit`` (the SubmitUpdate call), retried while the server is unavailable.
+
+    Raises:
+        RoundClosedError, FederationError: refused; or the error the caller's ``encrypted_chunks`` raised.
+    """
+    started, attempts = time.monotonic(), 0
+
+    def attempt() -> pb.SubmitReply:
+        nonlocal attempts
+        attempts += 1
+        return submit(kept.messages(progress))
+
+    try:
+        retries.run(f"submit round {kept.round}", attempt)
+    except FederationError as err:
+        if kept.source_error is not None:
+            raise kept.source_error from err
+        if err.code == grpc.StatusCode.ALREADY_EXISTS and (attempts > 1 or resubmission):
+            # An earlier attempt got through and only its reply was lost: the update is recorded.
+            logger.info("round %d: the server already has this site's update", kept.round)
+        else:
+            raise
+    return SubmitReceipt(kept.round, kept.nbytes, time.monotonic() - started)
