@@ -5,7 +5,7 @@ unavailable are retried with exponential backoff for up to ``retry_budget_s`` of
 restart is ridden out; :meth:`AggregatorClient.close` (from any thread) ends those retries and any call in flight at
 once. While it waits (for the federation to form, for a round to close, for the server to come back) the client logs
 what it waits for on the ``lightning_fhe.client`` logger at INFO, at least every ``log_every_s``. A site keeps its
-last update in memory until that round's global model arrives: if the
+last update (in an anonymous temporary file, not in memory) until that round's global model arrives: if the
 server restarted and lost it, :meth:`AggregatorClient.fetch_global` submits it again by itself.
 
 Example::
@@ -17,10 +17,13 @@ Example::
         start = client.fetch_global(0)                        # every site starts from these weights
         for r in range(info.current_round, info.rounds + 1):
             ...                                                # train locally
-            chunks = cipher.iter_encrypt(enc_layout.flatten(state), weight_fraction=info.share)
+            chunks = pool.iter_encrypt(enc_layout.flatten(state), info.share)   # a CipherPool
             client.submit(r, chunks, plain_layout.flatten(state))   # encryption and upload overlap
-            model = client.fetch_global(r)
-            update = cipher.decrypt(model.encrypted_chunks, enc_layout.numel, model.total_share)
+            tensors = enc_layout.empty()                            # the global model's encrypted tensors, filled
+            write = lambda start, values: enc_layout.write(tensors, start, values)   # a chunk at a time
+            model = client.fetch_global(                            # download and decryption overlap
+                r, chunks_into=lambda incoming: pool.decryption(enc_layout.numel, incoming.total_share, write)
+            )
 
 The package: :mod:`~lightning_fhe.client.aggregator` (the client, thin), :mod:`~lightning_fhe.client.upload`,
 :mod:`~lightning_fhe.client.download`, :mod:`~lightning_fhe.client.retry`, :mod:`~lightning_fhe.client.status`
@@ -29,7 +32,7 @@ and :mod:`~lightning_fhe.client.errors`. The shape of each round's update is
 """
 
 from lightning_fhe.client.aggregator import AggregatorClient, JoinInfo
-from lightning_fhe.client.download import GlobalModel
+from lightning_fhe.client.download import ChunkConsumer, GlobalModel, IncomingGlobalModel
 from lightning_fhe.client.errors import ClientClosedError, FederationError, RoundClosedError, ServerUnavailableError
 from lightning_fhe.client.retry import WaitLog
 from lightning_fhe.client.status import MemberActivity, RoundStatus, round_status
@@ -41,9 +44,11 @@ _round_status = round_status
 
 __all__ = [
     "AggregatorClient",
+    "ChunkConsumer",
     "ClientClosedError",
     "FederationError",
     "GlobalModel",
+    "IncomingGlobalModel",
     "JoinInfo",
     "MemberActivity",
     "RoundClosedError",

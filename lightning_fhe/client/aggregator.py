@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from lightning_fhe.client.download import GlobalModel, receive_global_model
+from lightning_fhe.client.download import ChunkConsumer, GlobalModel, IncomingGlobalModel, receive_global_model
 from lightning_fhe.client.errors import FederationError, RoundClosedError
 from lightning_fhe.client.retry import RetryLoop, WaitLog
 from lightning_fhe.client.status import RoundStatus, log_round_wait, round_status
@@ -172,18 +172,34 @@ class AggregatorClient:
             ValueError: the sizes do not match the layouts given to :meth:`join`.
         """
         kept = KeptUpdate.for_round(self._shape(round), encrypted_chunks, plaintext)
-        self._kept = {r: k for r, k in self._kept.items() if r > round}
+        self._forget_kept(up_to=round)
         self._kept[round] = kept
         try:
             return self._send(kept, progress, resubmission=False)
         except BaseException:
-            del self._kept[round]  # refused or not sent: nothing to submit again later
+            self._kept.pop(round).close()  # refused or not sent: nothing to submit again later
             raise
 
-    def fetch_global(self, round: int, *, progress: Progress | None = None) -> GlobalModel:
+    def fetch_global(
+        self,
+        round: int,
+        *,
+        progress: Progress | None = None,
+        chunks_into: Callable[[IncomingGlobalModel], ChunkConsumer] | None = None,
+    ) -> GlobalModel:
         """Waits for ``round`` to close and downloads its global model.
 
         Submits this site's kept update again if the server says it is not recorded (the server restarted).
+
+        Args:
+            progress: called with ``(chunks received, chunks in all)``.
+            chunks_into: where the encrypted chunks go as they arrive, instead of a list in memory: called once per
+                download attempt, when the global model's header is in, with what is coming; it returns a
+                :class:`~lightning_fhe.client.download.ChunkConsumer` whose ``add`` takes each chunk in order and
+                whose ``finish`` is called once all arrived (e.g. a
+                :class:`~lightning_fhe.he.pool.StreamDecryption`, which decrypts while the rest is in transit). A
+                download that breaks and is retried drops its consumer and asks for a new one, which gets every
+                chunk again from the first. The returned model's ``encrypted_chunks`` is then empty.
 
         Raises:
             FederationError: the round failed (the message says why), or the round does not exist.
@@ -192,10 +208,10 @@ class AggregatorClient:
         waiting = WaitLog(self._clock, self.log_every_s)
         while True:
             outcome = self._retries.run(
-                f"fetch round {round}", lambda: self._download(round, progress, started), waiting=True
+                f"fetch round {round}", lambda: self._download(round, progress, started, chunks_into), waiting=True
             )
             if isinstance(outcome, GlobalModel):
-                self._kept = {r: k for r, k in self._kept.items() if r > round}
+                self._forget_kept(up_to=round)
                 return outcome
             if outcome is not None:
                 self._resubmit_if_lost(round, outcome)
@@ -223,6 +239,7 @@ class AggregatorClient:
         """Closes the connection; a call waiting or retrying on another thread ends with :class:`ClientClosedError`."""
         self._closed.set()
         self._channel.close()
+        self._forget_kept(up_to=None)
 
     def __enter__(self) -> AggregatorClient:
         return self
@@ -236,6 +253,11 @@ class AggregatorClient:
         if self._layouts is None:
             raise RuntimeError("join() first: the layouts given there fix the sizes of every update")
         return update_shape(round_number, *self._layouts, self.kit.params)
+
+    def _forget_kept(self, up_to: int | None) -> None:
+        """Closes the kept updates of rounds up to ``up_to`` (None: all), whose files then go."""
+        for r in [r for r in self._kept if up_to is None or r <= up_to]:
+            self._kept.pop(r).close()
 
     def _send(self, kept: KeptUpdate, progress: Progress | None, resubmission: bool) -> SubmitReceipt:
         def submit(messages: Iterator[pb.UpdatePart]) -> pb.SubmitReply:
@@ -257,7 +279,13 @@ class AggregatorClient:
         except RoundClosedError:
             pass  # closed meanwhile without it; the global model will say who took part
 
-    def _download(self, round_number: int, progress: Progress | None, started: float) -> GlobalModel | RoundStatus:
+    def _download(
+        self,
+        round_number: int,
+        progress: Progress | None,
+        started: float,
+        chunks_into: Callable[[IncomingGlobalModel], ChunkConsumer] | None,
+    ) -> GlobalModel | RoundStatus:
         if round_number in self._kept:
             # Before waiting: a restarted server has forgotten what this site sent (cheap when nothing happened).
             self._resubmit_if_lost(round_number, self.status())
@@ -272,7 +300,11 @@ class AggregatorClient:
         if first.WhichOneof("part") == "pending":
             stream.cancel()  # nothing else follows; release the call now
             return round_status(first.pending)
-        return receive_global_model(round_number, first.header, stream, progress, started)
+        try:
+            return receive_global_model(round_number, first.header, stream, progress, started, chunks_into)
+        except BaseException:
+            stream.cancel()  # a consumer that failed, or a broken stream: release the call before anything else
+            raise
 
     def _log_forming(self, reply: pb.JoinReply, waiting: WaitLog) -> None:
         joined = ""

@@ -1,9 +1,14 @@
 """A site's update on its way to the server: checked against the round's shape, streamed as it is encrypted, and
-kept until the round's global model arrives, to be sent again if the server restarted and lost it."""
+kept until the round's global model arrives, to be sent again if the server restarted and lost it.
+
+The kept ciphertext lives in an anonymous temporary file, not in memory: a site's memory then holds no second copy
+of its update (about 1.9x the model's fp32 size), whatever the model's size; a resubmission reads it back."""
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -31,9 +36,11 @@ class SubmitReceipt:
 
 
 class KeptUpdate:
-    """An update as sent: chunks are pulled from the caller's iterable once and kept for resubmission.
+    """An update as sent: chunks are pulled from the caller's iterable once, as the first stream needs them, and
+    appended to an anonymous temporary file, from which a resubmission reads them back.
 
-    Build it with :meth:`for_round`, which checks the plaintext values against the round's shape.
+    Build it with :meth:`for_round`, which checks the plaintext values against the round's shape; :meth:`close` it
+    when it is no longer needed (the file goes with it).
     """
 
     def __init__(
@@ -44,8 +51,12 @@ class KeptUpdate:
         self.plaintext = plaintext  # already in the dtype of ``field``, the PlaintextBlock field it travels in
         self.field = field
         self._source = source
-        self._chunks: list[bytes] = []
+        # Unnamed on disk (unlinked at once where the OS allows), gone when closed or when the process ends.
+        self._file = tempfile.TemporaryFile(prefix="lightning_fhe-update-")
+        self._spans: list[tuple[int, int]] = []  # (offset, length) of every chunk pulled so far, in the file
+        self._stored = 0  # bytes in the file
         self._lock = threading.Lock()  # gRPC reads requests on its own thread; a retry may start a second reader
+        self._closed = False
         self.source_error: BaseException | None = None
 
     @classmethod
@@ -64,13 +75,27 @@ class KeptUpdate:
         return cls(shape.round, iter(encrypted_chunks), shape.num_chunks, values, shape.plaintext_field)
 
     @property
+    def ciphertext_bytes(self) -> int:
+        """The encrypted chunks' bytes pulled so far (all of them once a stream went through)."""
+        return self._stored
+
+    @property
     def nbytes(self) -> int:
-        return sum(map(len, self._chunks)) + self.plaintext.nbytes
+        return self._stored + self.plaintext.nbytes
+
+    def close(self) -> None:
+        """Drops the kept chunks; a stream still reading ends as if the source had failed."""
+        with self._lock:
+            self._closed = True
+            self._file.close()
 
     def _chunk(self, index: int) -> bytes | None:
         with self._lock:
-            if index < len(self._chunks):
-                return self._chunks[index]
+            if self._closed:
+                self.source_error = self.source_error or RuntimeError(f"round {self.round}: the update was dropped")
+                return None
+            if index < len(self._spans):
+                return _read_at(self._file.fileno(), *self._spans[index])
             if self.source_error is not None:
                 return None
             try:
@@ -88,8 +113,11 @@ class KeptUpdate:
             except BaseException as err:  # the caller's encryption failed (e.g. headroom): end the stream, re-raise
                 self.source_error = err
                 return None
-            self._chunks.append(bytes(blob))
-            return self._chunks[-1]
+            blob = bytes(blob)
+            _write_at(self._file.fileno(), blob, self._stored)
+            self._spans.append((self._stored, len(blob)))
+            self._stored += len(blob)
+            return blob
 
     def messages(self, progress: Progress | None) -> Iterator[pb.UpdatePart]:
         yield pb.UpdatePart(
@@ -138,3 +166,21 @@ def send_update(
         else:
             raise
     return SubmitReceipt(kept.round, kept.nbytes, time.monotonic() - started)
+
+
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _read_at(fd: int, offset: int, length: int) -> bytes:
+    parts = []
+    while length:
+        part = os.pread(fd, length, offset)
+        if not part:
+            raise OSError(f"the kept update's file ended {length} bytes early")
+        parts.append(part)
+        offset, length = offset + len(part), length - len(part)
+    return b"".join(parts) if len(parts) != 1 else parts[0]
