@@ -6,7 +6,13 @@ import importlib
 import pytest
 
 MODULES = [
+    "lightning_fhe.he.codec_v2",
+    "lightning_fhe.he.frames",
     "lightning_fhe.he.layout",
+    "lightning_fhe.he.modular",
+    "lightning_fhe.he.packing",
+    "lightning_fhe.he.pool",
+    "lightning_fhe.he.seeded",
     "lightning_fhe.proto.update_shape",
     "lightning_fhe.server.activity",
     "lightning_fhe.server.membership",

@@ -19,6 +19,9 @@ def _parser() -> argparse.ArgumentParser:
     codec.add_argument("--model", default="segresnet-16", choices=sorted(SEGRESNET_FILTERS), help="network whose state dict is encrypted")
     codec.add_argument("--clients", type=int, default=2, help="sites whose updates are averaged (default 2)")
     codec.add_argument("--seed", type=int, default=0)
+    codec.add_argument(
+        "--workers", type=int, default=None, help="processes that encrypt and decrypt (default: every core it may use)"
+    )
     codec.add_argument("--json", type=Path, help="also write the measurements to this JSON file")
     memory = sub.add_parser("server-memory", help="aggregator peak memory: few against many sites uploading at once")
     from lightning_fhe.bench import server_memory
@@ -45,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         return round_bench.run_from_args(args)
     if args.clients < 1:
         _parser().error(f"--clients must be at least 1, got {args.clients}")
+    if args.workers is not None and args.workers < 1:
+        _parser().error(f"--workers must be at least 1, got {args.workers}")
     from lightning_fhe.bench import codec
 
-    result = codec.run(args.model, args.clients, args.seed, log=log)
+    result = codec.run(args.model, args.clients, args.seed, args.workers, log=log)
     return publish(result, codec.format_table(result), args.json)
 
 

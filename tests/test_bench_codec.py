@@ -1,0 +1,69 @@
+"""``python -m lightning_fhe.bench codec``: the record's keys, its byte counts, and the table, on a small state dict.
+
+Timings are not checked (benchmarks report ratios, never timed tests); sizes and exactness are.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_fhe.bench import codec
+from lightning_fhe.bench.__main__ import _parser
+from lightning_fhe.he.frames import global_chunk_bytes, upload_chunk_bytes
+
+CHUNK = 8192  # values per ciphertext with the seed's parameters
+
+
+@pytest.fixture(scope="module")
+def result():
+    torch.manual_seed(0)
+    state = {"conv.weight": torch.randn(16, 8, 3, 3, 3) * 0.05, "conv.bias": torch.zeros(16), "norm.weight": torch.ones(9000)}
+    return codec.measure(state, "small", clients=3, workers=2, log=lambda message: None)
+
+
+def test_the_record_keeps_the_old_keys_and_adds_the_new_ones(result):
+    assert {"raw_bytes", "workers", "clients", "baseline", "lightning_fhe"} <= result.keys()
+    assert {"upload_bytes", "encrypt_s", "decrypt_s", "aggregate_s_per_client"} <= result["baseline"].keys()
+    assert {
+        "upload_bytes", "download_bytes", "encrypt_s", "decrypt_s", "aggregate_s_per_client", "max_abs_error",
+        "rebuild_s", "encrypt_s_one_worker", "decrypt_s_one_worker", "summed",
+    } <= result["lightning_fhe"].keys()  # fmt: skip
+    assert {"download_bytes", "decrypt_s"} <= result["lightning_fhe"]["summed"].keys()
+    assert result["workers"] == 2 and result["clients"] == 3
+
+
+def test_the_byte_counts_are_the_wire_format_s(result):
+    values = 16 * 8 * 27 + 16 + 9000
+    chunks = -(-values // CHUNK)
+    assert result["params"] == values and result["raw_bytes"] == 4 * values
+    ours = result["lightning_fhe"]
+    assert ours["upload_bytes"] == chunks * upload_chunk_bytes(CHUNK)
+    assert ours["download_bytes"] == chunks * global_chunk_bytes(CHUNK, 3, summed=False)
+    assert ours["summed"]["download_bytes"] == chunks * global_chunk_bytes(CHUNK, 3, summed=True)
+
+
+def test_the_average_is_the_plaintext_fedavg_on_the_grid(result):
+    ours = result["lightning_fhe"]
+    assert ours["equals_plaintext_average"] and ours["summed"]["equals_plaintext_average"]
+    assert ours["max_abs_error"] <= codec.TARGETS["max_abs_error"]
+
+
+def test_the_table_shows_every_target(result):
+    table = codec.format_table(result)
+    for line in ("upload vs fp32", "download vs fp32, 3 sites", "encrypt speed-up", "decrypt speed-up",
+                 "pool speed-up, encrypt", "pool speed-up, decrypt", "aggregation speed-up vs SEAL",
+                 "same bits as plaintext FedAvg", "same bits, summed download", "download: summed"):  # fmt: skip
+        assert line in table
+    one_worker = codec.format_table({**result, "workers": 1})
+    assert "pool speed-up" not in one_worker  # nothing to compare against
+
+
+def test_the_download_target_depends_on_the_number_of_sites():
+    assert codec.download_target(2) == 1.90 and codec.download_target(30) == 2.10
+
+
+def test_workers_is_an_option():
+    args = _parser().parse_args(["codec", "--workers", "1", "--clients", "30"])
+    assert (args.workers, args.clients) == (1, 30)
+    assert _parser().parse_args(["codec"]).workers is None

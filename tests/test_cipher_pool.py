@@ -1,0 +1,136 @@
+"""Encryption and decryption on worker processes: the same results as one process, errors that name the chunk,
+and a pipeline that never runs far ahead of whoever consumes it.
+
+One two-worker pool serves the module: spawning workers (each imports TenSEAL) takes about a second.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lightning_fhe.he.codec_v2 import ChunkSum, CiphertextError
+from lightning_fhe.he.fixed_point import round_to_grid
+from lightning_fhe.he.pool import CipherPool
+
+BATCH, WINDOW = 2, 2
+
+
+@pytest.fixture(scope="module")
+def pool2(site_context):
+    with CipherPool(site_context, workers=2, batch=BATCH, window=WINDOW) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def pool1(site_context):
+    with CipherPool(site_context, workers=1, batch=BATCH, window=WINDOW) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def update(site_context):
+    """Values over 9 chunks (more than one batch per worker, a partial last chunk) and a site's share."""
+    count = 8 * site_context.params.values_per_ciphertext + 1000
+    return np.random.default_rng(0).normal(0, 0.1, count), 0.375
+
+
+@pytest.fixture(scope="module")
+def global_chunks(site_context, pool2, update):
+    values, share = update
+    frames = list(pool2.iter_encrypt(values, share))
+    total = ChunkSum.for_context(site_context.without_keys(), len(frames))
+    for i, frame in enumerate(frames):
+        total.add(i, frame)
+    return total.chunks()
+
+
+def _on_grid(values, share, pool) -> np.ndarray:
+    return round_to_grid(values * share, pool.params.grid_bits) / share
+
+
+def test_two_workers_decrypt_to_the_same_bits_as_one(pool1, pool2, global_chunks):
+    one, two = list(pool1.iter_decrypt(global_chunks)), list(pool2.iter_decrypt(global_chunks))
+    assert len(one) == len(two) == len(global_chunks)
+    assert all(np.array_equal(a, b) for a, b in zip(one, two))  # raw decoded values, noise and all
+
+
+def test_chunks_encrypted_by_either_pool_decrypt_to_the_plaintext_on_the_grid(site_context, pool1, pool2, update):
+    values, share = update
+    for encrypting in (pool1, pool2):
+        frames = list(encrypting.iter_encrypt(values, share))
+        assert len(frames) == 9
+        total = ChunkSum.for_context(site_context, len(frames))
+        for i, frame in enumerate(frames):
+            total.add(i, frame)
+        for decrypting in (pool1, pool2):
+            decrypted = decrypting.decrypt(total.chunks(), values.size, share)
+            assert np.array_equal(decrypted, _on_grid(values, share, decrypting))
+
+
+def test_encryption_checks_the_update_before_the_first_chunk(pool2):
+    with pytest.raises(ValueError, match="finite"):
+        pool2.iter_encrypt(np.array([0.0, np.nan]))  # raises on the call, not on the first next()
+    with pytest.raises(ValueError, match="weight_fraction"):
+        pool2.iter_encrypt(np.zeros(4), 1.5)
+
+
+@pytest.mark.parametrize("bad", [0, 3, 8])  # first batch, inside a batch, the last (partial) batch
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_corrupted_global_chunk_is_named_by_its_position(pool1, pool2, global_chunks, bad, workers):
+    pool = pool1 if workers == 1 else pool2
+    frames = list(global_chunks)
+    corrupted = bytearray(frames[bad])
+    corrupted[len(corrupted) // 2] ^= 0x10
+    frames[bad] = bytes(corrupted)
+    with pytest.raises(CiphertextError, match=f"^chunk {bad}: .*checksum") as caught:
+        pool.decrypt(frames, count=9 * pool.params.values_per_ciphertext, total_weight_fraction=1.0)
+    assert caught.value.reason == "corrupt"
+
+
+def test_the_pool_still_works_after_an_error(pool2, global_chunks, update):
+    frames = list(global_chunks)
+    frames[1] = frames[1][:-1]
+    with pytest.raises(CiphertextError, match="^chunk 1: "):
+        list(pool2.iter_decrypt(frames))
+    values, share = update
+    assert np.array_equal(pool2.decrypt(global_chunks, values.size, share), _on_grid(values, share, pool2))
+
+
+def test_a_wrong_number_of_chunks_is_refused(pool2, global_chunks, update):
+    values, _ = update
+    with pytest.raises(CiphertextError, match="got 8") as caught:
+        pool2.decrypt(global_chunks[:-1], values.size)
+    assert caught.value.reason == "index"
+    with pytest.raises(CiphertextError, match="got more"):
+        pool2.decrypt(global_chunks + global_chunks[:1], values.size)
+
+
+class _CountingFrames:
+    """Frames handed out one at a time, counting how many were taken: what a download stream would be."""
+
+    def __init__(self, frames):
+        self.frames, self.pulled = frames, 0
+
+    def __iter__(self):
+        for frame in self.frames:
+            self.pulled += 1
+            yield frame
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_decryption_runs_at_most_window_times_workers_batches_ahead(pool1, pool2, global_chunks, workers):
+    pool = pool1 if workers == 1 else pool2
+    frames = _CountingFrames(global_chunks * 2)  # 18 chunks: more than the window holds
+    ahead = []  # per chunk handed out: chunks taken from the stream and not yet handed out, this one included
+    for handed_out, _ in enumerate(pool.iter_decrypt(frames)):
+        ahead.append(frames.pulled - handed_out)
+    assert handed_out + 1 == len(frames.frames) == frames.pulled
+    limit = 1 if workers == 1 else WINDOW * workers * BATCH  # chunks: batches in flight, times the batch
+    assert max(ahead) == limit  # pipelined up to the window (so it overlaps), never beyond it
+
+
+def test_bad_settings_are_refused(site_context):
+    for kwargs in ({"workers": 0}, {"batch": 0}, {"window": 0}):
+        with pytest.raises(ValueError, match="at least 1"):
+            CipherPool(site_context, **kwargs)

@@ -1,0 +1,128 @@
+"""The numbers of protocol v2: 60-bit packing of coefficients, and their addition and subtraction modulo q0.
+
+Pure numpy, checked against Python's own integers, which cannot overflow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lightning_fhe.he.modular import add_mod, sub_mod
+from lightning_fhe.he.packing import PackingError, pack60, packed_size, unpack60
+
+BELOW_2_60 = st.integers(0, 2**60 - 1)
+# A prime of 60 bits, as the first prime of the seed's parameters is: sums of two coefficients reach 2**61.
+Q0_60_BITS = 2**60 - 93
+
+
+def _even_lists(elements, max_pairs=40):
+    return st.lists(st.tuples(elements, elements), max_size=max_pairs).map(lambda pairs: [v for p in pairs for v in p])
+
+
+def _u64(values) -> np.ndarray:
+    return np.array(values, dtype=np.uint64)
+
+
+# -- packing -----------------------------------------------------------------------------------------------------------
+
+
+@given(_even_lists(BELOW_2_60))
+def test_unpacking_gives_back_what_was_packed(values):
+    packed = pack60(_u64(values))
+    assert len(packed) == packed_size(len(values)) == 15 * len(values) // 2
+    unpacked = unpack60(packed, len(values))
+    assert unpacked.dtype == np.uint64
+    assert unpacked.tolist() == values
+
+
+def test_packing_the_extremes_keeps_every_bit():
+    values = [0, 2**60 - 1, 2**60 - 1, 0, 1 << 59, 1, 0x0123456789ABCDE, 0xFEDCBA987654321]
+    assert unpack60(pack60(_u64(values)), len(values)).tolist() == values
+
+
+def test_two_coefficients_are_one_little_endian_120_bit_integer():
+    a, b = 0x0ABCDEF012345678, 0x0876543210FEDCBA
+    assert pack60(_u64([a, b])) == (a | b << 60).to_bytes(15, "little")
+
+
+@given(_even_lists(BELOW_2_60, max_pairs=8), st.data())
+def test_a_coefficient_of_60_bits_or_more_is_refused_by_its_position(values, data):
+    values = values or [0, 0]
+    i = data.draw(st.integers(0, len(values) - 1))
+    values[i] = data.draw(st.integers(2**60, 2**64 - 1))
+    with pytest.raises(PackingError, match=f"coefficient {i} is {values[i]}, not below 2\\*\\*60"):
+        pack60(_u64(values))
+
+
+def test_odd_counts_other_dtypes_and_wrong_lengths_are_refused():
+    with pytest.raises(PackingError, match="even number"):
+        pack60(_u64([1, 2, 3]))
+    with pytest.raises(PackingError, match="even number"):
+        packed_size(-2)
+    with pytest.raises(PackingError, match="uint64"):
+        pack60(np.array([1, 2], dtype=np.int64))
+    packed = pack60(_u64([1, 2, 3, 4]))
+    for data in (packed[:-1], packed + b"\0", b""):
+        with pytest.raises(PackingError, match="4 packed coefficients take 30 bytes"):
+            unpack60(data, 4)
+
+
+def test_nothing_packs_to_nothing():
+    assert pack60(_u64([])) == b""
+    assert unpack60(b"", 0).size == 0
+
+
+# -- arithmetic modulo q0 ----------------------------------------------------------------------------------------------
+
+
+@st.composite
+def _operands(draw, max_q=2**63 - 1):
+    """A modulus and two arrays of residues below it, sometimes at the 60-bit prime's edge where sums pass 2**60."""
+    q = draw(st.one_of(st.just(Q0_60_BITS), st.integers(2, max_q)))
+    residues = st.one_of(st.integers(0, q - 1), st.integers(max(0, q - 3), q - 1))
+    size = draw(st.integers(0, 32))
+    a = draw(st.lists(residues, min_size=size, max_size=size))
+    b = draw(st.lists(residues, min_size=size, max_size=size))
+    return q, a, b
+
+
+@given(_operands())
+def test_add_mod_is_python_integer_addition_mod_q(operands):
+    q, a, b = operands
+    total = _u64(a)
+    assert add_mod(total, _u64(b), q) is total
+    assert total.tolist() == [(x + y) % q for x, y in zip(a, b)]
+
+
+@given(_operands())
+def test_sub_mod_is_python_integer_subtraction_mod_q(operands):
+    q, a, b = operands
+    total = _u64(a)
+    assert sub_mod(total, _u64(b), q) is total
+    assert total.tolist() == [(x - y) % q for x, y in zip(a, b)]
+
+
+@given(_operands())
+def test_subtracting_what_was_added_restores_the_sum_bit_for_bit(operands):
+    q, a, b = operands
+    total = _u64(a)
+    sub_mod(add_mod(total, _u64(b), q), _u64(b), q)
+    assert total.tolist() == a
+    add_mod(sub_mod(total, _u64(b), q), _u64(b), q)
+    assert total.tolist() == a
+
+
+def test_many_60_bit_terms_sum_as_python_integers_do():
+    rng = np.random.default_rng(0)
+    terms = [rng.integers(0, Q0_60_BITS, size=1000, dtype=np.uint64) for _ in range(50)]
+    total = np.zeros(1000, dtype=np.uint64)
+    for t in terms:
+        add_mod(total, t, Q0_60_BITS)
+    expected = [sum(int(t[i]) for t in terms) % Q0_60_BITS for i in range(1000)]
+    assert total.tolist() == expected
+    for t in reversed(terms):
+        sub_mod(total, t, Q0_60_BITS)
+    assert not total.any()
