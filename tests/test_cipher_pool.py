@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lightning_fhe.he.codec_v2 import ChunkSum, CiphertextError
+from lightning_fhe.he.codec import ChunkSum, CiphertextError
 from lightning_fhe.he.fixed_point import round_to_grid
 from lightning_fhe.he.pool import CipherPool
 
@@ -49,10 +49,10 @@ def _on_grid(values, share, pool) -> np.ndarray:
     return round_to_grid(values * share, pool.params.grid_bits) / share
 
 
-def test_two_workers_decrypt_to_the_same_bits_as_one(pool1, pool2, global_chunks):
-    one, two = list(pool1.iter_decrypt(global_chunks)), list(pool2.iter_decrypt(global_chunks))
-    assert len(one) == len(two) == len(global_chunks)
-    assert all(np.array_equal(a, b) for a, b in zip(one, two))  # raw decoded values, noise and all
+def test_two_workers_decrypt_to_the_same_bits_as_one(pool1, pool2, global_chunks, update):
+    count = update[0].size
+    one, two = pool1.decrypt(global_chunks, count, 0.375), pool2.decrypt(global_chunks, count, 0.375)
+    assert one.size == two.size == count and np.array_equal(one, two)
 
 
 def test_chunks_encrypted_by_either_pool_decrypt_to_the_plaintext_on_the_grid(site_context, pool1, pool2, update):
@@ -92,7 +92,7 @@ def test_the_pool_still_works_after_an_error(pool2, global_chunks, update):
     frames = list(global_chunks)
     frames[1] = frames[1][:-1]
     with pytest.raises(CiphertextError, match="^chunk 1: "):
-        list(pool2.iter_decrypt(frames))
+        pool2.decrypt(frames, len(frames) * pool2.params.values_per_ciphertext)
     values, share = update
     assert np.array_equal(pool2.decrypt(global_chunks, values.size, share), _on_grid(values, share, pool2))
 
@@ -106,28 +106,23 @@ def test_a_wrong_number_of_chunks_is_refused(pool2, global_chunks, update):
         pool2.decrypt(global_chunks + global_chunks[:1], values.size)
 
 
-class _CountingFrames:
-    """Frames handed out one at a time, counting how many were taken: what a download stream would be."""
-
-    def __init__(self, frames):
-        self.frames, self.pulled = frames, 0
-
-    def __iter__(self):
-        for frame in self.frames:
-            self.pulled += 1
-            yield frame
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_decryption_runs_at_most_window_times_workers_batches_ahead(pool1, pool2, global_chunks, workers):
     pool = pool1 if workers == 1 else pool2
-    frames = _CountingFrames(global_chunks * 2)  # 18 chunks: more than the window holds
-    ahead = []  # per chunk handed out: chunks taken from the stream and not yet handed out, this one included
-    for handed_out, _ in enumerate(pool.iter_decrypt(frames)):
-        ahead.append(frames.pulled - handed_out)
-    assert handed_out + 1 == len(frames.frames) == frames.pulled
-    limit = 1 if workers == 1 else WINDOW * workers * BATCH  # chunks: batches in flight, times the batch
-    assert max(ahead) == limit  # pipelined up to the window (so it overlaps), never beyond it
+    frames = global_chunks * 2  # 18 chunks: more than the window holds
+    per_chunk = pool.params.values_per_ciphertext
+    written = []
+    decryption = pool.decryption(len(frames) * per_chunk, 1.0, lambda start, values: written.append(start))
+    ahead = []  # after each chunk added: chunks added and not yet written
+    for added, frame in enumerate(frames, 1):
+        decryption.add(frame)
+        ahead.append(added - len(written))
+    decryption.finish()
+    assert written == [i * per_chunk for i in range(len(frames))]  # every chunk, in order
+    if workers == 1:
+        assert max(ahead) == 0  # decrypted as it is added
+    else:
+        assert BATCH < max(ahead) < WINDOW * workers * BATCH  # pipelined (so it overlaps), never beyond the window
 
 
 def test_bad_settings_are_refused(site_context):

@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = [
-    "lightning_fhe.he.codec_v2",
+    "lightning_fhe.he.codec",
     "lightning_fhe.he.frames",
     "lightning_fhe.he.layout",
     "lightning_fhe.he.modular",

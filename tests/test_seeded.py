@@ -12,7 +12,7 @@ import pytest
 import tenseal.sealapi as sealapi
 
 from lightning_fhe.he import CKKSParams, HEContext
-from lightning_fhe.he.codec_v2 import ChunkSum, CiphertextError, UpdateCipher
+from lightning_fhe.he.codec import ChunkSum, CiphertextError, UpdateCipher
 from lightning_fhe.he.fixed_point import round_to_grid
 from lightning_fhe.he.frames import decode_global_chunk
 from lightning_fhe.he.modular import add_mod

@@ -2,9 +2,9 @@
 
 The baseline is how Clara Train 4.0 and NVFlare encrypt: one TenSEAL ``ckks_vector`` per state-dict tensor under a
 public-key context (N=8192, primes [60, 40, 40], scale 2^40), each serialized with ``serialize()``. Ours is protocol
-v2 (:mod:`lightning_fhe.he.codec_v2`): the same tensors flattened, encrypted with the secret key on a pool of worker
+v2 (:mod:`lightning_fhe.he.codec`): the same tensors flattened, encrypted with the secret key on a pool of worker
 processes (:class:`~lightning_fhe.he.pool.CipherPool`), uploaded as packed first polynomials and seeds, summed by
-the server as integers modulo q0 (:class:`~lightning_fhe.he.codec_v2.ChunkSum`), and decrypted after rebuilding the
+the server as integers modulo q0 (:class:`~lightning_fhe.he.codec.ChunkSum`), and decrypted after rebuilding the
 sum's second polynomial from the sites' seeds.
 
 Besides the JSON keys below, the run measures in the same process, on the same ciphertexts:
@@ -34,7 +34,7 @@ import tenseal.sealapi as sealapi
 import torch
 
 from lightning_fhe.he import CKKSParams, HEContext
-from lightning_fhe.he.codec_v2 import ChunkSum, UpdateCipher
+from lightning_fhe.he.codec import ChunkSum, UpdateCipher
 from lightning_fhe.he.fixed_point import round_to_grid
 from lightning_fhe.he.frames import decode_global_chunk, decode_upload_chunk
 from lightning_fhe.he.layout import TensorLayout

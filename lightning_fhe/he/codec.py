@@ -15,7 +15,7 @@ rounded back to that grid, which removes the CKKS noise, and divided by the tota
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -277,12 +277,3 @@ class ChunkSum:
             encode_global_chunk(c0, c1=summed.second_polynomial([(s[0], s[1:]) for s in seeds]))
             for c0, seeds in zip(self._c0, self._seeds)
         ]
-
-
-def iter_decrypt(cipher: UpdateCipher, frames: Iterable[bytes]) -> Iterator[np.ndarray]:
-    """Decoded chunks as ``frames`` arrive (a download stream), for a caller that writes them where they go."""
-    for i, frame in enumerate(frames):
-        try:
-            yield cipher.decrypt_chunk(frame)
-        except CiphertextError as err:
-            raise CiphertextError(err.reason, f"chunk {i}: {err}") from None
