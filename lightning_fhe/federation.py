@@ -88,7 +88,12 @@ class HEFederation(Callback):
             ``{"svt": {...}}`` or a list of those. See ``docs/privacy.md``.
         privacy_delta: the delta at which ``privacy/epsilon`` is reported.
         retry_budget_s: how long to keep retrying an unreachable server before failing.
-        progress: show progress bars for encryption, uploads and downloads on a terminal (global rank 0 only).
+        progress: show progress bars for uploads (encrypted as they go) and downloads (decrypted as they arrive) on
+            a terminal (global rank 0 only).
+        he_workers: processes that encrypt and decrypt the updates (SEAL holds the GIL, so threads would not help);
+            default: every core this process may use; 1: in the training process itself. They start once per fit,
+            when the site joins (on global rank 0 only), and end when fit ends, also on an exception. Set it lower
+            when several sites or other work share the machine's cores.
     """
 
     def __init__(
@@ -108,6 +113,7 @@ class HEFederation(Callback):
         privacy_delta: float = 1e-5,
         retry_budget_s: float = 60.0,
         progress: bool = True,
+        he_workers: int | None = None,
     ) -> None:
         if not _is_positive_int(local_epochs):
             raise ValueError(f"local_epochs must be a positive integer, got {local_epochs!r}")
@@ -121,6 +127,8 @@ class HEFederation(Callback):
             raise ValueError(f"fedprox_mu must be >= 0, got {fedprox_mu!r}")
         if not 0 < privacy_delta < 1:
             raise ValueError(f"privacy_delta must be in (0, 1), got {privacy_delta!r}")
+        if he_workers is not None and not _is_positive_int(he_workers):
+            raise ValueError(f"he_workers must be a positive integer or None (every core), got {he_workers!r}")
         self.privacy = privacy if isinstance(privacy, UpdateMechanism) else mechanism_from_config(privacy, rounds=rounds)
         self.privacy_delta = privacy_delta
         self.kit = Path(kit)
@@ -136,6 +144,7 @@ class HEFederation(Callback):
         self.site_name = site_name
         self.retry_budget_s = retry_budget_s
         self.progress = progress
+        self.he_workers = he_workers
 
         self.history: list[RoundMetrics] = []  # one entry per round this process took part in (rank 0)
         self._completed_round = 0  # checkpointed: the last round whose global model is loaded
@@ -246,7 +255,7 @@ class HEFederation(Callback):
 
     def _close(self) -> None:
         if self._site is not None:
-            self._site.client.close()
+            self._site.close()  # the cipher pool's processes and the connection
             self._site = None
         self._kit = None
         if self._log_handler is not None:
@@ -415,7 +424,13 @@ class HEFederation(Callback):
             site_name=self.site_name,
             retry_budget_s=self.retry_budget_s,
         )
-        self._site = FederatedSite(client, kit.he_context, split, state, self.privacy, self.privacy_delta)
+        try:
+            self._site = FederatedSite(
+                client, kit.he_context, split, state, self.privacy, self.privacy_delta, workers=self.he_workers
+            )
+        except BaseException:
+            client.close()
+            raise
         rounds = planned
 
         def check(joined: JoinInfo) -> None:  # before the initial model goes out

@@ -80,7 +80,8 @@ def assert_rounds_average(results: dict[str, dict], weights: dict[str, float], r
 @pytest.fixture(scope="module")
 def encrypted_run(kits, tmp_path_factory) -> dict[str, dict]:
     tmp = tmp_path_factory.mktemp("all")
-    return federate(kits, tmp, {"site-1": ["--seed", "0"], "site-2": ["--seed", "1"]})
+    workers = ["--he-workers", "2"]  # each site's cipher pool: two processes
+    return federate(kits, tmp, {"site-1": ["--seed", "0", *workers], "site-2": ["--seed", "1", *workers]})
 
 
 def test_two_sites_hold_the_exact_weighted_average_after_every_round(encrypted_run):
@@ -101,6 +102,16 @@ def test_plain_federated_averaging_gives_the_same_global_weights(encrypted_run, 
         plain_after = plain["site-1"]["records"][epoch]["after"]
         for name in federated_names(plain_after):  # bit for bit: the fixed-point grid absorbs the CKKS noise
             torch.testing.assert_close(plain_after[name], encrypted_after[name], rtol=0, atol=0)
+
+
+def test_one_cipher_worker_gives_the_same_global_weights_as_two_bit_for_bit(encrypted_run, kits, tmp_path):
+    workers = ["--he-workers", "1"]  # encryption and decryption in the training process itself
+    one = federate(kits, tmp_path, {"site-1": ["--seed", "0", *workers], "site-2": ["--seed", "1", *workers]})
+    for epoch in range(ROUNDS):
+        two_after = encrypted_run["site-1"]["records"][epoch]["after"]
+        one_after = one["site-1"]["records"][epoch]["after"]
+        for name in federated_names(one_after):
+            torch.testing.assert_close(one_after[name], two_after[name], rtol=0, atol=0)
 
 
 def test_ddp_site_federates_through_rank_zero(kits, tmp_path):

@@ -89,6 +89,11 @@ def run_site(config: dict[str, Any], site_index: int, kit: Path, server: str, ou
         privacy=config["privacy"],  # the YAML form: HEFederation builds the mechanism, with rounds for its budget
         privacy_delta=config["privacy_delta"],
         progress=False,  # a log file, not a terminal
+        # The sites encrypt and decrypt at the same moments of every round, so each gets the cores the orchestrator
+        # shares out to it for training (trainer.num_threads: cores // sites), not every core: K sites with C
+        # workers each on C cores only queue for the same cores and hold K*C processes' memory. With 2 sites on 2
+        # cores that is 1, which runs the cipher in the training process and starts no worker at all.
+        he_workers=trainer_config["num_threads"] or None,
     )
     recorder = RoundRecorder(federation, out, site=kit.name, site_index=site_index)
     trainer = L.Trainer(

@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="where --crash-after-round saves, and what a restart resumes from")
     parser.add_argument("--max-steps", type=int, default=-1, help="the Trainer's max_steps: stop before the last round")
     parser.add_argument("--retry-budget-s", type=float, default=60.0)
+    parser.add_argument("--he-workers", type=int, help="HEFederation's he_workers (default: every core)")
     args = parser.parse_args()
 
     # Same initial weights at every site whoever joins first, so runs are comparable; each site's own data.
@@ -117,6 +118,7 @@ def main() -> None:
         fedprox_mu=args.fedprox_mu,
         retry_budget_s=args.retry_budget_s,
         progress=False,
+        he_workers=args.he_workers,
     )
     trainer = L.Trainer(
         max_epochs=args.max_epochs,
