@@ -60,10 +60,12 @@ def unpack60(data: bytes | memoryview, count: int) -> np.ndarray:
     if len(data) != size:
         raise PackingError(f"{count} packed coefficients take {size} bytes, got {len(data)}")
     pairs = count // 2
-    raw = np.zeros((pairs, 16), dtype=np.uint8)
-    raw[:, :15] = np.frombuffer(data, dtype=np.uint8).reshape(pairs, 15)
-    words = raw.view(_U64)
     out = np.empty((pairs, 2), dtype=np.uint64)
-    np.bitwise_and(words[:, 0], _MASK, out=out[:, 0])
-    np.bitwise_or(words[:, 0] >> np.uint64(BITS), words[:, 1] << np.uint64(64 - BITS), out=out[:, 1])
+    if pairs:
+        # Two overlapping 8-byte reads per 15-byte pair, no copy: bytes 0..7 hold a and b's low 4 bits, bytes 7..14
+        # hold bits 56..119, that is b shifted left by 4.
+        low = np.ndarray((pairs,), dtype=_U64, buffer=data, offset=0, strides=(15,))
+        high = np.ndarray((pairs,), dtype=_U64, buffer=data, offset=7, strides=(15,))
+        np.bitwise_and(low, _MASK, out=out[:, 0])
+        np.right_shift(high, np.uint64(64 - BITS), out=out[:, 1])
     return out.reshape(count)
