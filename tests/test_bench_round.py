@@ -26,17 +26,20 @@ def _stat(mean, std):
     return {"mean": mean, "std": std}
 
 
-def _record(encrypt, decrypt, upload, wait, up_bytes, down_bytes, samples=6):
+def _record(encrypt, decrypt, upload, wait, up_bytes, down_bytes, samples=6, round_s=None, peak=None):
     return {
         "encrypt_s": encrypt,
         "decrypt_s": decrypt,
         "upload_s": upload,
         "wait_s": wait,
+        "round_s": round_s or _stat(upload["mean"] + wait["mean"], 0.1),
         "upload_bytes": up_bytes,
         "download_bytes": down_bytes,
         "samples": samples,
         "max_abs_error": 1e-9,
         "seconds": 3.0,
+        "peak_rss_above_idle": peak,
+        "workers_peak_rss_above_idle": None,
     }
 
 
@@ -48,10 +51,12 @@ def _result():
         "clients": 3,
         "rounds": 2,
         "cpu_count": 2,
+        "workers": 1,
         "max_concurrent_uploads": 2,
         "seconds": 12.5,
         "encrypted": _record(
-            _stat(0.25, 0.01), _stat(0.1, 0.02), _stat(0.5, 0.1), _stat(1.0, 0.2), 9_470_000, 18_890_000
+            _stat(0.25, 0.01), _stat(0.1, 0.02), _stat(0.5, 0.1), _stat(1.0, 0.2), 9_470_000, 18_890_000,
+            peak=9_000_000,
         ),
         "raw": _record(_stat(None, None), _stat(0.12, 0.001), _stat(0.25, 0.05), _stat(0.8, 0.1), 9_409_488, 9_409_488),
     }
@@ -79,6 +84,32 @@ def test_aggregate_pools_sites_and_rounds():
     assert record["wait_s"] == {"mean": 2.0, "std": 0.0}
     assert record["upload_bytes"] == 101 and record["download_bytes"] == 200
     assert record["samples"] == 4 and record["max_abs_error"] == 3e-9
+    assert record["round_s"] == {"mean": None, "std": None}  # these sites did not time whole rounds
+    assert record["peak_rss_above_idle"] is None  # nor their memory
+
+
+def test_aggregate_keeps_the_worst_sites_memory_and_checks_compare_within_the_run():
+    sites = [
+        {"samples": {"round_s": [2.0]}, "max_abs_error": 0.0, "peak_rss_above_idle": 10, "workers_peak_rss_above_idle": 4},
+        {"samples": {"round_s": [4.0]}, "max_abs_error": 0.0, "peak_rss_above_idle": 30, "workers_peak_rss_above_idle": 2},
+    ]
+    record = bench.aggregate(sites)
+    assert record["round_s"]["mean"] == 3.0
+    assert record["peak_rss_above_idle"] == 30 and record["workers_peak_rss_above_idle"] == 4
+    result = _result()
+    result["encrypted"]["round_s"], result["raw"]["round_s"] = _stat(2.4, 0.1), _stat(1.0, 0.1)
+    checks = bench.checks(result)
+    assert checks["round_ratio"] == {"value": pytest.approx(2.4), "max": 2.5, "ok": True}
+    assert checks["peak_rss_fp32"] == {"value": pytest.approx(9_000_000 / 4_704_744), "max": 3.0, "ok": True}
+    result["encrypted"]["round_s"] = _stat(2.6, 0.1)
+    assert not bench.checks(result)["round_ratio"]["ok"]
+
+
+def test_sites_share_the_cores_out_for_their_cipher_workers():
+    assert bench.default_site_workers(2, cores=2) == 1
+    assert bench.default_site_workers(1, cores=2) == 2
+    assert bench.default_site_workers(30, cores=2) == 1
+    assert bench.default_site_workers(2, cores=16) == 8
 
 
 def test_expected_average_is_the_average_of_the_updates():
@@ -92,12 +123,13 @@ def test_table_mirrors_the_seeds_table_2():
     lines = table.splitlines()
     header = next(line for line in lines if line.startswith("| setting"))
     assert [c.strip() for c in header.strip("|").split("|")] == [
-        "setting", "clients", "encryption s", "decryption s", "upload s", "wait + download s", "upload MB",
-        "download MB",
+        "setting", "clients", "encryption s", "decryption s", "upload s", "wait + download s", "round s",
+        "upload MB", "download MB", "peak RSS above idle MB",
     ]
     encrypted = next(line for line in lines if line.startswith("| encrypted"))
     raw = next(line for line in lines if line.startswith("| raw"))
-    assert "| 3 | 0.25 ± 0.01 | 0.10 ± 0.02 | 0.50 ± 0.10 | 1.00 ± 0.20 | 9.47 | 18.89 |" in encrypted
+    assert "| 3 | 0.25 ± 0.01 | 0.10 ± 0.02 | 0.50 ± 0.10 | 1.00 ± 0.20 | 1.50 ± 0.10 | 9.47 | 18.89 | 9.0 |" in encrypted
+    assert raw.endswith("| 9.41 | 9.41 | - |")  # no memory measured
     assert "| 3 | - | 0.12 ± 0.00 | 0.25 ± 0.05 |" in raw  # nothing to encrypt
     notes = " ".join(table.split())  # the notes under the table are wrapped
     assert "encrypted upload 2.01x, download 4.02x; raw upload 2.00x, download 2.00x" in notes
@@ -148,19 +180,21 @@ def test_three_sites_one_round_end_to_end(tmp_path):
     for setting in ("encrypted", "raw"):
         record = result[setting]
         assert record["samples"] == 3  # 3 sites x 1 round
-        for key in ("decrypt_s", "upload_s", "wait_s") + (("encrypt_s",) if setting == "encrypted" else ()):
+        for key in ("decrypt_s", "upload_s", "wait_s", "round_s") + (("encrypt_s",) if setting == "encrypted" else ()):
             assert record[key]["mean"] > 0 and record[key]["std"] >= 0, (setting, key, record[key])
         assert record["max_abs_error"] < 1e-6  # the global model is the average the sites sent
     assert result["raw"]["encrypt_s"] == {"mean": None, "std": None}
 
     # Raw updates of a float32 model travel as float32: exactly 4 bytes per parameter each way.
     assert result["raw"]["upload_bytes"] == result["raw"]["download_bytes"] == 4 * params
-    # An encrypted update: two reals per complex slot, seeded ciphertexts at the lowest level: about 2x fp32 (the
-    # codec bench's target is <= 2.05x), so about twice the raw bytes. The global model, a sum that is no
-    # longer seeded, about 4x fp32 (target <= 4.05x).
+    # An encrypted update: two reals per complex slot, the first polynomial packed to 60 bits and a seed: 1.875x
+    # fp32 and a few bytes per chunk. The global model: the summed first polynomial and the 3 sites' seeds.
     enc = result["encrypted"]
-    assert 1.9 <= enc["upload_bytes"] / result["fp32_bytes"] <= 2.05
-    assert 3.9 <= enc["download_bytes"] / result["fp32_bytes"] <= 4.05
+    assert 1.875 <= enc["upload_bytes"] / result["fp32_bytes"] <= 1.88
+    assert 1.875 <= enc["download_bytes"] / result["fp32_bytes"] <= 1.90
+    assert result["workers"] == bench.default_site_workers(3)
+    assert set(result["checks"]) == {"round_ratio", "peak_rss_fp32"}
+    assert enc["peak_rss_above_idle"] is not None and enc["peak_rss_above_idle"] >= 0
     chunks = -(-params // CKKSParams().values_per_ciphertext)
     assert chunks == 5 and enc["upload_bytes"] > 0
 
