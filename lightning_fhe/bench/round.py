@@ -356,7 +356,8 @@ class _Federation:
         """Starts the sites, waits for all of them and the server; returns the wall time. Fails fast, never hangs."""
         started = time.monotonic()
         for spec in specs:
-            process = context.Process(target=_site_process, args=(spec,), name=f"site-{spec['index']}", daemon=True)
+            # Not daemonic: a site starts its cipher pool's processes (close() ends the sites whatever happens).
+            process = context.Process(target=_site_process, args=(spec,), name=f"site-{spec['index']}", daemon=False)
             process.start()
             self.sites.append(process)
         deadline, last_note = started + timeout_s, started
