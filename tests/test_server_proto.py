@@ -31,6 +31,6 @@ def test_generated_code_is_up_to_date(tmp_path: Path, name: str):
 def test_the_generated_code_imports_from_the_package():
     from lightning_fhe.proto import aggregator_pb2, aggregator_pb2_grpc
 
-    assert aggregator_pb2.DESCRIPTOR.package == "lightning_fhe.v1"
-    assert "lightning_fhe.v1.Aggregator" in aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"].full_name
+    assert aggregator_pb2.DESCRIPTOR.package == "lightning_fhe.v2"
+    assert "lightning_fhe.v2.Aggregator" in aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"].full_name
     assert hasattr(aggregator_pb2_grpc, "AggregatorStub")
