@@ -8,7 +8,9 @@ global chunks as a download delivers them and writes each chunk's values where t
 per worker are in flight, so memory stays a few batches whatever the model's size. With one worker everything runs
 in the calling process, and nothing is started.
 
-Workers are spawned, not forked: a process that runs gRPC's threads must not fork.
+Workers are spawned, not forked: a process that runs gRPC's threads must not fork. A spawned process normally
+imports the parent's ``__main__`` first (a training script: Lightning, torch, the data, some 400 MB and seconds per
+worker); the workers need none of it, so they are started without it (:func:`_without_main_module`).
 
 Example::
 
@@ -27,7 +29,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections import deque
+from contextlib import contextmanager
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -64,6 +68,25 @@ def _decrypt_batch(frames: list[bytes]) -> list[np.ndarray | CiphertextError]:
     return decoded
 
 
+@contextmanager
+def _without_main_module() -> Iterator[None]:
+    """Hides ``__main__``'s name and file while processes are spawned, so they do not import it: multiprocessing
+    reads ``__main__.__spec__`` and ``__main__.__file__`` to decide what a spawned child imports first."""
+    main = sys.modules.get("__main__")
+    spec, has_file, file = getattr(main, "__spec__", None), hasattr(main, "__file__"), getattr(main, "__file__", None)
+    try:
+        if main is not None:
+            main.__spec__ = None
+            if has_file:
+                del main.__file__
+        yield
+    finally:
+        if main is not None:
+            main.__spec__ = spec
+            if has_file:
+                main.__file__ = file
+
+
 def default_workers() -> int:
     """The cores this process may run on."""
     try:
@@ -95,7 +118,8 @@ class CipherPool:
         self._pool = None
         if self.workers > 1:
             spawn = multiprocessing.get_context("spawn")
-            self._pool = spawn.Pool(self.workers, _start_worker, (context.serialize(with_secret_key=True),))
+            with _without_main_module():  # the processes start here, and take what to import from __main__ now
+                self._pool = spawn.Pool(self.workers, _start_worker, (context.serialize(with_secret_key=True),))
 
     def iter_encrypt(
         self, values: np.ndarray | ValueSource, weight_fraction: float = 1.0, where: Callable[[int], str] | None = None
