@@ -10,6 +10,11 @@ MODULES = [
     "lightning_fhe.server.activity",
     "lightning_fhe.server.membership",
     "lightning_fhe.server.rounds",
+    "lightning_fhe.strategies.adaptive",
+    "lightning_fhe.strategies.base",
+    "lightning_fhe.strategies.config",
+    "lightning_fhe.strategies.fedavg",
+    "lightning_fhe.strategies.replica",
 ]
 
 
