@@ -1,0 +1,161 @@
+"""Every strategy end to end: 2 sites of BoringModel, a real server over mutual TLS, 3 rounds.
+
+For each strategy: after every round both sites hold the same weights bit for bit, and those weights are the
+strategy's formulas (docs/strategies.md) recomputed here, in torch float64, from the models the sites uploaded;
+the same federation without encryption, in which site-1 is killed after round 1 and resumed from its checkpoint,
+reaches the same weights bit for bit. Federated evaluation: the ``fhe/global/*`` metrics in each site's CSVLogger
+are the weighted means of the sites' own validation metrics.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_federation_e2e import ROUNDS, SITE, federate, federated_names, kits  # noqa: F401 - kits is a fixture
+
+from lightning_fhe.provision import load_server_kit
+from lightning_fhe.server.app import AggregatorServer
+from lightning_fhe.server.config import load_server_config
+
+pytestmark = pytest.mark.slow
+
+WEIGHTS = {"site-1": 64.0, "site-2": 80.0}  # the sites' training samples (boring_site.py)
+
+STRATEGIES = {
+    "fedavg": {"fedavg": {"lr": 0.5}},
+    "fedavgm": {"fedavgm": {"lr": 1.0, "momentum": 0.9}},
+    "fedadam": {"fedadam": {"lr": 0.05, "tau": 0.01}},
+    "fedyogi": {"fedyogi": {"lr": 0.05, "tau": 0.01}},
+    "fedadagrad": {"fedadagrad": {"lr": 0.05, "tau": 0.01}},
+}
+
+
+def expected_global_models(records: dict[str, dict], config: dict) -> list[dict[str, torch.Tensor]]:
+    """The issue's formulas, per tensor in torch float64, from each round's uploads and the round's start."""
+    ((kind, options),) = config.items()
+    lr = options.get("lr", 1.0)
+    b1, b2, tau = options.get("beta1", 0.9), options.get("beta2", 0.99), options.get("tau", 1e-3)
+    total = sum(WEIGHTS.values())
+    reference = {n: t.double() for n, t in records["site-1"]["start"].items() if t.is_floating_point()}
+    m = {n: torch.zeros_like(t) for n, t in reference.items()}
+    v = {n: torch.zeros_like(t) for n, t in reference.items()}
+    out = []
+    for epoch in range(ROUNDS):
+        following = {}
+        for name, x in reference.items():
+            average = sum(WEIGHTS[s] * r[epoch]["before"][name].double() for s, r in records.items()) / total
+            d = average - x
+            if kind == "fedavg":
+                following[name] = x + lr * d
+                continue
+            if kind == "fedavgm":
+                m[name] = options["momentum"] * m[name] + d
+                following[name] = x + lr * m[name]
+                continue
+            m[name] = b1 * m[name] + (1 - b1) * d
+            if kind == "fedadam":
+                v[name] = b2 * v[name] + (1 - b2) * d * d
+            elif kind == "fedyogi":
+                v[name] = v[name] - (1 - b2) * d * d * torch.sign(v[name] - d * d)
+            else:
+                v[name] = v[name] + d * d
+            following[name] = x + lr * m[name] / (v[name].sqrt() + tau)
+        out.append(following)
+        # The next round starts from the global model as the sites loaded it (float32).
+        reference = {n: records["site-1"][epoch]["after"][n].double() for n in following}
+    return out
+
+
+def run_with_restart(kits: Path, tmp: Path, args: list[str]) -> dict[str, dict]:
+    """Like ``federate``, but site-1 saves a checkpoint after round 1, dies, and is started again from it."""
+    config = load_server_config(
+        None, ["port=0", "bind=127.0.0.1", f"state_dir={tmp / 'state'}", f"rounds={ROUNDS}", "linger_s=1"]
+    )
+    server = AggregatorServer(config, load_server_kit(kits / "server"))
+    port = server.start()
+    checkpoint = tmp / "site-1.ckpt"
+
+    def site(name: str, seed: int, *extra: str) -> subprocess.Popen:
+        command = [sys.executable, str(SITE), "--kit", str(kits / name), "--server", f"localhost:{port}"]
+        command += ["--out", str(tmp / f"{name}.pt"), "--seed", str(seed), "--max-epochs", str(ROUNDS), *args, *extra]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    try:
+        other = site("site-2", 1)
+        crashing = site("site-1", 0, "--crash-after-round", "1", "--checkpoint", str(checkpoint))
+        output, _ = crashing.communicate(timeout=180)
+        assert crashing.returncode == 3 and checkpoint.exists(), output[-3000:]
+        restarted = site("site-1", 0, "--checkpoint", str(checkpoint))
+        for process in (restarted, other):
+            output, _ = process.communicate(timeout=180)
+            assert process.returncode == 0, output[-3000:]
+        assert server.wait(timeout=30) == 0
+    finally:
+        server.stop()
+    return {name: torch.load(tmp / f"{name}.pt") for name in ("site-1", "site-2")}
+
+
+@pytest.mark.parametrize("kind", list(STRATEGIES))
+def test_each_strategy_gives_every_site_the_same_global_model_by_its_formula(kits, tmp_path, kind):
+    config = STRATEGIES[kind]
+    args = ["--fl-strategy", json.dumps(config)]
+    encrypted = federate(kits, tmp_path / "he", {"site-1": ["--seed", "0", *args], "site-2": ["--seed", "1", *args]})
+    expected = expected_global_models({s: r["records"] for s, r in encrypted.items()}, config)
+    first, second = (encrypted[s]["records"] for s in ("site-1", "site-2"))
+    for epoch in range(ROUNDS):
+        for name in federated_names(first[epoch]["after"]):
+            assert torch.equal(first[epoch]["after"][name], second[epoch]["after"][name]), (epoch, name)
+            torch.testing.assert_close(first[epoch]["after"][name].double(), expected[epoch][name], rtol=0, atol=1e-6)
+        average = sum(WEIGHTS[s] * r["records"][epoch]["before"]["layer.weight"] for s, r in encrypted.items()) / 144
+        if kind != "fedavg":  # the step is not the average: the strategy did something
+            assert (first[epoch]["after"]["layer.weight"] - average).abs().max() > 1e-4
+
+    plain = run_with_restart(kits, tmp_path / "raw", ["--encrypt", "none", *args])
+    assert [h["round"] for h in plain["site-1"]["history"]] == [2, 3]  # resumed at round 2
+    assert all(h["ciphertext_bytes"] == 0 for h in plain["site-2"]["history"])
+    for epoch in range(ROUNDS):
+        for name in federated_names(first[epoch]["after"]):
+            # HE == raw, bit for bit: the fixed-point grid makes both averages equal, and the strategy is the same
+            assert torch.equal(plain["site-2"]["records"][epoch]["after"][name], first[epoch]["after"][name])
+            if epoch >= 1:  # the resumed site, whose strategy state came back from its checkpoint
+                assert torch.equal(plain["site-1"]["records"][epoch]["after"][name], first[epoch]["after"][name])
+
+
+def read_csv_metrics(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_global_metrics_in_each_sites_csv_are_the_weighted_means_of_the_sites_metrics(kits, tmp_path):
+    sites = {
+        name: ["--seed", str(seed), "--model", "validating", "--csv", str(tmp_path / f"csv-{name}")]
+        for seed, name in enumerate(("site-1", "site-2"))
+    }
+    results = federate(kits, tmp_path, sites)
+    rows = {name: read_csv_metrics(tmp_path / f"csv-{name}" / "metrics.csv") for name in sites}
+    own = {  # each site's validations of the global models of rounds 1, 2, 3, in order
+        name: [{k: float(r[k]) for k in ("valid/loss", "valid/mean_output")} for r in site_rows if r.get("valid/loss")]
+        for name, site_rows in rows.items()
+    }
+    assert all(len(v) == ROUNDS for v in own.values())
+    total = sum(WEIGHTS.values())
+    for name, site_rows in rows.items():
+        global_rows = [r for r in site_rows if r.get("fhe/global/valid/loss")]
+        # Round r's validation rides with round r+1's update: rounds 1 and 2 of 3 are averaged.
+        assert len(global_rows) == ROUNDS - 1, name
+        validation_steps = [int(r["step"]) for r in site_rows if r.get("valid/loss")]
+        for k, row in enumerate(global_rows):
+            assert int(row["step"]) == validation_steps[k]  # logged at the step of the validation it averages
+            for metric in ("valid/loss", "valid/mean_output"):
+                mean = sum(WEIGHTS[s] * own[s][k][metric] for s in own) / total
+                assert float(row[f"fhe/global/{metric}"]) == pytest.approx(mean, rel=1e-6, abs=1e-7), (name, k, metric)
+    # The sites validated on different data, so the mean is not simply one site's value.
+    assert own["site-1"][0]["valid/loss"] != pytest.approx(own["site-2"][0]["valid/loss"], rel=1e-3)
+    history = results["site-1"]["history"]
+    assert history[0]["global_metrics"] == {} and set(history[1]["global_metrics"]) == {"valid/loss", "valid/mean_output"}
