@@ -428,7 +428,8 @@ class MSDDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Check the dataset and build this site's datasets; every process computes the same split."""
-        self.prepare_data()  # synthetic data outside a Trainer, which calls prepare_data itself        split = self.split  # raises MSDDatasetError before any volume is read
+        self.prepare_data()  # synthetic data outside a Trainer, which calls prepare_data itself
+        split = self.split  # raises MSDDatasetError before any volume is read
         if stage in (None, "fit") and self._train_ds is None:
             self._train_ds = self._dataset([c.as_dict() for c in split.train], self.train_transforms())
         if stage in (None, "fit", "validate") and self._val_ds is None and split.val:
