@@ -187,7 +187,7 @@ def test_strategies_are_compared_by_name():
     assert experiment.config["data"]["class_path"] == "lightning_fhe.tasks.SyntheticClassificationData"
     assert "per_site" not in experiment.config["data"]  # the spleen's data_fraction went with its class
     assert experiment.setting("fedavg")["federation"]["strategy"] == "fedavg"
-    assert experiment.setting("fedyogi")["federation"]["strategy"] == {"fedyogi": {"lr": 0.01, "tau": 1.0e-3}}
+    assert experiment.setting("fedyogi")["federation"]["strategy"] == {"fedyogi": {"lr": 0.03, "tau": 1.0e-3}}
 
 
 def test_setting_label_names_encryption_strategy_and_privacy():

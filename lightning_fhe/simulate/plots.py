@@ -33,7 +33,7 @@ def _pyplot():
 
 
 def plot_metric(
-    rounds: Mapping[str, Sequence[RoundSummary]], path: Path, title: str = "", metric: str = "global Dice"
+    rounds: Mapping[str, Sequence[RoundSummary]], path: Path, title: str = "", metric: str = "Dice"
 ) -> Path:
     """The global model's validation ``metric`` after each round (site-1's), one line per setting."""
     plt = _pyplot()
@@ -92,7 +92,7 @@ def plot_round_times(rounds: Mapping[str, Sequence[RoundSummary]], path: Path, t
 
 
 def write_plots(
-    rounds: Mapping[str, Sequence[RoundSummary]], out_dir: Path, title: str = "", metric: str = "global Dice"
+    rounds: Mapping[str, Sequence[RoundSummary]], out_dir: Path, title: str = "", metric: str = "Dice"
 ) -> list[Path]:
     """``metric_per_round.png`` and ``time_per_round.png`` in ``out_dir``."""
     return [

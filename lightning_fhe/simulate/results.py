@@ -212,14 +212,14 @@ def _number(value: float | None, digits: int) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def format_table(summaries: Sequence[SettingSummary], metric: str = "global Dice") -> str:
+def format_table(summaries: Sequence[SettingSummary], metric: str = "Dice") -> str:
     """The seed's Table 1 columns as a markdown table; columns relative to raw and privacy columns when they apply.
     ``metric`` names the best-metric column (the seed's "best global Dice")."""
     with_baseline = any(s.message_ratio is not None for s in summaries)
     with_privacy = any(s.privacy for s in summaries)
     header = ["setting", "message size (MB)", "vs fp32"]
     header += ["vs raw"] if with_baseline else []
-    header += ["sites", "training time", f"best {metric}", "best round"]
+    header += ["sites", "training time", f"best global {metric}", "best round"]
     header += ["training time vs raw"] if with_baseline else []
     header += ["epsilon", "fraction shared"] if with_privacy else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -238,7 +238,7 @@ def format_table(summaries: Sequence[SettingSummary], metric: str = "global Dice
     return "\n".join(lines)
 
 
-def format_round_table(rounds: Mapping[str, Sequence[RoundSummary]], metric: str = "global Dice") -> str:
+def format_round_table(rounds: Mapping[str, Sequence[RoundSummary]], metric: str = "Dice") -> str:
     """A markdown table, one row per round, one column per setting: site-1's ``metric`` and, in brackets, the
     sites' weighted mean (federated evaluation) where one was carried."""
     settings = list(rounds)
@@ -268,7 +268,7 @@ def write_results(
     document: Mapping[str, Any],
     rounds: Mapping[str, Sequence[RoundSummary]],
     summaries: Sequence[SettingSummary],
-    metric: str = "global Dice",
+    metric: str = "Dice",
 ) -> list[Path]:
     """``results.json`` (``document`` plus rounds and summary), ``results.csv`` (one row per setting and round)
     and ``summary.csv`` (the table, one row per setting)."""

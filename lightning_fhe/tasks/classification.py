@@ -1,7 +1,8 @@
 """A synthetic classification task for strategy comparisons: Gaussian classes, an MLP, IID or Dirichlet sites.
 
 Generated, never downloaded: ``num_classes`` Gaussian clusters in ``num_features`` dimensions, each class a mixture
-of ``clusters_per_class`` clusters so that a linear model is not enough. Every site draws the same dataset from
+of ``clusters_per_class`` clusters so that a linear model is not enough. The defaults are hard enough not to
+saturate: the MLP below, trained centrally, reaches about 88% validation accuracy after 20 epochs. Every site draws the same dataset from
 ``seed``, holds out the same validation set (drawn from all classes, so every site measures the global model on
 the same IID data), and takes its part of the rest by :mod:`~lightning_fhe.tasks.partition`.
 
@@ -29,7 +30,7 @@ __all__ = ["MLPClassifier", "SyntheticClassificationData", "make_classification"
 
 
 def make_classification(
-    num_samples: int, num_features: int, num_classes: int, clusters_per_class: int = 2, class_sep: float = 1.5,
+    num_samples: int, num_features: int, num_classes: int, clusters_per_class: int = 3, class_sep: float = 0.7,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """``(features float32 [n, d], labels int64 [n])``: balanced classes, each a mixture of Gaussian clusters with
@@ -69,8 +70,8 @@ class SyntheticClassificationData(L.LightningDataModule):
         num_samples: int = 12000,
         num_features: int = 32,
         num_classes: int = 10,
-        clusters_per_class: int = 2,
-        class_sep: float = 1.5,
+        clusters_per_class: int = 3,
+        class_sep: float = 0.7,
         val_fraction: float = 0.2,
         batch_size: int = 32,
         seed: int = 0,
