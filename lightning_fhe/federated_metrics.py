@@ -6,9 +6,9 @@ encrypted, inside the site's round ``r + 1`` update, as one small pseudo-tensor 
 site decrypts the weighted mean over the sites. Nothing new reaches the server: it sees one more ciphertext slot
 range, never a value. (With ``encrypt="none"`` the pseudo-tensor travels in plaintext like the whole model.)
 
-Each of the :data:`MAX_METRICS` rows holds ``(value * present, present, tag * present)``. A site puts its metrics in
-rows by sorted name; ``present`` is 0 for an empty row or a value that is not finite or too large to carry
-(:data:`LARGEST_VALUE`). Averaged with the sites' shares ``s_i``, ``value / present`` is
+Each of the :data:`MAX_METRICS` rows holds ``(value * present, present, tag * present)``. A metric's row follows from
+its name (a hash, the next free row on a collision), so a metric that one site does not log moves no other;
+``present`` is 0 for an empty row or a value that is not finite or too large to carry (:data:`LARGEST_VALUE`). Averaged with the sites' shares ``s_i``, ``value / present`` is
 ``sum(s_i * v_i) / sum(s_i)`` over the sites that reported that metric: the mean weighted like the model (by the
 number of training samples, unless the sites set ``weight``). The tag is a number derived from the metric's name:
 if the sites put different metrics in a row, the averaged tag differs from the site's own and the row is dropped,
@@ -34,7 +34,16 @@ import numpy as np
 
 from lightning_fhe.he.layout import TensorSpec
 
-__all__ = ["LARGEST_VALUE", "MAX_METRICS", "METRICS_SPEC", "METRICS_TENSOR", "decode_metrics", "encode_metrics"]
+__all__ = [
+    "LARGEST_VALUE",
+    "MAX_METRICS",
+    "METRICS_SPEC",
+    "METRICS_TENSOR",
+    "carried_names",
+    "decode_metrics",
+    "encode_metrics",
+    "metric_rows",
+]
 
 #: The pseudo-tensor's name in the update's layout; no module can own a name starting with "__".
 METRICS_TENSOR = "__fhe__.validation_metrics"
@@ -51,19 +60,35 @@ _TAG_TOLERANCE = 2.0**-16
 
 def metric_tag(name: str) -> float:
     """A number in (0, 0.5] derived from ``name``, the same at every site."""
-    digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
-    return (digest % _TAG_STEPS + 1) / (2 * _TAG_STEPS)
+    return (_digest(name) // MAX_METRICS % _TAG_STEPS + 1) / (2 * _TAG_STEPS)  # bits the row did not use
+
+
+def _digest(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
 
 
 def carried_names(metrics: Mapping[str, float]) -> list[str]:
-    """The metrics that fit in the rows, by sorted name."""
+    """The metrics that fit in the rows: the first :data:`MAX_METRICS` by sorted name."""
     return sorted(metrics)[:MAX_METRICS]
+
+
+def metric_rows(names: Sequence[str]) -> dict[str, int]:
+    """Each carried name's row: its hash modulo the rows, or the next free row (names taken in sorted order)."""
+    rows: dict[str, int] = {}
+    taken: set[int] = set()
+    for name in sorted(names)[:MAX_METRICS]:
+        row = _digest(name) % MAX_METRICS
+        while row in taken:
+            row = (row + 1) % MAX_METRICS
+        taken.add(row)
+        rows[name] = row
+    return rows
 
 
 def encode_metrics(metrics: Mapping[str, float] | None) -> np.ndarray:
     """The pseudo-tensor's flat float64 values for ``metrics`` (None or empty: every row absent)."""
     rows = np.zeros((MAX_METRICS, 3), dtype=np.float64)
-    for row, name in enumerate(carried_names(metrics or {})):
+    for name, row in metric_rows(list(metrics or {})).items():
         value = float(metrics[name])
         if math.isfinite(value) and abs(value) < LARGEST_VALUE:
             rows[row] = (value, 1.0, metric_tag(name))
@@ -72,10 +97,10 @@ def encode_metrics(metrics: Mapping[str, float] | None) -> np.ndarray:
 
 def decode_metrics(average: np.ndarray, names: Sequence[str]) -> dict[str, float]:
     """The weighted means from the decrypted average of the pseudo-tensor; ``names``: the names this site put in
-    its rows (:func:`carried_names`). Rows no site reported, or whose sites disagreed on the name, are left out."""
+    its rows. Rows no site reported, or whose sites disagreed on the name, are left out."""
     rows = np.asarray(average, dtype=np.float64).reshape(MAX_METRICS, 3)
     means = {}
-    for row, name in enumerate(names[:MAX_METRICS]):
+    for name, row in metric_rows(names).items():
         weighted, present, tag = rows[row]
         if present <= 0:
             continue

@@ -6,6 +6,9 @@ import importlib
 import pytest
 
 MODULES = [
+    "lightning_fhe.evaluation",
+    "lightning_fhe.federated_metrics",
+    "lightning_fhe.selection",
     "lightning_fhe.he.layout",
     "lightning_fhe.server.activity",
     "lightning_fhe.server.membership",
@@ -15,6 +18,7 @@ MODULES = [
     "lightning_fhe.strategies.config",
     "lightning_fhe.strategies.fedavg",
     "lightning_fhe.strategies.replica",
+    "lightning_fhe.tasks.partition",
 ]
 
 

@@ -197,11 +197,11 @@ def test_encrypted_federation_with_each_privacy_option_completes(kits, tmp_path,
 
 
 def federate_with_restart(
-    kits: Path, tmp: Path, args: list[str], crash: list[str], rounds: int = ROUNDS
+    kits: Path, tmp: Path, args: list[str], crash: list[str], rounds: int = ROUNDS, from_checkpoint: bool = True
 ) -> tuple[dict[str, dict], Path]:
     """A server and two sites (seeds 0 and 1, both given ``args``); site-1, also given ``crash``, saves a checkpoint,
-    dies (exit status 3) and is started again from it while site-2 waits. Returns both sites' records and the
-    checkpoint."""
+    dies (exit status 3) and is started again from it (or afresh, ``from_checkpoint=False``) while site-2 waits.
+    Returns both sites' records and the checkpoint."""
     config = load_server_config(
         None, ["port=0", "bind=127.0.0.1", f"state_dir={tmp / 'state'}", f"rounds={rounds}", "linger_s=1"]
     )
@@ -219,7 +219,8 @@ def federate_with_restart(
         crashing = site("site-1", 0, *crash, "--checkpoint", str(checkpoint))
         output, _ = crashing.communicate(timeout=180)
         assert crashing.returncode == 3 and checkpoint.exists(), output[-3000:]
-        restarted = site("site-1", 0, "--checkpoint", str(checkpoint))  # site-2 waits in the next round meanwhile
+        resume = ["--checkpoint", str(checkpoint)] if from_checkpoint else []
+        restarted = site("site-1", 0, *resume)  # site-2 waits in the next round meanwhile
         for process in (restarted, other):
             output, _ = process.communicate(timeout=180)
             assert process.returncode == 0, output[-3000:]

@@ -98,6 +98,20 @@ def test_each_strategy_gives_every_site_the_same_global_model_by_its_formula(kit
                 assert torch.equal(plain["site-1"]["records"][epoch]["after"][name], first[epoch]["after"][name])
 
 
+def test_a_site_restarted_without_its_checkpoint_replays_the_strategy_from_the_servers_aggregates(kits, tmp_path):
+    # FedAdam's moments and global model are not on the server; a site that lost its checkpoint rebuilds them from
+    # the aggregates of rounds 0 and 1 (the server keeps the last 3) and goes on exactly as the others.
+    args = ["--max-epochs", str(ROUNDS), "--fl-strategy", json.dumps(STRATEGIES["fedadam"])]
+    results, _ = federate_with_restart(kits, tmp_path, args, ["--crash-after-round", "1"], from_checkpoint=False)
+    restarted, survivor = results["site-1"], results["site-2"]
+    assert [h["round"] for h in restarted["history"]] == [2, 3]
+    # The restarted Trainer counts epochs from 0 again: its epochs 0 and 1 are rounds 2 and 3.
+    for epoch, survivor_epoch in ((0, 1), (1, 2)):
+        for name in federated_names(survivor["records"][survivor_epoch]["after"]):
+            after = restarted["records"][epoch]["after"][name]
+            assert torch.equal(after, survivor["records"][survivor_epoch]["after"][name]), (epoch, name)
+
+
 def read_csv_metrics(path: Path) -> list[dict[str, str]]:
     with path.open() as f:
         return list(csv.DictReader(f))
