@@ -33,7 +33,7 @@ def validation_every(local_epochs: int, check_val_every_n_epoch: int | None, val
         >>> validation_every(3, 2, 1.0)
         Traceback (most recent call last):
         ...
-        lightning_fhe.evaluation.ValidationScheduleError: check_val_every_n_epoch=2 would validate local models: with local_epochs=3 the global model exists only after every 3rd epoch. Set check_val_every_n_epoch to a multiple of local_epochs (e.g. 3), or leave it at the default 1, which HEFederation turns into local_epochs
+        lightning_fhe.evaluation.ValidationScheduleError: check_val_every_n_epoch=2 would validate local models: ...
 
     Raises:
         ValidationScheduleError: the Trainer would validate between exchanges: ``check_val_every_n_epoch`` not a
@@ -61,7 +61,8 @@ def validation_every(local_epochs: int, check_val_every_n_epoch: int | None, val
     if check_val_every_n_epoch % local_epochs:
         raise ValidationScheduleError(
             f"check_val_every_n_epoch={check_val_every_n_epoch} would validate local models: with "
-            f"local_epochs={local_epochs} the global model exists only after every {_ordinal(local_epochs)} epoch. {fix}"
+            f"local_epochs={local_epochs} the global model exists only after every {_ordinal(local_epochs)} epoch. "
+            f"{fix}"
         )
     return check_val_every_n_epoch
 

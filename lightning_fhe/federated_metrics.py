@@ -8,7 +8,8 @@ range, never a value. (With ``encrypt="none"`` the pseudo-tensor travels in plai
 
 Each of the :data:`MAX_METRICS` rows holds ``(value * present, present, tag * present)``. A metric's row follows from
 its name (a hash, the next free row on a collision), so a metric that one site does not log moves no other;
-``present`` is 0 for an empty row or a value that is not finite or too large to carry (:data:`LARGEST_VALUE`). Averaged with the sites' shares ``s_i``, ``value / present`` is
+``present`` is 0 for an empty row or a value that is not finite or too large to carry (:data:`LARGEST_VALUE`).
+Averaged with the sites' shares ``s_i``, ``value / present`` is
 ``sum(s_i * v_i) / sum(s_i)`` over the sites that reported that metric: the mean weighted like the model (by the
 number of training samples, unless the sites set ``weight``). The tag is a number derived from the metric's name:
 if the sites put different metrics in a row, the averaged tag differs from the site's own and the row is dropped,

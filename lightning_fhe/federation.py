@@ -55,8 +55,9 @@ class HEFederation(Callback):
     ``local_epochs > 1`` the Trainer validates every ``local_epochs``-th epoch only (its default
     ``check_val_every_n_epoch=1`` becomes ``local_epochs``; a value that would validate local models is refused).
     Each site's validation metrics of a global model travel, encrypted, with its next update, and every site logs
-    their weighted mean over the sites as ``fhe/global/<metric>``. When the last round is done, training stops. The model, the optimizer and the Trainer stay
-    the same objects throughout, so optimizer and scheduler state carry over between rounds.
+    their weighted mean over the sites as ``fhe/global/<metric>``. When the last round is done, training stops. The
+    model, the optimizer and the Trainer stay the same objects throughout, so optimizer and scheduler state carry
+    over between rounds.
 
     Under DDP (or any multi-process strategy) only global rank 0 talks to the server; the global weights reach the
     other ranks through ``trainer.strategy.broadcast``.

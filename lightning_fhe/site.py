@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lightning_fhe.client import AggregatorClient, FederationError, GlobalModel, JoinInfo, RoundClosedError, SubmitReceipt
+from lightning_fhe.client import (
+    AggregatorClient,
+    FederationError,
+    GlobalModel,
+    JoinInfo,
+    RoundClosedError,
+    SubmitReceipt,
+)
 from lightning_fhe.federated_metrics import METRICS_SPEC, carried_names, decode_metrics, encode_metrics
 from lightning_fhe.he.codec import UpdateCipher, num_chunks
 from lightning_fhe.he.context import HEContext
@@ -117,7 +124,7 @@ class FederatedSite:
         self.wire_plaintext = _appended(self.plaintext_layout, self._metrics_in == "plaintext")
         stepped = set(split.encrypted) | set(split.plaintext) if optimized is None else set(optimized)
         specs = (*self.encrypted_layout.specs, *self.plaintext_layout.specs)
-        mask = np.concatenate([np.full(spec.numel, spec.name in stepped) for spec in specs]) if specs else np.zeros(0, bool)
+        mask = np.concatenate([np.full(spec.numel, spec.name in stepped) for spec in specs] or [np.zeros(0, bool)])
         self.replica = StrategyReplica(strategy or FedAvg(), mask, to_model=self._as_loaded)
         self.privacy = privacy
         self.privacy_delta = privacy_delta

@@ -31,7 +31,8 @@ def test_lightning_cli_example_federates_two_sites_from_yaml(tmp_path):
     from lightning_fhe.server.app import AggregatorServer
     from lightning_fhe.server.config import load_server_config
 
-    provision(load_provision_config(REPO / "configs" / "provision.yaml", ["clients=[site-1,site-2]"]), tmp_path / "kits")
+    kits = load_provision_config(REPO / "configs" / "provision.yaml", ["clients=[site-1,site-2]"])
+    provision(kits, tmp_path / "kits")
     config = load_server_config(None, ["port=0", "bind=127.0.0.1", f"state_dir={tmp_path / 'state'}", "rounds=3"])
     server = AggregatorServer(config, load_server_kit(tmp_path / "kits" / "server"))
     port = server.start()
@@ -47,11 +48,14 @@ def test_lightning_cli_example_federates_two_sites_from_yaml(tmp_path):
             (tmp_path / f"site-{index + 1}.yaml").write_text(yaml.safe_dump(site))
             command = [sys.executable, str(REPO / "examples" / "lightning_cli" / "site.py"), "fit"]
             command += ["--config", f"site-{index + 1}.yaml"]
-            processes.append(subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+            processes.append(subprocess.Popen(command, cwd=tmp_path, **pipes))
         for process in processes:
             output, _ = process.communicate(timeout=300)
             assert process.returncode == 0, output[-3000:]
             assert "fhe round 3/3" in output and "strategy FedAdam(lr=0.01" in output
+            encrypted = "encrypted: 4 tensors, 2,762 values, 11,048 bytes: net.0.{weight,bias}, net.2.{weight,bias};"
+            assert encrypted in output  # which tensors travel encrypted, once, at join
         assert server.wait(timeout=30) == 0
     finally:
         for process in processes:

@@ -208,14 +208,36 @@ def test_setting_label_names_encryption_strategy_and_privacy():
         (["federation.rounds=0"], "command line: federation.rounds: expected an integer >= 1, got 0"),
         (["federation.encrypt=everything"], "command line: federation.encrypt: expected one of all, conv, key_layers"),
         (["federation.min_clients=3"], "command line: federation.min_clients: 3 is more than the 2 sites"),
-        (["data.per_site.data_fraction=[1.0, 0]"], "command line: data: lightning_fhe.tasks.MSDDataModule(...) refused its arguments (site-2's): ValueError: data_fraction"),
-        (["model.init_args.init_filters=12"], "command line: model: lightning_fhe.tasks.SpleenSegmentation(...) refused its arguments: ValueError: init_filters must be a positive multiple of 8"),
-        (["model.init_args.lr_rate=1"], "command line: model.init_args.lr_rate: SpleenSegmentation takes no argument 'lr_rate'; it takes init_filters, lr, weight_decay"),
-        (["model.class_path=lightning_fhe.tasks.NoSuchModel"], "command line: model.class_path: 'lightning_fhe.tasks' has no class 'NoSuchModel'"),
+        (
+            ["data.per_site.data_fraction=[1.0, 0]"],
+            "command line: data: lightning_fhe.tasks.MSDDataModule(...) refused its arguments "
+            "(site-2's): ValueError: data_fraction",
+        ),
+        (
+            ["model.init_args.init_filters=12"],
+            "command line: model: lightning_fhe.tasks.SpleenSegmentation(...) refused its arguments: "
+            "ValueError: init_filters must be a positive multiple of 8",
+        ),
+        (
+            ["model.init_args.lr_rate=1"],
+            "command line: model.init_args.lr_rate: SpleenSegmentation takes no argument 'lr_rate'; it "
+            "takes init_filters, lr, weight_decay",
+        ),
+        (
+            ["model.class_path=lightning_fhe.tasks.NoSuchModel"],
+            "command line: model.class_path: 'lightning_fhe.tasks' has no class 'NoSuchModel'",
+        ),
         (["model.class_path=no_such_package.Model"], "command line: model.class_path: cannot import 'no_such_package'"),
-        (["data.init_args.site_index=1"], "command line: data.init_args.site_index: set by the simulator for each site; remove it"),
+        (
+            ["data.init_args.site_index=1"],
+            "command line: data.init_args.site_index: set by the simulator for each site; remove it",
+        ),
         (["federation.strategy={fedadam: {}}"], "command line: federation.strategy.fedadam.lr: required"),
-        (["federation.strategy=fedyoga"], "command line: federation.strategy.fedyoga: unknown strategy; expected one of fedavg, fedavgm, fedadam, fedyogi, fedadagrad (did you mean 'fedyogi'?)"),
+        (
+            ["federation.strategy=fedyoga"],
+            "command line: federation.strategy.fedyoga: unknown strategy; expected one of fedavg, "
+            "fedavgm, fedadam, fedyogi, fedadagrad (did you mean 'fedyogi'?)",
+        ),
         (["trainer.deterministic=maybe"], "trainer.deterministic: expected true or false or one of 'warn'"),
         (["he.config.scale_bits=59"], "command line: he.config.scale_bits:"),
         (["privacy={gaussian: {clip_norm: -1, noise_multiplier: 1.0}}"], "privacy.gaussian.clip_norm: must be > 0"),
@@ -240,7 +262,8 @@ def test_file_errors_name_the_file_and_the_key(tmp_path):
         load_experiment(path)
 
     path = experiment_file(tmp_path, "model: {init_args: {loss: focal}}\n")
-    with pytest.raises(ConfigError, match=re.escape(f"{path}: model: lightning_fhe.tasks.SpleenSegmentation(...) refused its arguments: ValueError: loss must be")):
+    refused = f"{path}: model: lightning_fhe.tasks.SpleenSegmentation(...) refused its arguments: ValueError: loss"
+    with pytest.raises(ConfigError, match=re.escape(refused)):
         load_experiment(path)
 
     # A value set in the file but overridden on the command line is the command line's fault.
@@ -248,7 +271,8 @@ def test_file_errors_name_the_file_and_the_key(tmp_path):
         load_experiment(path, ["model.init_args.loss=nope"])
 
     path = experiment_file(tmp_path, "compare: {fast: {model: {init_args: {lr_rate: 0}}}}\n")
-    with pytest.raises(ConfigError, match=re.escape(f"{path}: compare.fast: model.init_args.lr_rate: SpleenSegmentation takes no")):
+    unknown = f"{path}: compare.fast: model.init_args.lr_rate: SpleenSegmentation takes no"
+    with pytest.raises(ConfigError, match=re.escape(unknown)):
         load_experiment(path)
 
 

@@ -167,7 +167,8 @@ def test_a_trainer_that_would_validate_local_models_is_refused(kits, schedule, w
 def test_the_default_validation_schedule_becomes_every_round(kits):
     # Validating every epoch (Lightning's default) becomes every local_epochs-th epoch; the site then connects, and
     # no server is there.
-    federation = HEFederation(kit=kits / "site-1", local_epochs=3, server=f"localhost:{free_port()}", retry_budget_s=0.5)
+    server = f"localhost:{free_port()}"
+    federation = HEFederation(kit=kits / "site-1", local_epochs=3, server=server, retry_budget_s=0.5)
     trainer = L.Trainer(max_epochs=6, accelerator="cpu", callbacks=[federation], logger=False)
     with pytest.raises(ServerUnavailableError):
         trainer.fit(BoringModel())

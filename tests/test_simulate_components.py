@@ -58,7 +58,9 @@ def test_partition_errors(call, message):
 
 
 def test_synthetic_classification_sites_share_the_validation_set_and_split_the_rest():
-    sites = [SyntheticClassificationData(site_index=i, num_sites=3, num_samples=600, split="dirichlet") for i in range(3)]
+    sites = [
+        SyntheticClassificationData(site_index=i, num_sites=3, num_samples=600, split="dirichlet") for i in range(3)
+    ]
     for data in sites:
         data.setup()
     assert sum(len(d.train_labels) for d in sites) == 480  # 20% held out
@@ -90,11 +92,14 @@ def test_a_data_module_that_cannot_be_told_its_site_is_refused():
 
 
 def test_block_errors_name_the_key():
-    with pytest.raises(ComponentError, match=r"^model.init_args.hiden: MLPClassifier takes no argument 'hiden'.*'hidden'"):
+    unknown = r"^model.init_args.hiden: MLPClassifier takes no argument 'hiden'.*'hidden'"
+    with pytest.raises(ComponentError, match=unknown):
         check_component({"class_path": "lightning_fhe.tasks.MLPClassifier", "init_args": {"hiden": 3}}, "model")
     with pytest.raises(ComponentError, match=r"^data.per_site.alpha: expected a non-empty list"):
         check_component(
-            {"class_path": "lightning_fhe.tasks.SyntheticClassificationData", "per_site": {"alpha": 0.3}}, "data", sites=2
+            {"class_path": "lightning_fhe.tasks.SyntheticClassificationData", "per_site": {"alpha": 0.3}},
+            "data",
+            sites=2,
         )
     with pytest.raises(ComponentError, match=r"^model.class_path: expected a dotted path"):
         check_component({"class_path": "MLPClassifier"}, "model")

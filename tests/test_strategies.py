@@ -26,7 +26,8 @@ from lightning_fhe.strategies import (
 def reference_steps(kind: str, options: dict, rounds: list[tuple[list[float], list[float]]]) -> list[list[float]]:
     """The issue's formulas, one value at a time in Python floats: ``rounds`` is [(x_g(r-1), x_avg(r)), ...]."""
     lr = options.get("lr", 1.0)
-    b1, b2, tau, mom = options.get("beta1", 0.9), options.get("beta2", 0.99), options.get("tau", 1e-3), options.get("momentum", 0.9)
+    b1, b2, tau = options.get("beta1", 0.9), options.get("beta2", 0.99), options.get("tau", 1e-3)
+    mom = options.get("momentum", 0.9)
     size = len(rounds[0][0])
     m, v = [0.0] * size, [0.0] * size
     out = []
@@ -171,7 +172,11 @@ def test_a_user_strategy_subclasses_the_interface():
     [
         ({"fedadam": {}}, "strategy.fedadam.lr: required"),
         ("fedyogi", "strategy.fedyogi.lr: required"),
-        ({"fedadm": {"lr": 0.1}}, "strategy.fedadm: unknown strategy; expected one of fedavg, fedavgm, fedadam, fedyogi, fedadagrad (did you mean 'fedadam'?)"),
+        (
+            {"fedadm": {"lr": 0.1}},
+            "strategy.fedadm: unknown strategy; expected one of fedavg, fedavgm, fedadam, fedyogi, fedadagrad "
+            "(did you mean 'fedadam'?)",
+        ),
         ({"fedadam": {"lr": -1}}, "strategy.fedadam.lr: must be a positive number, got -1"),
         ({"fedavgm": {"momentum": 1.0}}, "strategy.fedavgm.momentum: must be a number in [0, 1), got 1.0"),
         ({"fedadagrad": {"lr": 0.1, "beta2": 0.9}}, "strategy.fedadagrad.beta2: unknown option"),

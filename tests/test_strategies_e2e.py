@@ -145,4 +145,5 @@ def test_global_metrics_in_each_sites_csv_are_the_weighted_means_of_the_sites_me
     # The sites validated on different data, so the mean is not simply one site's value.
     assert own["site-1"][0]["valid/loss"] != pytest.approx(own["site-2"][0]["valid/loss"], rel=1e-3)
     history = results["site-1"]["history"]
-    assert history[0]["global_metrics"] == {} and set(history[1]["global_metrics"]) == {"valid/loss", "valid/mean_output"}
+    assert history[0]["global_metrics"] == {}
+    assert set(history[1]["global_metrics"]) == {"valid/loss", "valid/mean_output"}

@@ -2,7 +2,8 @@
 
 Runs the experiment once (or once per compared setting, one after the other), prints the seed's Table 1 for what
 ran, the metric per round side by side, and writes ``results.json``, ``results.csv``, ``summary.csv``,
-``metric_per_round.png`` and ``time_per_round.png`` to the output folder (``experiment.output_dir``, default ``runs/<name>-<timestamp>/``).
+``metric_per_round.png`` and ``time_per_round.png`` to the output folder (``experiment.output_dir``, default
+``runs/<name>-<timestamp>/``).
 
 Exit status: 0 when every setting finished; 1 when a process of the federation failed or a setting timed out
 (its error and the end of its log are shown); 2 for an invalid command line or config.

@@ -90,11 +90,14 @@ def check_component(block: Mapping[str, Any], key: str, *, sites: int | None = N
                 close = difflib.get_close_matches(str(name), list(parameters), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ComponentError(
-                    f"{where}.{name}", f"{cls.__name__} takes no argument {name!r}; it takes {', '.join(parameters)}{hint}"
+                    f"{where}.{name}",
+                    f"{cls.__name__} takes no argument {name!r}; it takes {', '.join(parameters)}{hint}",
                 )
     for name, values in per_site.items():
         if not isinstance(values, list) or not values:
-            raise ComponentError(f"{key}.per_site.{name}", f"expected a non-empty list (repeated over the sites), got {values!r}")
+            raise ComponentError(
+                f"{key}.per_site.{name}", f"expected a non-empty list (repeated over the sites), got {values!r}"
+            )
     given = {*init_args, *per_site, *(SITE_ARGS if sites is not None and _told_by_init(cls) else ())}
     missing = [n for n, p in parameters.items() if p.default is inspect.Parameter.empty and n not in given]
     if missing:

@@ -198,7 +198,8 @@ def run_setting(name: str, config: dict[str, Any], out_dir: Path, echo: Echo = p
             # my_task.MyModel and relative paths in init_args mean there what they mean here.
             here = os.getcwd()
             python_path = os.pathsep.join(p for p in (here, env.get("PYTHONPATH", "")) if p)
-            site_env = {**env, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": python_path}
+            site_env = {**env, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+            site_env["PYTHONPATH"] = python_path
             for index, site in enumerate(sites):
                 command = [
                     sys.executable, "-m", "lightning_fhe.simulate.site", str(out_dir / "config.yaml"),

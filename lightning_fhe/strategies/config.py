@@ -37,7 +37,7 @@ def strategy_from_config(config: Strategy | str | Mapping[str, Any] | None, *, p
         >>> strategy_from_config({"fedadam": {"lr": 0.05, "beta": 0.9}})
         Traceback (most recent call last):
         ...
-        lightning_fhe.strategies.base.StrategyConfigError: strategy.fedadam.beta: unknown option; expected one of lr, beta1, beta2, tau (did you mean 'beta2'?)
+        lightning_fhe.strategies.base.StrategyConfigError: strategy.fedadam.beta: unknown option; expected one of ...
 
     Raises:
         StrategyConfigError: the message names the dotted key at fault, e.g. ``strategy.fedadam.lr: required``.

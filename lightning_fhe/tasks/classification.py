@@ -2,9 +2,9 @@
 
 Generated, never downloaded: ``num_classes`` Gaussian clusters in ``num_features`` dimensions, each class a mixture
 of ``clusters_per_class`` clusters so that a linear model is not enough. The defaults are hard enough not to
-saturate: the MLP below, trained centrally, reaches about 88% validation accuracy after 20 epochs. Every site draws the same dataset from
-``seed``, holds out the same validation set (drawn from all classes, so every site measures the global model on
-the same IID data), and takes its part of the rest by :mod:`~lightning_fhe.tasks.partition`.
+saturate: the MLP below, trained centrally, reaches about 88% validation accuracy after 20 epochs. Every site draws
+the same dataset from ``seed``, holds out the same validation set (drawn from all classes, so every site measures
+the global model on the same IID data), and takes its part of the rest by :mod:`~lightning_fhe.tasks.partition`.
 
 Example::
 

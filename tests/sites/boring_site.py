@@ -113,7 +113,9 @@ def main() -> None:
 
     # Same initial weights at every site whoever joins first, so runs are comparable; each site's own data.
     L.seed_everything(0)
-    models = {"boring": BoringModel, "adam": AdamBoringModel, "conv": ConvBoringModel, "validating": ValidatingBoringModel}
+    models = {
+        "boring": BoringModel, "adam": AdamBoringModel, "conv": ConvBoringModel, "validating": ValidatingBoringModel
+    }
     model = models[args.model]()
     L.seed_everything(args.seed + 1)
     data = DataLoader(RandomDataset(32, 64 + 16 * args.seed), batch_size=8)
