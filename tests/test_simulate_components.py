@@ -72,17 +72,14 @@ def test_synthetic_classification_sites_share_the_validation_set_and_split_the_r
 # ------------------------------------------------------------------------------------------------ the blocks
 
 
-def test_the_site_is_told_by_init_args_or_by_partition():
+def test_the_site_is_told_by_init_args_or_by_partition(tmp_path, monkeypatch):
     data = build_data({"class_path": "lightning_fhe.tasks.SyntheticClassificationData"}, 2, 4)
     assert (data.hparams.site_index, data.hparams.num_sites) == (2, 4)
-    sys.path.insert(0, str(USER_TASK))
-    try:
-        tiny = build_data({"class_path": "tiny_task.TinyLabels", "init_args": {"samples": 40}}, 1, 2)
-    finally:
-        sys.path.remove(str(USER_TASK))
-        for name in ("partition-site1.json",):
-            Path(name).unlink(missing_ok=True)
+    monkeypatch.syspath_prepend(str(USER_TASK))
+    monkeypatch.chdir(tmp_path)  # the user's data module writes what it got there
+    tiny = build_data({"class_path": "tiny_task.TinyLabels", "init_args": {"samples": 40}}, 1, 2)
     assert tiny.indices is not None and len(tiny.indices) == 20
+    assert json.loads((tmp_path / "partition-site1.json").read_text())["split"] == "iid"
 
 
 def test_a_data_module_that_cannot_be_told_its_site_is_refused():
