@@ -19,10 +19,18 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_fhe.client import FederationError
+from lightning_fhe.evaluation import (
+    GlobalValidation,
+    ValidationScheduleError,
+    logging_step,
+    validation_every,
+    validation_metrics,
+)
 from lightning_fhe.privacy import UpdateMechanism, mechanism_from_config
 from lightning_fhe.proto.reasons import Reason
-from lightning_fhe.selection import Selection, split_tensors
+from lightning_fhe.selection import Selection, describe_encrypted, split_tensors
 from lightning_fhe.site import FederatedSite, RoundMetrics
+from lightning_fhe.strategies import Strategy, StrategyConfigError, strategy_from_config
 
 if TYPE_CHECKING:
     from lightning_fhe.client import JoinInfo
@@ -41,9 +49,15 @@ class HEFederation(Callback):
 
     Every ``local_epochs`` epochs, at the end of the training part of the epoch and before its validation, the
     site encrypts the selected tensors with CKKS, sends them to the aggregation server, waits for the round to
-    close, decrypts the global average and loads it into the model. The validation that follows therefore measures
-    the global model. When the last round is done, training stops. The model, the optimizer and the Trainer stay
-    the same objects throughout, so optimizer and scheduler state carry over between rounds.
+    close, decrypts the global average, runs the federation's ``strategy`` on it (FedAvg by default: the average
+    itself; FedAdam and the others: a server optimizer step that every site computes identically) and loads the
+    result into the model. The validation that follows therefore measures the global model; with
+    ``local_epochs > 1`` the Trainer validates every ``local_epochs``-th epoch only (its default
+    ``check_val_every_n_epoch=1`` becomes ``local_epochs``; a value that would validate local models is refused).
+    Each site's validation metrics of a global model travel, encrypted, with its next update, and every site logs
+    their weighted mean over the sites as ``fhe/global/<metric>``. When the last round is done, training stops. The
+    model, the optimizer and the Trainer stay the same objects throughout, so optimizer and scheduler state carry
+    over between rounds.
 
     Under DDP (or any multi-process strategy) only global rank 0 talks to the server; the global weights reach the
     other ranks through ``trainer.strategy.broadcast``.
@@ -60,7 +74,9 @@ class HEFederation(Callback):
         from lightning.pytorch.demos.boring_classes import BoringModel
         from lightning_fhe import HEFederation
 
-        federation = HEFederation(kit="kits/site-1", local_epochs=2)
+        from lightning_fhe.strategies import FedAdam
+
+        federation = HEFederation(kit="kits/site-1", local_epochs=2, strategy=FedAdam(lr=0.05))
         trainer = L.Trainer(max_epochs=6, callbacks=[federation])  # 3 rounds of 2 local epochs
         trainer.fit(BoringModel())
 
@@ -76,6 +92,13 @@ class HEFederation(Callback):
             (``len(train_dataloader.dataset)``). An int or float for anything else.
         federate_buffers: average floating buffers (BatchNorm running statistics) too; integer buffers such as
             ``num_batches_tracked`` always stay local.
+        strategy: the server optimizer step every site runs on the decrypted average: a
+            :class:`~lightning_fhe.strategies.Strategy` (``FedAvg``, ``FedAvgM``, ``FedAdam``, ``FedYogi``,
+            ``FedAdagrad`` or a subclass) or its YAML form, ``"fedavgm"`` or ``{"fedadam": {"lr": 0.05}}``. Every
+            site must run the same one. Default: FedAvg, the weighted average itself. Floating buffers (BatchNorm
+            statistics) always take the average. See ``docs/strategies.md``.
+        federated_metrics: send this site's validation metrics of each global model, encrypted, with the next
+            update, and log the weighted means over the sites as ``fhe/global/<metric>``. Every site must agree.
         optimizer_state: ``"keep"`` the optimizer state (momentum, Adam moments) across rounds, or ``"reset"`` it
             after every global model is loaded.
         fedprox_mu: FedProx's proximal coefficient: adds ``mu * (w - w_global)`` to the gradient of every federated
@@ -114,6 +137,8 @@ class HEFederation(Callback):
         retry_budget_s: float = 60.0,
         progress: bool = True,
         he_workers: int | None = None,
+        strategy: Strategy | str | Mapping[str, Any] | None = None,
+        federated_metrics: bool = True,
     ) -> None:
         if not _is_positive_int(local_epochs):
             raise ValueError(f"local_epochs must be a positive integer, got {local_epochs!r}")
@@ -130,6 +155,11 @@ class HEFederation(Callback):
         if he_workers is not None and not _is_positive_int(he_workers):
             raise ValueError(f"he_workers must be a positive integer or None (every core), got {he_workers!r}")
         self.privacy = privacy if isinstance(privacy, UpdateMechanism) else mechanism_from_config(privacy, rounds=rounds)
+        try:
+            self.strategy = strategy_from_config(strategy)
+        except StrategyConfigError as err:
+            raise ValueError(str(err)) from None
+        self.federated_metrics = bool(federated_metrics)
         self.privacy_delta = privacy_delta
         self.kit = Path(kit)
         self.server = server
@@ -156,6 +186,8 @@ class HEFederation(Callback):
         self._identity: tuple[str, str] | None = None  # (site name, HE fingerprint) from the kit, read once
         self._left = False  # this site told the server it leaves (or tried to)
         self._log_handler: logging.Handler | None = None
+        self._strategy_state: dict[str, Any] | None = None  # checkpointed replica state, until the site exists
+        self._validated: GlobalValidation | None = None  # the last global model's validation, for the next upload
 
     @property
     @override
@@ -177,6 +209,26 @@ class HEFederation(Callback):
             self._kit = self._check_kit()
             self._show_client_log()
         self._split(pl_module.state_dict(), pl_module)
+        self._validate_global_models_only(trainer)
+
+    def _validate_global_models_only(self, trainer: Trainer) -> None:
+        try:
+            every = validation_every(self.local_epochs, trainer.check_val_every_n_epoch, trainer.val_check_interval)
+        except ValidationScheduleError as err:
+            raise FederationSetupError(str(err)) from None
+        if every != trainer.check_val_every_n_epoch:
+            rank_zero_info(
+                f"fhe: validating every {every} epochs, right after each round's exchange, so that every validation "
+                f"(and ModelCheckpoint, EarlyStopping) sees a global model (check_val_every_n_epoch was 1)"
+            )
+            trainer.check_val_every_n_epoch = every
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Right after an exchange the model is that round's global model: what federated evaluation averages.
+        if trainer.sanity_checking or not self.federated_metrics or self._epochs_in_round or not self._completed_round:
+            return
+        self._validated = GlobalValidation(self._completed_round, logging_step(trainer), validation_metrics(trainer))
 
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -255,6 +307,7 @@ class HEFederation(Callback):
 
     def _close(self) -> None:
         if self._site is not None:
+            self._strategy_state = self._site.replica.state_dict()  # a checkpoint saved after fit still holds it
             self._site.close()  # the cipher pool's processes and the connection
             self._site = None
         self._kit = None
@@ -267,6 +320,9 @@ class HEFederation(Callback):
         state = {"completed_round": self._completed_round, "epochs_in_round": self._epochs_in_round}
         if self.privacy is not None:  # the privacy already spent must survive a restart
             state["privacy"] = self.privacy.state_dict()
+        strategy_state = self._site.replica.state_dict() if self._site is not None else self._strategy_state
+        if strategy_state is not None:  # the strategy's moments and the global model it made: the server has neither
+            state["strategy"] = _as_tensors(strategy_state)
         return state
 
     @override
@@ -275,6 +331,8 @@ class HEFederation(Callback):
         self._epochs_in_round = int(state_dict["epochs_in_round"])
         if self.privacy is not None and "privacy" in state_dict:
             self.privacy.load_state_dict(state_dict["privacy"])
+        if "strategy" in state_dict:
+            self._strategy_state = _as_arrays(state_dict["strategy"])
 
     # ----------------------------------------------------------------------------------------------- rounds
 
@@ -290,10 +348,16 @@ class HEFederation(Callback):
         def exchange() -> dict[str, torch.Tensor]:
             # state_dict() tensors may live on an accelerator: flattening copies only the shared ones to the CPU.
             state = pl_module.state_dict()
-            tensors, metrics = self._site.exchange(round, state, progress=self._progress_bar(trainer))
+            validated = self._validated if self._validated and self._validated.round == round - 1 else None
+            tensors, metrics = self._site.exchange(
+                round, state, progress=self._progress_bar(trainer), metrics=validated.metrics if validated else None
+            )
             self.history.append(metrics)
             for logger in trainer.loggers:
                 logger.log_metrics(metrics.as_log_dict(), step=trainer.global_step)
+                if validated and metrics.global_metrics:  # at the step of the validation they describe
+                    means = {f"fhe/global/{name}": value for name, value in metrics.global_metrics.items()}
+                    logger.log_metrics(means, step=validated.step)
             rank_zero_info(metrics.summary(self.rounds))
             return tensors
 
@@ -426,11 +490,26 @@ class HEFederation(Callback):
         )
         try:
             self._site = FederatedSite(
-                client, kit.he_context, split, state, self.privacy, self.privacy_delta, workers=self.he_workers
+                client,
+                kit.he_context,
+                split,
+                state,
+                self.privacy,
+                self.privacy_delta,
+                strategy=self.strategy,
+                optimized={name for name, _ in pl_module.named_parameters()},
+                federated_metrics=self.federated_metrics,
+                workers=self.he_workers,
             )
         except BaseException:
             client.close()
             raise
+        if self._strategy_state is not None:
+            try:
+                self._site.replica.load_state_dict(self._strategy_state)
+            except ValueError as err:
+                raise FederationSetupError(f"the checkpoint's strategy state cannot be used: {err}") from None
+        rank_zero_info(f"fhe: {describe_encrypted(split, state)}; strategy {self.strategy!r}")
         rounds = planned
 
         def check(joined: JoinInfo) -> None:  # before the initial model goes out
@@ -452,7 +531,7 @@ class HEFederation(Callback):
             )
         epochs_in_round = self._epochs_in_round if completed == self._completed_round else 0
         # Fetched even when resuming mid-round: FedProx and the privacy mechanisms measure updates from it.
-        tensors, _ = self._site.global_state(completed, progress=self._progress_bar(trainer))
+        tensors = self._site.global_state(completed, progress=self._progress_bar(trainer))
         rank_zero_info(
             f"fhe: joined as {info.site!r} ({len(info.members)} sites, share {info.share:.3f}); "
             f"starting from the global model of round {completed}, {rounds} rounds of {self.local_epochs} epoch(s)"
@@ -563,3 +642,22 @@ def is_last_batch(trainer: Trainer, batch_idx: int) -> bool:
 
 def _is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _as_tensors(state: Any) -> Any:
+    """numpy arrays as torch tensors, so the checkpoint loads with ``torch.load(weights_only=True)``."""
+    import numpy as np
+
+    if isinstance(state, np.ndarray):
+        return torch.from_numpy(state.copy())
+    if isinstance(state, dict):
+        return {key: _as_tensors(value) for key, value in state.items()}
+    return state
+
+
+def _as_arrays(state: Any) -> Any:
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu().double().numpy()
+    if isinstance(state, dict):
+        return {key: _as_arrays(value) for key, value in state.items()}
+    return state

@@ -35,7 +35,9 @@ __all__ = [
     "Selection",
     "SelectionError",
     "TensorSplit",
+    "compact_names",
     "conv_layers",
+    "describe_encrypted",
     "describe_split",
     "key_layers",
     "split_tensors",
@@ -199,6 +201,51 @@ def describe_split(split: TensorSplit, state: Mapping[str, torch.Tensor]) -> str
         megabytes = sum(t.numel() * t.element_size() for t in tensors) / 1e6
         parts.append(f"{label}: {len(group)} tensors, {values:,} values, {megabytes:.2f} MB")
     return "; ".join(parts)
+
+
+def compact_names(names: Sequence[str], limit: int = 8) -> str:
+    """Tensor names grouped by module, ``{a,b}`` for siblings, the middle left out past ``limit`` groups.
+
+    Example::
+
+        >>> compact_names(["conv.weight", "conv.bias", "fc.weight"])
+        'conv.{weight,bias}, fc.weight'
+        >>> compact_names([f"block.{i}.weight" for i in range(10)], limit=4)
+        'block.0.weight, block.1.weight, ... 6 more ..., block.8.weight, block.9.weight'
+    """
+    groups: list[tuple[str, list[str]]] = []
+    for name in names:
+        prefix, _, leaf = name.rpartition(".")
+        if groups and groups[-1][0] == prefix and prefix:
+            groups[-1][1].append(leaf)
+        else:
+            groups.append((prefix, [leaf]))
+    shown = [
+        (f"{prefix}." if prefix else "") + (leaves[0] if len(leaves) == 1 else "{" + ",".join(leaves) + "}")
+        for prefix, leaves in groups
+    ]
+    if len(shown) > limit:
+        half = limit // 2
+        shown = [*shown[:half], f"... {len(shown) - 2 * half} more ...", *shown[-half:]]
+    return ", ".join(shown) if shown else "none"
+
+
+def describe_encrypted(split: TensorSplit, state: Mapping[str, torch.Tensor]) -> str:
+    """One line for the log: how many tensors travel encrypted, their values and bytes, and which they are.
+
+    Example::
+
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.BatchNorm1d(2))
+        >>> describe_encrypted(split_tensors(model.state_dict(), ["0"], module=model), model.state_dict())
+        'encrypted: 2 tensors, 10 values, 40 bytes: 0.{weight,bias}; plaintext: 4 tensors; local: 1 tensors'
+    """
+    tensors = [state[name] for name in split.encrypted]
+    values = sum(t.numel() for t in tensors)
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    return (
+        f"encrypted: {len(tensors)} tensors, {values:,} values, {size:,} bytes: {compact_names(split.encrypted)}; "
+        f"plaintext: {len(split.plaintext)} tensors; local: {len(split.local)} tensors"
+    )
 
 
 def _split_local(

@@ -4,19 +4,19 @@
 loop, a test) can drive it the same way.
 
 Both directions are pipelined through the site's :class:`~lightning_fhe.he.pool.CipherPool`
-(:func:`send_encrypted`, :func:`fetch_decrypted`): the upload streams chunks as the pool encrypts them, read a
-chunk's worth at a time from the model's own tensors, and the download hands each global chunk to the pool as it
-arrives, which writes its average straight into the new tensors. So a round costs about the longer of the
-cryptography and the transfer, not their sum, and the site holds no flat copy of its update and no list of
-ciphertexts (the update kept for a resubmission is in a temporary file).
+(:func:`send_encrypted`, :func:`fetch_decrypted`): the upload streams chunks as the pool encrypts them, and the
+download hands each global chunk to the pool as it arrives. So a round costs about the longer of the cryptography
+and the transfer, not their sum, and the site holds no list of ciphertexts (the update kept for a resubmission is
+in a temporary file). The strategy's replica works on the flat float64 model; :func:`fetch_decrypted` writes into
+tensors instead, for a caller that needs no replica (``bench round``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,12 +25,14 @@ import torch
 from lightning_fhe.client import (
     AggregatorClient,
     ChunkConsumer,
+    FederationError,
     GlobalModel,
     IncomingGlobalModel,
     JoinInfo,
     RoundClosedError,
     SubmitReceipt,
 )
+from lightning_fhe.federated_metrics import METRICS_SPEC, carried_names, decode_metrics, encode_metrics
 from lightning_fhe.he.codec import ValueSource
 from lightning_fhe.he.context import HEContext
 from lightning_fhe.he.layout import TensorLayout
@@ -38,6 +40,7 @@ from lightning_fhe.he.pool import CipherPool
 from lightning_fhe.privacy import UpdateMechanism
 from lightning_fhe.proto.update_shape import INITIAL_MODEL_ROUND, UpdateShape, update_shape
 from lightning_fhe.selection import TensorSplit
+from lightning_fhe.strategies import FedAvg, Strategy, StrategyReplica
 
 Progress = Callable[[str, int, int], None]
 
@@ -68,6 +71,9 @@ class RoundMetrics:
     shared_fraction: float = 1.0  # fraction of the update's components sent (below 1 with partial sharing or SVT)
     epsilon: float | None = None  # this site's cumulative privacy loss, when its mechanism gives a formal one
     round_s: float = 0.0  # the whole exchange: from reading the update to the global model's tensors decrypted
+    # The weighted means over the sites of their validation metrics of the previous round's global model
+    # (federated evaluation); empty when no site sent any.
+    global_metrics: Mapping[str, float] = field(default_factory=dict)
 
     def as_log_dict(self) -> dict[str, float]:
         return {
@@ -95,7 +101,12 @@ class RoundMetrics:
 
 
 class FederatedSite:
-    """One site's federation session: it owns the layouts, the cipher pool and the client.
+    """One site's federation session: it owns the layouts, the cipher pool, the client and the strategy's replica.
+
+    The update a site sends is its model's federated tensors (encrypted part, then plaintext part) and, appended
+    to the encrypted part (to the plaintext part under ``encrypt="none"``), the pseudo-tensor that carries its
+    validation metrics (:mod:`lightning_fhe.federated_metrics`). After decryption the strategy turns the average
+    into the next global model (:class:`~lightning_fhe.strategies.StrategyReplica`).
 
     Args:
         client: a connected :class:`~lightning_fhe.client.AggregatorClient`.
@@ -104,6 +115,11 @@ class FederatedSite:
         state: the model's state dict, to fix shapes and dtypes.
         privacy: a mechanism applied to the update (its difference from the last global model) before encryption.
         privacy_delta: the delta at which the mechanism's epsilon is reported.
+        strategy: the server optimizer step every site runs on the decrypted average; default plain FedAvg.
+        optimized: the federated tensors the strategy steps (the parameters); the others (floating buffers) take
+            the average as is. Default: every federated tensor.
+        federated_metrics: carry validation metrics in the update (every site of a federation must agree: the
+            layout differs).
         workers: processes that encrypt and decrypt (:class:`~lightning_fhe.he.pool.CipherPool`), started here
             and ended by :meth:`close`; default: every core this process may use; 1: in this process.
     """
@@ -116,18 +132,28 @@ class FederatedSite:
         state: Mapping[str, torch.Tensor],
         privacy: UpdateMechanism | None = None,
         privacy_delta: float = 1e-5,
+        strategy: Strategy | None = None,
+        optimized: Collection[str] | None = None,
+        federated_metrics: bool = True,
         workers: int | None = None,
     ) -> None:
         self.client = client
+        self.params = he_context.params
         self.encrypted_layout = TensorLayout.from_tensors(state, split.encrypted)
         self.plaintext_layout = TensorLayout.from_tensors(state, split.plaintext)
+        # The metrics ride with the encrypted tensors when there are any: the server must not see them.
+        self._metrics_in = "" if not federated_metrics else "encrypted" if split.encrypted else "plaintext"
+        self.wire_encrypted = _appended(self.encrypted_layout, self._metrics_in == "encrypted")
+        self.wire_plaintext = _appended(self.plaintext_layout, self._metrics_in == "plaintext")
+        stepped = set(split.encrypted) | set(split.plaintext) if optimized is None else set(optimized)
+        specs = (*self.encrypted_layout.specs, *self.plaintext_layout.specs)
+        mask = np.concatenate([np.full(spec.numel, spec.name in stepped) for spec in specs] or [np.zeros(0, bool)])
+        self.replica = StrategyReplica(strategy or FedAvg(), mask, to_model=self._as_loaded)
         self.privacy = privacy
         self.privacy_delta = privacy_delta
         self.info: JoinInfo | None = None
-        self._global: np.ndarray | None = None  # the last global model, flat: encrypted part, then plaintext part
         # Noise must be unpredictable to anyone else: a fresh OS-seeded generator, never a configured seed.
         self._rng = np.random.default_rng()
-        self.params = he_context.params
         # Last, so that nothing can fail once its worker processes are running (close() ends them).
         self.pool = CipherPool(he_context, workers=workers)
 
@@ -151,26 +177,78 @@ class FederatedSite:
             rounds: the rounds this site will train (0: the server's), for the server to check before recording.
             check: called with the join's answer before the initial state is sent; raising stops it from being sent.
         """
-        info = self.client.join(weight, self.encrypted_layout, self.plaintext_layout, rounds=rounds)
+        info = self.client.join(weight, self.wire_encrypted, self.wire_plaintext, rounds=rounds)
         if check is not None:
             check(info)
         self.info = info
         if self.info.send_initial_model:
-            self.client.submit(INITIAL_MODEL_ROUND, iter(()), self._flatten(state))
+            initial = self._shape(INITIAL_MODEL_ROUND)
+            self.client.submit(INITIAL_MODEL_ROUND, iter(()), initial.join(*self._wire(self._flatten(state), None)))
         return self.info
 
-    def global_state(self, round: int, progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], GlobalModel]:
-        """The global model after ``round`` (0: the initial model), decrypted into named tensors."""
-        received = fetch_decrypted(self.client, self.pool, self._shape(round), _bind(progress, "download"))
-        return self._tensors(received), received.model
+    def global_state(self, round: int, progress: Progress | None = None) -> dict[str, torch.Tensor]:
+        """The global model after ``round`` (0: the initial model), as this site's strategy made it.
+
+        The server holds averages, not global models: for a strategy with state (anything but plain FedAvg) the
+        global model of ``round`` is the replica's. When the replica is behind (restored from an older checkpoint,
+        or not at all), it replays the rounds in between from the server's aggregates.
+        """
+        replica = self.replica
+        if replica.round == round and replica.reference is not None:  # restored from this site's checkpoint
+            return self._unflatten(replica.reference)
+        if round == 0 or replica.strategy.memoryless:
+            replica.start(round, self._fetch_average(round, progress))
+            return self._unflatten(replica.reference)
+        if replica.round is not None and replica.round > round:
+            raise ValueError(f"the strategy's state is from round {replica.round}, after round {round}")
+        first = 0 if replica.round is None else replica.round + 1
+        try:
+            if replica.round is None:
+                replica.start(0, self._fetch_average(0, progress))
+                first = 1
+            for past in range(first, round + 1):
+                replica.advance(past, self._fetch_average(past, progress))
+        except FederationError as err:
+            raise FederationError(
+                f"{replica.strategy!r} keeps state across rounds, so this site rebuilds the global model of round "
+                f"{round} by replaying rounds {first}..{round} from the server's aggregates, and that failed ({err}). "
+                "Resume from a checkpoint of a later round (HEFederation's state holds the strategy's), or run the "
+                "server with keep_rounds=0 to keep every aggregate",
+                code=err.code,
+                reason=err.reason,
+            ) from err
+        log.info("replayed rounds %d..%d of %r to rebuild the global model", first, round, replica.strategy)
+        return self._unflatten(replica.reference)
+
+    def _fetch_average(self, round: int, progress: Progress | None) -> np.ndarray:
+        average, _ = self._decode(fetch_flat(self.client, self.pool, self._shape(round), _bind(progress, "download")))
+        return average
 
     def _shape(self, round_number: int) -> UpdateShape:
-        return update_shape(round_number, self.encrypted_layout, self.plaintext_layout, self.params)
+        """What an update of ``round_number`` carries: the wire layouts (the model's, and the metrics)."""
+        return update_shape(round_number, self.wire_encrypted, self.wire_plaintext, self.params)
 
     def _flatten(self, state: Mapping[str, torch.Tensor]) -> np.ndarray:
-        """The whole model, flat, as the initial model travels: the encrypted part, then the plaintext part."""
-        initial = self._shape(INITIAL_MODEL_ROUND)
-        return initial.join(self.encrypted_layout.flatten(state), self.plaintext_layout.flatten(state))
+        """The model's federated tensors as one float64 stream: encrypted part, then plaintext part."""
+        return np.concatenate([self.encrypted_layout.flatten(state), self.plaintext_layout.flatten(state)])
+
+    def _unflatten(self, values: np.ndarray) -> dict[str, torch.Tensor]:
+        cut = self.encrypted_layout.numel
+        return {**self.encrypted_layout.unflatten(values[:cut]), **self.plaintext_layout.unflatten(values[cut:])}
+
+    def _as_loaded(self, values: np.ndarray) -> np.ndarray:
+        """``values`` as the model holds them once loaded: rounded to each tensor's dtype."""
+        return self._flatten(self._unflatten(values))
+
+    def _wire(self, values: np.ndarray, metrics: Mapping[str, float] | None) -> tuple[np.ndarray, np.ndarray]:
+        """The encrypted and plaintext streams of an update: the model's values with the metrics appended."""
+        encrypted, plaintext = np.split(values, [self.encrypted_layout.numel])
+        carried = encode_metrics(metrics)
+        if self._metrics_in == "encrypted":
+            encrypted = np.concatenate([encrypted, carried])
+        elif self._metrics_in == "plaintext":
+            plaintext = np.concatenate([plaintext, carried])
+        return encrypted, plaintext
 
     def _privatize(self, local: np.ndarray) -> tuple[np.ndarray, float, float | None]:
         """The values to send instead of ``local``: the last global model plus the privatized update.
@@ -178,26 +256,34 @@ class FederatedSite:
         Every site starts the round from the same global model, so averaging ``global + d_i`` is averaging the
         updates ``d_i``; a component sent as zero update keeps the global value there.
         """
-        if self._global is None:
+        if self.privacy is None:
+            return local, 1.0, None
+        reference = self.replica.reference
+        if reference is None:
             raise RuntimeError("privacy needs the global model the round started from; load it with global_state()")
-        released = self.privacy.privatize(local - self._global, self._rng)
-        return self._global + released.delta, released.shared_fraction, self.privacy.spent(self.privacy_delta)
+        released = self.privacy.privatize(local - reference, self._rng)
+        return reference + released.delta, released.shared_fraction, self.privacy.spent(self.privacy_delta)
 
     def exchange(
-        self, round: int, state: Mapping[str, torch.Tensor], progress: Progress | None = None
+        self,
+        round: int,
+        state: Mapping[str, torch.Tensor],
+        progress: Progress | None = None,
+        metrics: Mapping[str, float] | None = None,
     ) -> tuple[dict[str, torch.Tensor], RoundMetrics]:
-        """Encrypts this site's selected tensors, submits them for ``round`` and returns the global model."""
+        """Encrypts this site's selected tensors, submits them for ``round`` and returns the global model.
+
+        ``metrics``: this site's validation metrics of the previous round's global model, to be averaged over the
+        sites with this update; the means come back in the returned ``RoundMetrics.global_metrics``.
+        """
         if self.info is None:
             raise RuntimeError("join() before exchange()")
         shape = self._shape(round)
         started = time.perf_counter()
-        shared_fraction, epsilon = 1.0, None
-        if self.privacy is None:  # read from the tensors a chunk's worth at a time: no flat copy of the update
-            encrypted: np.ndarray | ValueSource = LayoutValues(self.encrypted_layout, state)
-            plaintext = self.plaintext_layout.flatten(state)
-        else:  # the mechanisms work on the flat update
-            values, shared_fraction, epsilon = self._privatize(self._flatten(state))
-            encrypted, plaintext = shape.split(values)
+        values, shared_fraction, epsilon = self._privatize(self._flatten(state))
+        names = carried_names(metrics or {})
+        encrypted, plaintext = self._wire(values, metrics)
+        del values
         try:
             sent = send_encrypted(
                 self.client, self.pool, shape, encrypted, plaintext, self.info.share, _bind(progress, "upload")
@@ -208,8 +294,10 @@ class FederatedSite:
             # from the global model like everyone else.
             log.warning("round %d closed before this site's update arrived (%s); loading its global model", round, err)
             receipt, encrypt_s, ciphertext_bytes = SubmitReceipt(round=round, bytes_sent=0, seconds=0.0), 0.0, 0
-        received = fetch_decrypted(self.client, self.pool, shape, _bind(progress, "download"))
-        tensors = self._tensors(received)
+        del encrypted
+        received = fetch_flat(self.client, self.pool, shape, _bind(progress, "download"))
+        average, carried = self._decode(received)
+        tensors = self._unflatten(self.replica.advance(round, average))
         model = received.model
         metrics = RoundMetrics(
             round=round,
@@ -226,24 +314,23 @@ class FederatedSite:
             shared_fraction=shared_fraction,
             epsilon=epsilon,
             round_s=time.perf_counter() - started,
+            global_metrics={} if carried is None else decode_metrics(carried, names),
         )
         return tensors, metrics
 
-    def _tensors(self, received: ReceivedModel) -> dict[str, torch.Tensor]:
-        """The global model's named tensors; with privacy, also kept flat as the next round's reference."""
-        shape = self._shape(received.model.round)
-        if shape.is_initial_model:  # in plaintext: the encrypted part, then the plaintext part
-            encrypted_values, plaintext_values = shape.split(received.model.plaintext)
-            tensors = {
-                **self.encrypted_layout.unflatten(encrypted_values),
-                **self.plaintext_layout.unflatten(plaintext_values),
-            }
+    def _decode(self, received: ReceivedFlat) -> tuple[np.ndarray, np.ndarray | None]:
+        """The average of the model's federated values (float64, as loaded) and of the metrics pseudo-tensor."""
+        model = received.model
+        shape = self._shape(model.round)
+        if shape.is_initial_model:  # the initial model travels in plaintext: encrypted part, then plaintext part
+            encrypted, plaintext = shape.split(np.asarray(model.plaintext, dtype=np.float64))
         else:
-            tensors = {**self.plaintext_layout.unflatten(received.model.plaintext), **received.encrypted}
-        if self.privacy is not None:
-            # What was loaded, in the tensors' own dtypes: the reference the next round's update is measured from.
-            self._global = self._flatten(tensors)
-        return tensors
+            plaintext = np.asarray(model.plaintext, dtype=np.float64)
+            encrypted = received.encrypted
+        cut_encrypted, cut_plaintext = self.encrypted_layout.numel, self.plaintext_layout.numel
+        average = self._as_loaded(np.concatenate([encrypted[:cut_encrypted], plaintext[:cut_plaintext]]))
+        carried = {"encrypted": encrypted[cut_encrypted:], "plaintext": plaintext[cut_plaintext:]}.get(self._metrics_in)
+        return average, carried
 
 
 # -- the pipelined exchange (shared with bench round) ---------------------------------------------------------------
@@ -302,6 +389,13 @@ class ReceivedModel:
     decrypt_s: float  # the time the download waited for the pool to decrypt, during it and after its last chunk
 
 
+@dataclass(frozen=True)
+class ReceivedFlat:
+    model: GlobalModel
+    encrypted: np.ndarray  # the encrypted layout's values, decrypted and averaged, float64 (empty for round 0)
+    decrypt_s: float  # the time the download waited for the pool to decrypt, during it and after its last chunk
+
+
 def fetch_decrypted(
     client: AggregatorClient,
     pool: CipherPool,
@@ -311,16 +405,45 @@ def fetch_decrypted(
     """Fetches round ``shape.round``'s global model; its chunks are decrypted as they arrive, each chunk's
     average written straight into the encrypted layout's tensors, in their own dtypes."""
     layout = shape.encrypted_layout
+
+    def new_tensors() -> tuple[dict[str, torch.Tensor], Callable[[int, np.ndarray], None]]:
+        tensors = layout.empty()
+        return tensors, lambda start, values: layout.write(tensors, start, values)
+
+    model, tensors, decrypt_s = _fetch(client, pool, shape, progress, new_tensors)
+    return ReceivedModel(model, tensors if tensors is not None else {}, decrypt_s)
+
+
+def fetch_flat(
+    client: AggregatorClient,
+    pool: CipherPool,
+    shape: UpdateShape,
+    progress: Callable[[int, int], None] | None = None,
+) -> ReceivedFlat:
+    """As :func:`fetch_decrypted`, into one float64 array of the encrypted layout's values (what a strategy needs)."""
+
+    def new_array() -> tuple[np.ndarray, Callable[[int, np.ndarray], None]]:
+        flat = np.empty(shape.encrypted_layout.numel, dtype=np.float64)
+
+        def write(start: int, values: np.ndarray) -> None:
+            flat[start : start + values.size] = values
+
+        return flat, write
+
+    model, flat, decrypt_s = _fetch(client, pool, shape, progress, new_array)
+    return ReceivedFlat(model, flat if flat is not None else np.zeros(0), decrypt_s)
+
+
+def _fetch(client, pool, shape, progress, new_output):
+    """The global model, its encrypted part decrypted while it arrives into ``new_output()``'s first item (a new
+    one per download attempt: a retried download starts over), and the time spent waiting for decryption."""
+    layout = shape.encrypted_layout
     attempt: dict[str, Any] = {}
     decrypt_s = 0.0
 
     def chunks_into(incoming: IncomingGlobalModel) -> ChunkConsumer:
-        # Called once per download attempt: a retried download starts over in fresh tensors.
-        tensors = attempt["tensors"] = layout.empty()
-        decryption = pool.decryption(
-            layout.numel, incoming.total_share, lambda start, values: layout.write(tensors, start, values)
-        )
-        return _TimedConsumer(decryption, on_time)
+        attempt["output"], write = new_output()
+        return _TimedConsumer(pool.decryption(layout.numel, incoming.total_share, write), on_time)
 
     def on_time(seconds: float) -> None:
         nonlocal decrypt_s
@@ -328,7 +451,7 @@ def fetch_decrypted(
 
     encrypted = not shape.is_initial_model and layout.numel > 0
     model = client.fetch_global(shape.round, progress=progress, chunks_into=chunks_into if encrypted else None)
-    return ReceivedModel(model, attempt.get("tensors", {}), decrypt_s)
+    return model, attempt.get("output"), decrypt_s
 
 
 class _TimedChunks:
@@ -369,6 +492,10 @@ class _TimedConsumer:
             self._consumer.finish()
         finally:
             self._on_time(time.perf_counter() - start)
+
+
+def _appended(layout: TensorLayout, metrics: bool) -> TensorLayout:
+    return TensorLayout((*layout.specs, METRICS_SPEC)) if metrics else layout
 
 
 def _bind(progress: Progress | None, what: str) -> Callable[[int, int], None] | None:

@@ -6,6 +6,8 @@ import importlib
 import pytest
 
 MODULES = [
+    "lightning_fhe.evaluation",
+    "lightning_fhe.federated_metrics",
     "lightning_fhe.he.codec",
     "lightning_fhe.he.frames",
     "lightning_fhe.he.layout",
@@ -14,9 +16,16 @@ MODULES = [
     "lightning_fhe.he.pool",
     "lightning_fhe.he.seeded",
     "lightning_fhe.proto.update_shape",
+    "lightning_fhe.selection",
     "lightning_fhe.server.activity",
     "lightning_fhe.server.membership",
     "lightning_fhe.server.rounds",
+    "lightning_fhe.strategies.adaptive",
+    "lightning_fhe.strategies.base",
+    "lightning_fhe.strategies.config",
+    "lightning_fhe.strategies.fedavg",
+    "lightning_fhe.strategies.replica",
+    "lightning_fhe.tasks.partition",
 ]
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lightning_fhe.simulate.components import site_init_args
 from lightning_fhe.simulate.config import (
     SCHEMA,
     ConfigError,
@@ -15,7 +16,6 @@ from lightning_fhe.simulate.config import (
     load_experiment,
     merge,
     setting_label,
-    site_data_fraction,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,12 +67,14 @@ def test_base_sets_every_key_of_the_schema_with_a_comment():
 def test_base_is_the_seeds_experiment():
     config = load_experiment(BASE).config
     assert (config["federation"]["rounds"], config["federation"]["local_epochs"]) == (100, 10)
-    assert config["model"]["init_filters"] == 16
+    assert config["model"]["class_path"] == "lightning_fhe.tasks.SpleenSegmentation"
+    assert config["model"]["init_args"]["init_filters"] == 16
     assert config["he"]["config"] == {
         "poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40], "scale_bits": 40, "scheme": "CKKS"
     }  # fmt: skip
-    assert config["data"]["data_fraction"] == [1.0, 0.5]
-    assert config["privacy"] is None
+    assert config["data"]["class_path"] == "lightning_fhe.tasks.MSDDataModule"
+    assert config["data"]["per_site"] == {"data_fraction": [1.0, 0.5]}
+    assert config["privacy"] is None and config["federation"]["strategy"] is None
 
 
 def test_quickstart_is_small():
@@ -80,23 +82,26 @@ def test_quickstart_is_small():
     assert config["experiment"]["name"] == "quickstart"
     assert config["federation"]["sites"] == 2
     assert config["federation"]["rounds"] * config["federation"]["local_epochs"] <= 20
-    assert config["model"]["init_filters"] == 8
-    assert config["data"]["root"] is None and config["data"]["synthetic"]["size"] == [48, 48, 48]
+    assert config["model"]["init_args"]["init_filters"] == 8
+    data = config["data"]["init_args"]
+    assert data["root"] is None and data["synthetic"]["size"] == [48, 48, 48]
     assert config["trainer"]["accelerator"] == "cpu" and config["trainer"]["deterministic"] is True
 
 
 @pytest.mark.parametrize("setting, encrypt", SETTINGS.items())
 def test_spleen_files_hold_the_seeds_settings_and_need_the_data(setting, encrypt):
-    with pytest.raises(ConfigError, match=r"spleen_.*\.yaml: data\.root: required and not set.*data\.root="):
+    with pytest.raises(
+        ConfigError, match=r"spleen_.*\.yaml: data\.init_args\.root: required and not set.*data\.init_args\.root="
+    ):
         load_experiment(SPLEEN[setting])
-    config = load_experiment(SPLEEN[setting], ["data.root=/data/Task09_Spleen"]).config
+    config = load_experiment(SPLEEN[setting], ["data.init_args.root=/data/Task09_Spleen"]).config
     assert config["federation"]["encrypt"] == encrypt
     assert (config["federation"]["rounds"], config["federation"]["local_epochs"]) == (100, 10)
-    assert config["model"]["init_filters"] == 16
-    assert config["data"]["root"] == "/data/Task09_Spleen"
+    assert config["model"]["init_args"]["init_filters"] == 16
+    assert config["data"]["init_args"]["root"] == "/data/Task09_Spleen"
     assert setting_label(config) == setting
     for sites in (4, 8):  # the seed's other rows
-        config = load_experiment(SPLEEN[setting], ["data.root=null", f"federation.sites={sites}"]).config
+        config = load_experiment(SPLEEN[setting], ["data.init_args.root=null", f"federation.sites={sites}"]).config
         assert config["federation"]["sites"] == sites
 
 
@@ -116,12 +121,13 @@ def test_default_compare_settings():
 
 def test_file_over_base_and_command_line_over_file(tmp_path):
     path = experiment_file(tmp_path, "federation: {rounds: 7, sites: 3}\n")
-    config = load_experiment(path, ["federation.sites=4", "data.data_fraction=[1.0, 0.25]", "model.lr=0.01"]).config
+    overrides = ["federation.sites=4", "data.per_site.data_fraction=[1.0, 0.25]", "model.init_args.lr=0.01"]
+    config = load_experiment(path, overrides).config
     assert config["federation"]["rounds"] == 7
     assert config["federation"]["sites"] == 4
     assert config["federation"]["local_epochs"] == 10  # from base
-    assert config["data"]["data_fraction"] == [1.0, 0.25]
-    assert config["model"]["lr"] == 0.01
+    assert config["data"]["per_site"]["data_fraction"] == [1.0, 0.25]
+    assert config["model"]["init_args"]["lr"] == 0.01
 
 
 def test_chains_of_base_files_and_interpolation(tmp_path):
@@ -153,23 +159,43 @@ def test_a_privacy_block_naming_another_mechanism_replaces_the_one_below():
 def test_overlays_can_be_added_and_changed_on_the_command_line():
     experiment = load_experiment(
         QUICKSTART,
-        ["compare.slow_lr.model.lr=0.0001", "compare.dp_gaussian.privacy.gaussian.noise_multiplier=2.0"],
+        ["compare.slow_lr.model.init_args.lr=0.0001", "compare.dp_gaussian.privacy.gaussian.noise_multiplier=2.0"],
     )
-    assert experiment.setting("slow_lr")["model"]["lr"] == 0.0001
+    assert experiment.setting("slow_lr")["model"]["init_args"]["lr"] == 0.0001
     assert experiment.setting("dp_gaussian")["privacy"]["gaussian"]["noise_multiplier"] == 2.0
 
 
-def test_site_data_fraction_repeats_a_list_over_the_sites():
-    config = {"data": {"data_fraction": [1.0, 0.5]}}
-    assert [site_data_fraction(config, i) for i in range(4)] == [1.0, 0.5, 1.0, 0.5]
-    assert site_data_fraction({"data": {"data_fraction": 0.3}}, 5) == 0.3
+def test_per_site_init_args_repeat_a_list_over_the_sites():
+    block = {"init_args": {"batch_size": 2}, "per_site": {"data_fraction": [1.0, 0.5]}}
+    assert [site_init_args(block, i)["data_fraction"] for i in range(4)] == [1.0, 0.5, 1.0, 0.5]
+    assert site_init_args(block, 3)["batch_size"] == 2
 
 
-def test_setting_label_names_encryption_and_privacy():
+def test_a_block_with_another_class_path_replaces_the_one_below(tmp_path):
+    below = {"data": {"class_path": "a.A", "init_args": {"x": 1}, "per_site": {"y": [1]}}}
+    assert merge(below, {"data": {"init_args": {"z": 2}}})["data"]["init_args"] == {"x": 1, "z": 2}
+    assert merge(below, {"data": {"class_path": "b.B", "init_args": {"z": 2}}}) == {
+        "data": {"class_path": "b.B", "init_args": {"z": 2}}
+    }
+    assert merge({"strategy": {"fedavg": {"lr": 1.0}}}, {"strategy": {"fedadam": {"lr": 0.1}}}) == {
+        "strategy": {"fedadam": {"lr": 0.1}}
+    }
+
+
+def test_strategies_are_compared_by_name():
+    experiment = load_experiment(CONFIGS / "experiments" / "noniid_classification.yaml")
+    assert experiment.config["data"]["class_path"] == "lightning_fhe.tasks.SyntheticClassificationData"
+    assert "per_site" not in experiment.config["data"]  # the spleen's data_fraction went with its class
+    assert experiment.setting("fedavg")["federation"]["strategy"] == "fedavg"
+    assert experiment.setting("fedyogi")["federation"]["strategy"] == {"fedyogi": {"lr": 0.03, "tau": 1.0e-3}}
+
+
+def test_setting_label_names_encryption_strategy_and_privacy():
     config = load_experiment(QUICKSTART).config
     assert setting_label(config) == "he_full"
     assert setting_label({**config, "federation": {"encrypt": ["net.*"]}}) == "he_custom"
     assert setting_label({**config, "privacy": [{"gaussian": {}}, {"partial": {}}]}) == "he_full+gaussian+partial"
+    assert setting_label({**config, "federation": {"encrypt": "none", "strategy": {"fedadam": {}}}}) == "raw+fedadam"
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -182,8 +208,36 @@ def test_setting_label_names_encryption_and_privacy():
         (["federation.rounds=0"], "command line: federation.rounds: expected an integer >= 1, got 0"),
         (["federation.encrypt=everything"], "command line: federation.encrypt: expected one of all, conv, key_layers"),
         (["federation.min_clients=3"], "command line: federation.min_clients: 3 is more than the 2 sites"),
-        (["data.data_fraction=[1.0, 0]"], "command line: data.data_fraction: expected a number in (0, 1]"),
-        (["model.init_filters=12"], "command line: model.init_filters: expected a positive multiple of 8, got 12"),
+        (
+            ["data.per_site.data_fraction=[1.0, 0]"],
+            "command line: data: lightning_fhe.tasks.MSDDataModule(...) refused its arguments "
+            "(site-2's): ValueError: data_fraction",
+        ),
+        (
+            ["model.init_args.init_filters=12"],
+            "command line: model: lightning_fhe.tasks.SpleenSegmentation(...) refused its arguments: "
+            "ValueError: init_filters must be a positive multiple of 8",
+        ),
+        (
+            ["model.init_args.lr_rate=1"],
+            "command line: model.init_args.lr_rate: SpleenSegmentation takes no argument 'lr_rate'; it "
+            "takes init_filters, lr, weight_decay",
+        ),
+        (
+            ["model.class_path=lightning_fhe.tasks.NoSuchModel"],
+            "command line: model.class_path: 'lightning_fhe.tasks' has no class 'NoSuchModel'",
+        ),
+        (["model.class_path=no_such_package.Model"], "command line: model.class_path: cannot import 'no_such_package'"),
+        (
+            ["data.init_args.site_index=1"],
+            "command line: data.init_args.site_index: set by the simulator for each site; remove it",
+        ),
+        (["federation.strategy={fedadam: {}}"], "command line: federation.strategy.fedadam.lr: required"),
+        (
+            ["federation.strategy=fedyoga"],
+            "command line: federation.strategy.fedyoga: unknown strategy; expected one of fedavg, "
+            "fedavgm, fedadam, fedyogi, fedadagrad (did you mean 'fedyogi'?)",
+        ),
         (["trainer.deterministic=maybe"], "trainer.deterministic: expected true or false or one of 'warn'"),
         (["he.config.scale_bits=59"], "command line: he.config.scale_bits:"),
         (["privacy={gaussian: {clip_norm: -1, noise_multiplier: 1.0}}"], "privacy.gaussian.clip_norm: must be > 0"),
@@ -207,16 +261,18 @@ def test_file_errors_name_the_file_and_the_key(tmp_path):
     with pytest.raises(ConfigError, match=re.escape(expected)):
         load_experiment(path)
 
-    path = experiment_file(tmp_path, "model: {lr: -1.0}\n")
-    with pytest.raises(ConfigError, match=re.escape(f"{path}: model.lr: expected a number in (0, inf), got -1.0")):
+    path = experiment_file(tmp_path, "model: {init_args: {loss: focal}}\n")
+    refused = f"{path}: model: lightning_fhe.tasks.SpleenSegmentation(...) refused its arguments: ValueError: loss"
+    with pytest.raises(ConfigError, match=re.escape(refused)):
         load_experiment(path)
 
     # A value set in the file but overridden on the command line is the command line's fault.
-    with pytest.raises(ConfigError, match="^command line: model.lr"):
-        load_experiment(path, ["model.lr=0"])
+    with pytest.raises(ConfigError, match="^command line: model: "):
+        load_experiment(path, ["model.init_args.loss=nope"])
 
-    path = experiment_file(tmp_path, "compare: {fast: {model: {lr: 0}}}\n")
-    with pytest.raises(ConfigError, match=re.escape(f"{path}: compare.fast: model.lr: expected a number")):
+    path = experiment_file(tmp_path, "compare: {fast: {model: {init_args: {lr_rate: 0}}}}\n")
+    unknown = f"{path}: compare.fast: model.init_args.lr_rate: SpleenSegmentation takes no"
+    with pytest.raises(ConfigError, match=re.escape(unknown)):
         load_experiment(path)
 
 

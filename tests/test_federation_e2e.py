@@ -207,36 +207,47 @@ def test_encrypted_federation_with_each_privacy_option_completes(kits, tmp_path,
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mid_round", [False, True], ids=["after-round", "mid-round"])
-def test_a_site_that_dies_resumes_from_its_checkpoint_at_the_right_round(kits, tmp_path, mid_round):
-    # 3 rounds of 2 local epochs; site-1 dies right after round 1, or one local epoch into round 2.
-    crash = ["--crash-after-round", "1", "--crash-after-epochs", "1" if mid_round else "0"]
-    epochs = ["--local-epochs", "2", "--max-epochs", str(2 * ROUNDS)]
+def federate_with_restart(
+    kits: Path, tmp: Path, args: list[str], crash: list[str], rounds: int = ROUNDS, from_checkpoint: bool = True
+) -> tuple[dict[str, dict], Path]:
+    """A server and two sites (seeds 0 and 1, both given ``args``); site-1, also given ``crash``, saves a checkpoint,
+    dies (exit status 3) and is started again from it (or afresh, ``from_checkpoint=False``) while site-2 waits.
+    Returns both sites' records and the checkpoint."""
     config = load_server_config(
-        None, ["port=0", "bind=127.0.0.1", f"state_dir={tmp_path / 'state'}", f"rounds={ROUNDS}", "linger_s=1"]
+        None, ["port=0", "bind=127.0.0.1", f"state_dir={tmp / 'state'}", f"rounds={rounds}", "linger_s=1"]
     )
     server = AggregatorServer(config, load_server_kit(kits / "server"))
     port = server.start()
-    checkpoint = tmp_path / "site-1.ckpt"
+    checkpoint = tmp / "site-1.ckpt"
 
     def site(name: str, seed: int, *extra: str) -> subprocess.Popen:
         command = [sys.executable, str(SITE), "--kit", str(kits / name), "--server", f"localhost:{port}"]
-        command += ["--out", str(tmp_path / f"{name}.pt"), "--seed", str(seed), *epochs, *extra]
+        command += ["--out", str(tmp / f"{name}.pt"), "--seed", str(seed), *args, *extra]
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     try:
         other = site("site-2", 1)
         crashing = site("site-1", 0, *crash, "--checkpoint", str(checkpoint))
-        output, _ = crashing.communicate(timeout=120)
+        output, _ = crashing.communicate(timeout=180)
         assert crashing.returncode == 3 and checkpoint.exists(), output[-3000:]
-        restarted = site("site-1", 0, "--checkpoint", str(checkpoint))  # site-2 waits in round 2 meanwhile
+        resume = ["--checkpoint", str(checkpoint)] if from_checkpoint else []
+        restarted = site("site-1", 0, *resume)  # site-2 waits in the next round meanwhile
         for process in (restarted, other):
-            output, _ = process.communicate(timeout=120)
+            output, _ = process.communicate(timeout=180)
             assert process.returncode == 0, output[-3000:]
         assert server.wait(timeout=30) == 0
     finally:
         server.stop()
-    resumed, survivor = (torch.load(tmp_path / f"{name}.pt") for name in ("site-1", "site-2"))
+    return {name: torch.load(tmp / f"{name}.pt") for name in ("site-1", "site-2")}, checkpoint
+
+
+@pytest.mark.parametrize("mid_round", [False, True], ids=["after-round", "mid-round"])
+def test_a_site_that_dies_resumes_from_its_checkpoint_at_the_right_round(kits, tmp_path, mid_round):
+    # 3 rounds of 2 local epochs; site-1 dies right after round 1, or one local epoch into round 2.
+    crash = ["--crash-after-round", "1", "--crash-after-epochs", "1" if mid_round else "0"]
+    epochs = ["--local-epochs", "2", "--max-epochs", str(2 * ROUNDS)]
+    results, checkpoint = federate_with_restart(kits, tmp_path, epochs, crash)
+    resumed, survivor = results["site-1"], results["site-2"]
     assert [h["round"] for h in resumed["history"]] == [2, 3]  # it picked up at round 2, not from the start
     assert [h["round"] for h in survivor["history"]] == [1, 2, 3]
     assert all(sorted(h["participants"]) == ["site-1", "site-2"] for h in survivor["history"])

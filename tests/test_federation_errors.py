@@ -138,8 +138,38 @@ def test_rounds_that_disagree_with_the_server_are_refused(kits, server):
         ({"fedprox_mu": -0.1}, "fedprox_mu"),
         ({"rounds": 0}, "rounds"),
         ({"rounds": True}, "rounds"),
+        ({"strategy": {"fedadam": {}}}, r"strategy.fedadam.lr: required"),
+        ({"strategy": "fedsgd"}, r"strategy.fedsgd: unknown strategy"),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(kwargs, words):
     with pytest.raises(ValueError, match=words):
         HEFederation(kit="kits/site-1", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "schedule, words",
+    [
+        ({"check_val_every_n_epoch": 2}, "check_val_every_n_epoch=2 would validate local models: with local_epochs=3"),
+        ({"check_val_every_n_epoch": None, "val_check_interval": 4}, "check_val_every_n_epoch=None validates every"),
+        ({"val_check_interval": 0.5}, "val_check_interval=0.5 validates within the epoch"),
+    ],
+)
+def test_a_trainer_that_would_validate_local_models_is_refused(kits, schedule, words):
+    model = BoringModel()
+    model.train_dataloader = lambda: pytest.fail("data was loaded before the schedule was checked")
+    federation = HEFederation(kit=kits / "site-1", local_epochs=3)
+    trainer = L.Trainer(max_epochs=6, accelerator="cpu", callbacks=[federation], logger=False, **schedule)
+    with pytest.raises(FederationSetupError, match=words):
+        trainer.fit(model)
+
+
+def test_the_default_validation_schedule_becomes_every_round(kits):
+    # Validating every epoch (Lightning's default) becomes every local_epochs-th epoch; the site then connects, and
+    # no server is there.
+    server = f"localhost:{free_port()}"
+    federation = HEFederation(kit=kits / "site-1", local_epochs=3, server=server, retry_budget_s=0.5)
+    trainer = L.Trainer(max_epochs=6, accelerator="cpu", callbacks=[federation], logger=False)
+    with pytest.raises(ServerUnavailableError):
+        trainer.fit(BoringModel())
+    assert trainer.check_val_every_n_epoch == 3

@@ -16,8 +16,8 @@ from lightning_fhe.simulate.orchestrate import RecordFollower, format_progress, 
 from lightning_fhe.simulate.plots import write_plots
 from lightning_fhe.simulate.results import (
     compare_to_baseline,
-    format_dice_lines,
     format_duration,
+    format_round_table,
     format_table,
     round_summaries,
     summarize,
@@ -47,7 +47,10 @@ def records(
             out.append(
                 {
                     "site": f"site-{site + 1}", "site_index": site, "round": r,
-                    "dice": dice[r - 1] if site == 0 else dice[r - 1] + 0.001,  # site-1's is the one reported
+                    "metric_name": "val/dice",
+                    "metric": dice[r - 1] if site == 0 else dice[r - 1] + 0.001,  # site-1's is the one reported
+                    # the sites' weighted mean for the round before, carried by this round's updates
+                    "global_metrics": {} if r == 1 else {"val/dice": dice[r - 2] + 0.0005},
                     "round_start": start, "train_end": start + 6.0, "round_end": start + round_s,
                     "train_s": 6.0, "val_s": 1.0, "encrypt_s": 0.5, "upload_s": 0.25 + site, "wait_s": 0.75,
                     "download_s": 0.125,
@@ -66,7 +69,9 @@ def test_round_summaries_average_over_sites_and_take_site_1s_dice():
     rounds = round_summaries("he_full", records())
     assert [r.round for r in rounds] == [1, 2, 3]
     first = rounds[0]
-    assert first.dice == 0.5  # site-1's, not site-2's 0.501
+    assert first.metric == 0.5  # site-1's, not site-2's 0.501
+    assert first.sites_mean == 0.5005  # from round 2's records
+    assert rounds[-1].sites_mean is None  # no later update carries the last round's
     assert first.sites == first.participants == 2
     assert first.transfer_s == pytest.approx((0.25 + 0.125 + 1.25 + 0.125) / 2)  # upload + download, mean over sites
     assert first.wait_s == 0.75
@@ -81,8 +86,9 @@ def test_summary_is_one_row_of_the_seeds_table():
     assert summary.message_mb == pytest.approx(2.0005)
     assert summary.model_fp32_mb == 1.0
     assert summary.training_time_s == pytest.approx(3 * 10.0 + 0.5)  # first start to last end, across sites
-    assert (summary.best_dice, summary.best_round) == (0.7, 2)
-    assert (summary.first_dice, summary.last_dice) == (0.5, 0.6)
+    assert (summary.best_metric, summary.best_round) == (0.7, 2)
+    assert (summary.first_metric, summary.last_metric) == (0.5, 0.6)
+    assert summarize("loss", records(), mode="min").best_round == 1
     assert summary.mean_encrypt_s == 0.5 and summary.mean_decrypt_s == 0.25
     assert summary.message_ratio is None and summary.relative_time_increase is None
     assert summarize("x", records(dice=(0.7, 0.7, 0.7))).best_round == 1  # a tie goes to the earliest round
@@ -132,13 +138,19 @@ def test_privacy_columns_appear_when_a_setting_has_privacy():
     assert lines[4].endswith("| - | 0.100 |")  # partial sharing has no formal epsilon
 
 
-def test_durations_and_dice_lines():
+def test_durations_and_the_metric_per_round():
     assert format_duration(0.4) == "0:00:00"
     assert format_duration(3661.2) == "1:01:01"
     assert format_duration(21_446) == "5:57:26"
-    lines = format_dice_lines({name: round_summaries(name, records()) for name in ("raw", "he_full")})
-    assert lines.splitlines()[1] == "he_full  global Dice per round: 0.5000 0.7000 0.6000"
-    assert "round 2/3: global Dice 0.7000, 2 sites | site-1: train 6.0 s" in format_progress(records()[1], 3)
+    table = format_round_table({name: round_summaries(name, records()) for name in ("fedavg", "fedadam")}, "val/dice")
+    assert table.splitlines() == [
+        "| round | fedavg | fedadam |",
+        "|---|---|---|",
+        "| 1 | 0.5000 (0.5005) | 0.5000 (0.5005) |",
+        "| 2 | 0.7000 (0.7005) | 0.7000 (0.7005) |",
+        "| 3 | 0.6000 | 0.6000 |",
+    ]
+    assert "round 2/3: val/dice 0.7000, 2 sites | site-1: train 6.0 s" in format_progress(records()[1], 3)
 
 
 def test_results_files_and_plots(tmp_path):
@@ -147,7 +159,7 @@ def test_results_files_and_plots(tmp_path):
     paths = write_results(tmp_path, {"experiment": "test"}, rounds, summaries)
     paths += write_plots(rounds, tmp_path, title="test")
     assert [p.name for p in paths] == [
-        "results.json", "results.csv", "summary.csv", "dice_per_round.png", "time_per_round.png"
+        "results.json", "results.csv", "summary.csv", "metric_per_round.png", "time_per_round.png"
     ]  # fmt: skip
     document = json.loads((tmp_path / "results.json").read_text())
     assert document["experiment"] == "test"
@@ -159,7 +171,7 @@ def test_results_files_and_plots(tmp_path):
     assert [(row["setting"], row["round"]) for row in rows] == [(s, str(r)) for s in rounds for r in (1, 2, 3)]
     with (tmp_path / "summary.csv").open() as f:
         assert [row["setting"] for row in csv.DictReader(f)] == ["raw", "he_full"]
-    for name in ("dice_per_round.png", "time_per_round.png"):
+    for name in ("metric_per_round.png", "time_per_round.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
 
 
@@ -201,9 +213,9 @@ def tiny(tmp_path: Path) -> list[str]:
     return [
         "federation.rounds=2",
         "federation.local_epochs=1",
-        "data.synthetic.num_cases=8",
-        "data.synthetic.size=[32,32,32]",
-        f"data.synthetic.cache_dir={tmp_path / 'data'}",
+        "data.init_args.synthetic.num_cases=8",
+        "data.init_args.synthetic.size=[32,32,32]",
+        f"data.init_args.synthetic.cache_dir={tmp_path / 'data'}",
         "experiment.output_dir=out",  # relative: to the working folder, which simulate() sets to tmp_path
         "experiment.timeout_s=300",
     ]
@@ -222,7 +234,7 @@ def test_compare_raw_and_he_full_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "out"
     # progress, prefixed with the setting, then the table
-    assert "[raw] round 1/2: global Dice" in result.stdout and "[he_full] round 2/2: global Dice" in result.stdout
+    assert "[raw] round 1/2: val/dice" in result.stdout and "[he_full] round 2/2: val/dice" in result.stdout
     assert "| setting | message size (MB) | vs fp32 | vs raw | sites | training time |" in result.stdout
     assert "| raw |" in result.stdout and "| he_full |" in result.stdout
 
@@ -236,14 +248,16 @@ def test_compare_raw_and_he_full_end_to_end(tmp_path):
     assert he["relative_time_increase"] is not None
     # Same seeds, same data: on the fixed-point grid, encryption's ~1e-9 noise vanishes and the global models, hence
     # their Dice, are the same bit for bit (without the grid they drift apart by about 1e-4 within ten rounds).
-    raw_dice = [r["dice"] for r in document["rounds"]["raw"]]
-    he_dice = [r["dice"] for r in document["rounds"]["he_full"]]
+    raw_dice = [r["metric"] for r in document["rounds"]["raw"]]
+    he_dice = [r["metric"] for r in document["rounds"]["he_full"]]
     assert len(raw_dice) == 2 and all(0.0 <= d <= 1.0 for d in raw_dice)
     assert he_dice == raw_dice
+    # Federated evaluation: round 1's Dice, as the sites' weighted mean (both validate the same cases).
+    assert document["rounds"]["he_full"][0]["sites_mean"] == pytest.approx(he_dice[0], abs=1e-6)
 
     with (out / "results.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 4  # 2 settings x 2 rounds
-    for name in ("dice_per_round.png", "time_per_round.png"):
+    for name in ("metric_per_round.png", "time_per_round.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     for setting in ("raw", "he_full"):
         written = {p.name for p in (out / setting).iterdir()}
@@ -256,7 +270,7 @@ def test_a_failing_site_ends_the_run_quickly_with_its_error(tmp_path):
     empty = tmp_path / "not-a-dataset"
     empty.mkdir()
     started = time.monotonic()
-    result = simulate(str(QUICKSTART), *tiny(tmp_path), f"data.root={empty}", cwd=tmp_path, timeout=120)
+    result = simulate(str(QUICKSTART), *tiny(tmp_path), f"data.init_args.root={empty}", cwd=tmp_path, timeout=120)
     assert time.monotonic() - started < 90
     assert result.returncode == 1, result.stdout + result.stderr
     last = result.stderr.strip().splitlines()[-1]

@@ -69,7 +69,7 @@ def federate(kits: Path, state_dir: Path, workers: int, before_round=None) -> di
         site = site_for(kits, name, server.port, workers)
         try:
             site.join(WEIGHTS[name], state_of("site-1", 0))
-            globals_[name][0], _ = site.global_state(0)
+            globals_[name][0] = site.global_state(0)
             for r in range(1, ROUNDS + 1):
                 if before_round is not None:
                     before_round(site, r)

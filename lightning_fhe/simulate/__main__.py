@@ -1,8 +1,9 @@
 """``python -m lightning_fhe.simulate CONFIG [key=value ...] [--compare SETTING ...]``.
 
 Runs the experiment once (or once per compared setting, one after the other), prints the seed's Table 1 for what
-ran, and writes ``results.json``, ``results.csv``, ``summary.csv``, ``dice_per_round.png`` and
-``time_per_round.png`` to the output folder (``experiment.output_dir``, default ``runs/<name>-<timestamp>/``).
+ran, the metric per round side by side, and writes ``results.json``, ``results.csv``, ``summary.csv``,
+``metric_per_round.png`` and ``time_per_round.png`` to the output folder (``experiment.output_dir``, default
+``runs/<name>-<timestamp>/``).
 
 Exit status: 0 when every setting finished; 1 when a process of the federation failed or a setting timed out
 (its error and the end of its log are shown); 2 for an invalid command line or config.
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from lightning_fhe.simulate.plots import write_plots
     from lightning_fhe.simulate.results import (
         compare_to_baseline,
-        format_dice_lines,
+        format_round_table,
         format_table,
         round_summaries,
         summarize,
@@ -72,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             print("\ninterrupted; every process of the federation was stopped", file=sys.stderr)
             return 130
 
+    metric, mode = config["experiment"]["metric"], config["experiment"]["metric_mode"]
     rounds = {run.name: round_summaries(run.name, run.records) for run in runs}
     summaries = compare_to_baseline(
-        [summarize(run.name, run.records, privacy=bool(run.config["privacy"])) for run in runs]
+        [summarize(run.name, run.records, privacy=bool(run.config["privacy"]), mode=mode) for run in runs]
     )
     document = {
         "experiment": experiment.name,
@@ -85,12 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         "compare": experiment.overlays,
         "settings": {run.name: {"config": run.config, "wall_s": run.wall_s, "records": run.records} for run in runs},
     }
-    files = write_results(out_dir, document, rounds, summaries)
-    files += write_plots(rounds, out_dir, title=experiment.name)
+    files = write_results(out_dir, document, rounds, summaries, metric)
+    files += write_plots(rounds, out_dir, title=experiment.name, metric=metric)
     print()
-    print(format_table(summaries))
-    print()
-    print(format_dice_lines(rounds))
+    print(format_table(summaries, metric))
+    print(f"\n{metric} of the global model per round (site-1's; in brackets the sites' weighted mean):\n")
+    print(format_round_table(rounds, metric))
     wall = ", ".join(f"{run.name} {run.wall_s:.0f} s" for run in runs)
     print(f"\nwall time with start-up: {wall}; total {time.monotonic() - started:.0f} s")
     print("wrote " + ", ".join(str(path) for path in files))
@@ -111,7 +113,9 @@ def _parser() -> argparse.ArgumentParser:
         "  python -m lightning_fhe.simulate configs/experiments/quickstart.yaml\n"
         "  python -m lightning_fhe.simulate configs/experiments/quickstart.yaml federation.rounds=3\n"
         "  python -m lightning_fhe.simulate configs/experiments/quickstart.yaml --compare raw he_full he_conv "
-        "he_key_layers\n\nSee docs/experiments.md for every key.",
+        "he_key_layers\n"
+        "  python -m lightning_fhe.simulate configs/experiments/noniid_classification.yaml --compare fedavg fedadam "
+        "fedyogi\n\nSee docs/experiments.md for every key.",
     )
     parser.add_argument("config", help="experiment YAML, e.g. configs/experiments/quickstart.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. federation.sites=4")

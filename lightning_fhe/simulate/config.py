@@ -14,6 +14,10 @@ dotted path and the file (or ``command line``) that set it:
 
 ``compare`` holds named overlays (``raw: {federation: {encrypt: none}}``); a compared setting is the experiment
 with one overlay merged on top, validated like the experiment itself.
+
+``model`` and ``data`` name any LightningModule and LightningDataModule by ``class_path`` and ``init_args``
+(:mod:`~lightning_fhe.simulate.components`); validation imports them, checks the arguments against their
+``__init__`` and builds each once, so a wrong argument fails here with the key that set it.
 """
 
 from __future__ import annotations
@@ -41,7 +45,6 @@ __all__ = [
     "load_experiment",
     "merge",
     "setting_label",
-    "site_data_fraction",
     "site_names",
     "validate",
 ]
@@ -146,24 +149,12 @@ def encrypt(v: Any) -> str | None:
     return f"expected one of {', '.join(ENCRYPT_MODES)} or a list of name patterns, got {v!r}"
 
 
-def init_filters(v: Any) -> str | None:
-    return None if _is_int(v) and v >= 8 and v % 8 == 0 else f"expected a positive multiple of 8, got {v!r}"
-
-
-def window(v: Any) -> str | None:
-    ok = isinstance(v, list) and len(v) == 2 and all(map(_is_number, v)) and v[0] < v[1]
-    return None if ok else f"expected [low, high] with low < high, got {v!r}"
-
-
-_cube = either(integer(1), list_of(integer(1), 3, "positive integers"))
-_fraction = number(0.0, 1.0, open_low=True)
-
-
 class FreeForm:
     """A subtree whose keys another module checks (the CKKS parameters, the privacy mechanisms)."""
 
 
 FREE = FreeForm()
+OPTIONAL = FreeForm()  # free-form, and may be left out (a model's or data module's init_args and per_site)
 
 # Every key an experiment may set, mirroring configs/base.yaml, which explains each.
 SCHEMA: dict[str, Any] = {
@@ -172,12 +163,15 @@ SCHEMA: dict[str, Any] = {
         "seed": integer(0),
         "output_dir": optional(string),
         "timeout_s": number(0, open_low=True),
+        "metric": string,
+        "metric_mode": choice("max", "min"),
     },
     "federation": {
         "sites": integer(1),
         "rounds": integer(1),
         "local_epochs": integer(1),
         "encrypt": encrypt,
+        "strategy": FREE,
         "weight": optional(number(0, open_low=True)),
         "optimizer_state": choice("keep", "reset"),
         "fedprox_mu": number(0),
@@ -187,33 +181,8 @@ SCHEMA: dict[str, Any] = {
         "round_timeout_s": number(0, open_low=True),
     },
     "he": {"lib": choice("tenseal"), "config": FREE},
-    "data": {
-        "root": optional(string),
-        "synthetic": {
-            "num_cases": integer(2),
-            "size": either(integer(8), list_of(integer(8), 3, "integers >= 8")),
-            "seed": integer(0),
-            "cache_dir": optional(string),
-        },
-        "data_fraction": either(_fraction, list_of(_fraction, None, "numbers in (0, 1]")),
-        "val_fraction": number(0.0, 1.0, open_high=True),
-        "patch_size": _cube,
-        "samples_per_volume": integer(1),
-        "batch_size": integer(1),
-        "pixdim": optional(list_of(number(0, open_low=True), 3, "positive numbers")),
-        "intensity_window": optional(window),
-        "num_workers": integer(0),
-        "cache": boolean,
-    },
-    "model": {
-        "init_filters": init_filters,
-        "lr": number(0, open_low=True),
-        "weight_decay": number(0),
-        "loss": choice("dice", "dicece"),
-        "roi_size": _cube,
-        "sw_batch_size": integer(1),
-        "sw_overlap": number(0.0, 1.0, open_high=True),
-    },
+    "data": {"class_path": string, "init_args": OPTIONAL, "per_site": OPTIONAL},
+    "model": {"class_path": string, "init_args": OPTIONAL},
     "trainer": {
         "accelerator": string,
         "devices": either(integer(1), choice("auto")),
@@ -295,14 +264,19 @@ def load_experiment(path: str | os.PathLike[str], overrides: Sequence[str] = ())
 def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     """``update`` over ``base``: mappings merge key by key, anything else is replaced.
 
-    One exception: a ``privacy`` block that names other mechanisms replaces the one below it, since two
-    mechanisms in one mapping would be an error and a list cannot be merged into a mapping anyway.
+    Exceptions: a ``privacy`` or ``strategy`` block that names other mechanisms (strategies) replaces the one
+    below it, since two in one mapping would be an error; a ``model`` or ``data`` block with another
+    ``class_path`` replaces the one below it with its ``init_args``, whose names belong to the other class.
     """
     result = dict(base)
     for key, value in update.items():
         below = result.get(key)
         both_mappings = isinstance(below, dict) and isinstance(value, dict)
-        if both_mappings and not (key == "privacy" and set(below) != set(value)):
+        replaced = both_mappings and (
+            (key in ("privacy", "strategy") and set(below) != set(value))
+            or ("class_path" in value and value["class_path"] != below.get("class_path"))
+        )
+        if both_mappings and not replaced:
             result[key] = merge(below, value)
         else:
             result[key] = value
@@ -413,7 +387,7 @@ def _check_complete(config: dict[str, Any], schema: dict[str, Any], source: str,
     """Every key of the schema must be set somewhere (base.yaml sets them all), so no default hides in code."""
     for key, sub in schema.items():
         dotted = f"{prefix}{key}"
-        if key == "compare":
+        if key == "compare" or sub is OPTIONAL:
             continue
         if key not in config:
             raise ConfigError(f"{source}: {dotted}: missing; does the file build on configs/base.yaml ('base:')?")
@@ -440,12 +414,11 @@ def validate(config: dict[str, Any], layers: Sequence[Layer] = (), overlay: str 
     federation = config["federation"]
     if federation["min_clients"] is not None and federation["min_clients"] > federation["sites"]:
         fail("federation.min_clients", f"{federation['min_clients']} is more than the {federation['sites']} sites")
-    if config["data"]["root"] is None and config["data"]["synthetic"]["num_cases"] < federation["sites"] + 1:
-        needed = federation["sites"] + 1
-        fail("data.synthetic.num_cases", f"needs at least sites + 1 = {needed} cases (one for validation)")
 
     _validate_he(config, fail)
     _validate_privacy(config, fail)
+    _validate_strategy(config, fail)
+    _validate_components(config, fail)
 
 
 def _leaves(values: dict[str, Any], schema: dict[str, Any], prefix: str):
@@ -477,6 +450,34 @@ def _validate_privacy(config: dict[str, Any], fail: Callable[[str, str], None]) 
         mechanism_from_config(config["privacy"], rounds=config["federation"]["rounds"])
     except PrivacyConfigError as err:
         fail(err.key, err.reason)
+
+
+def _validate_strategy(config: dict[str, Any], fail: Callable[[str, str], None]) -> None:
+    from lightning_fhe.strategies import StrategyConfigError, strategy_from_config
+
+    try:
+        strategy_from_config(config["federation"]["strategy"], prefix="federation.strategy")
+    except StrategyConfigError as err:
+        fail(err.key, err.reason)
+
+
+def _validate_components(config: dict[str, Any], fail: Callable[[str, str], None]) -> None:
+    """Imports the model and data classes, checks their arguments and builds each once (site-1's data module)."""
+    from lightning_fhe.simulate.components import ComponentError, build_data, build_model
+
+    sites = config["federation"]["sites"]
+    lists = [len(v) for v in (config["data"].get("per_site") or {}).values() if isinstance(v, list)]
+    builds = [("model", "", lambda: build_model(config["model"]))]
+    for site in range(min(sites, max(lists, default=1))):  # each distinct per_site combination once
+        builds.append(("data", f" (site-{site + 1}'s)", lambda site=site: build_data(config["data"], site, sites)))
+    for key, whose, build in builds:
+        try:
+            build()
+        except ComponentError as err:
+            fail(err.key, err.reason)
+        except Exception as err:  # noqa: BLE001 - the class's own check of its arguments, in its own words
+            cls = config[key]["class_path"]
+            fail(key, f"{cls}(...) refused its arguments{whose}: {type(err).__name__}: {err}")
 
 
 def _origin(key: str, layers: Sequence[Layer], overlay: str) -> str:
@@ -511,23 +512,20 @@ def _suggest(key: str, choices: Sequence[str] | Mapping[str, Any], prefix: str =
 
 
 def setting_label(config: Mapping[str, Any]) -> str:
-    """What a single (not compared) run is called in the table: the seed's names for its encryption modes."""
+    """What a single (not compared) run is called in the table: the seed's names for its encryption modes, and
+    the strategy and privacy mechanisms when set."""
     encrypt_mode = config["federation"]["encrypt"]
     label = {"none": "raw", "all": "he_full", "conv": "he_conv", "key_layers": "he_key_layers"}.get(
         encrypt_mode if isinstance(encrypt_mode, str) else "", "he_custom"
     )
+    strategy = config["federation"].get("strategy")
+    if strategy:
+        label += "+" + (strategy if isinstance(strategy, str) else str(next(iter(strategy))))
     privacy = config.get("privacy")
     if privacy:
         stages = privacy if isinstance(privacy, list) else [privacy]
         label += "+" + "+".join(str(next(iter(stage))) for stage in stages if isinstance(stage, dict) and stage)
     return label
-
-
-def site_data_fraction(config: Mapping[str, Any], site_index: int) -> float:
-    """Site ``site_index``'s ``data.data_fraction``: a list repeats over the sites ([1.0, 0.5]: every other site
-    uses half of its share, the seed's "half of the sites use half of the data" for any number of sites)."""
-    fraction = config["data"]["data_fraction"]
-    return float(fraction[site_index % len(fraction)] if isinstance(fraction, list) else fraction)
 
 
 def site_names(config: Mapping[str, Any]) -> list[str]:

@@ -64,29 +64,14 @@ def threads_per_site(config: Mapping[str, Any], cores: int | None = None) -> int
     return max(1, cores // config["federation"]["sites"])
 
 
-def synthetic_root(config: Mapping[str, Any]) -> Path:
-    """Where the synthetic dataset for these parameters lives: one folder per parameter set, reused across runs."""
-    synthetic = config["data"]["synthetic"]
-    cache = Path(synthetic["cache_dir"] or Path.home() / ".cache" / "lightning_fhe" / "synthetic").expanduser()
-    size = synthetic["size"] if isinstance(synthetic["size"], list) else [synthetic["size"]] * 3
-    return cache / f"Task09_Spleen-{synthetic['num_cases']}x{'x'.join(map(str, size))}-seed{synthetic['seed']}"
+def prepare_data(config: Mapping[str, Any], echo: Echo = print) -> None:
+    """Runs the data module's ``prepare_data()`` once, here, before any site starts (where a dataset is written or
+    downloaded), so that the sites only read it and never race to write it."""
+    from lightning_fhe.simulate.components import build_data
 
-
-def prepare_data(config: Mapping[str, Any], echo: Echo = print) -> Path:
-    """The Decathlon folder the sites will read: ``data.root``, or the synthetic dataset, written first if needed.
-
-    Writing it here, once, before any site starts, means the sites only ever run the real MSD loader.
-    """
-    if config["data"]["root"] is not None:
-        return Path(config["data"]["root"]).expanduser().resolve()
-    from lightning_fhe.tasks.synthetic import MARKER_NAME, write_synthetic_msd
-
-    synthetic = config["data"]["synthetic"]
-    root = synthetic_root(config)
-    size = synthetic["size"] if isinstance(synthetic["size"], list) else [synthetic["size"]] * 3
-    if not (root / MARKER_NAME).is_file():
-        echo(f"writing {synthetic['num_cases']} synthetic volumes of {'x'.join(map(str, size))} voxels to {root}")
-    return write_synthetic_msd(root, num_cases=synthetic["num_cases"], size=size, seed=synthetic["seed"]).resolve()
+    data = build_data(config["data"], 0, config["federation"]["sites"])
+    echo(f"preparing the data: {config['data']['class_path']}.prepare_data()")
+    data.prepare_data()
 
 
 # ------------------------------------------------------------------------------------------------ processes
@@ -203,20 +188,25 @@ def run_setting(name: str, config: dict[str, Any], out_dir: Path, echo: Echo = p
             processes.append(server)
             # While the server imports torch and TenSEAL: the data, so that sites only ever read it.
             try:
-                config["data"] = {**config["data"], "root": str(prepare_data(config, echo))}
-            except (OSError, ValueError) as err:  # e.g. the cache folder holds something else
-                raise SimulationError(f"[{name}] cannot write the synthetic dataset: {err}") from err
+                prepare_data(config, echo)
+            except Exception as err:  # e.g. the cache folder holds something else
+                raise SimulationError(f"[{name}] {config['data']['class_path']}.prepare_data() failed: {err}") from err
             (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             port = _wait_for_port(server, work / "port", config, name)
             echo(f"[{name}] server on 127.0.0.1:{port} (mutual TLS); {len(sites)} sites, {threads} thread(s) each")
+            # The sites run where the simulation was started, with that folder importable: a class_path such as
+            # my_task.MyModel and relative paths in init_args mean there what they mean here.
+            here = os.getcwd()
+            python_path = os.pathsep.join(p for p in (here, env.get("PYTHONPATH", "")) if p)
             site_env = {**env, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+            site_env["PYTHONPATH"] = python_path
             for index, site in enumerate(sites):
                 command = [
                     sys.executable, "-m", "lightning_fhe.simulate.site", str(out_dir / "config.yaml"),
                     "--site-index", str(index), "--kit", str(work / "kits" / site),
                     "--server", f"localhost:{port}", "--out", str(out_dir / f"{site}.jsonl"),
                 ]  # fmt: skip
-                processes.append(ChildProcess(site, command, out_dir / f"{site}.log", work, site_env))
+                processes.append(ChildProcess(site, command, out_dir / f"{site}.log", Path(here), site_env))
             _follow(name, config, server, processes[1:], out_dir, started, echo)
         finally:
             for process in reversed(processes):
@@ -314,9 +304,10 @@ def _failure(setting: str, process: ChildProcess, what: str, last_is: str = "") 
 
 def format_progress(record: Mapping[str, Any], rounds: int) -> str:
     """One round as site-1 saw it."""
-    dice = "-" if record.get("dice") is None else f"{record['dice']:.4f}"
+    value = "-" if record.get("metric") is None else f"{record['metric']:.4f}"
     return (
-        f"round {record['round']}/{rounds}: global Dice {dice}, {len(record['participants'])} sites | "
+        f"round {record['round']}/{rounds}: {record.get('metric_name', 'metric')} {value}, "
+        f"{len(record['participants'])} sites | "
         f"{record['site']}: train {record['train_s']:.1f} s, encrypt {record['encrypt_s']:.2f} s, "
         f"upload {record['upload_bytes'] / 1e6:.2f} MB in {record['upload_s']:.2f} s, wait {record['wait_s']:.2f} s, "
         f"decrypt {record['decrypt_s']:.2f} s"

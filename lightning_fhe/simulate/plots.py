@@ -1,4 +1,4 @@
-"""The two figures of a simulation: global Dice per round, and where each round's time went.
+"""The two figures of a simulation: the global model's metric per round, and where each round's time went.
 
 Drawn with matplotlib's Agg backend (files only, no display), so they work on a headless server.
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lightning_fhe.simulate.results import RoundSummary
 
-__all__ = ["TIME_PARTS", "plot_dice", "plot_round_times", "write_plots"]
+__all__ = ["TIME_PARTS", "plot_metric", "plot_round_times", "write_plots"]
 
 # (RoundSummary field, legend label); results.py defines each part.
 TIME_PARTS: tuple[tuple[str, str], ...] = (
@@ -32,21 +32,23 @@ def _pyplot():
     return plt
 
 
-def plot_dice(rounds: Mapping[str, Sequence[RoundSummary]], path: Path, title: str = "") -> Path:
-    """Global validation Dice after each round, one line per setting."""
+def plot_metric(
+    rounds: Mapping[str, Sequence[RoundSummary]], path: Path, title: str = "", metric: str = "Dice"
+) -> Path:
+    """The global model's validation ``metric`` after each round (site-1's), one line per setting."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for setting, summaries in rounds.items():
-        points = [(r.round, r.dice) for r in summaries if r.dice is not None]
+        points = [(r.round, r.metric) for r in summaries if r.metric is not None]
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o", label=setting)
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("global validation Dice")
-    ax.set_title(f"{title}: global Dice per round" if title else "global Dice per round")
+    ax.set_ylabel(f"global model's {metric}")
+    ax.set_title(f"{title}: {metric} per round" if title else f"{metric} per round")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -89,9 +91,11 @@ def plot_round_times(rounds: Mapping[str, Sequence[RoundSummary]], path: Path, t
     return path
 
 
-def write_plots(rounds: Mapping[str, Sequence[RoundSummary]], out_dir: Path, title: str = "") -> list[Path]:
-    """``dice_per_round.png`` and ``time_per_round.png`` in ``out_dir``."""
+def write_plots(
+    rounds: Mapping[str, Sequence[RoundSummary]], out_dir: Path, title: str = "", metric: str = "Dice"
+) -> list[Path]:
+    """``metric_per_round.png`` and ``time_per_round.png`` in ``out_dir``."""
     return [
-        plot_dice(rounds, out_dir / "dice_per_round.png", title),
+        plot_metric(rounds, out_dir / "metric_per_round.png", title, metric),
         plot_round_times(rounds, out_dir / "time_per_round.png", title),
     ]

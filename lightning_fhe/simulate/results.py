@@ -9,8 +9,12 @@ Definitions (docs/experiments.md repeats them):
 - **Training time**: wall-clock time of the federation, from the first site starting its first local epoch
   (after joining and loading the round-0 model) to the last site finishing its last round's validation. Process
   start-up, data caching and provisioning are not included.
-- **Best global Dice**: the highest validation Dice of the global model over the rounds, measured by site-1 right
-  after each round (every site validates the same global model on the same cases); **best round** is its round.
+- **Best <metric>**: the best value (``experiment.metric``, highest or lowest by ``experiment.metric_mode``) of
+  the global model's validation over the rounds, measured by site-1 right after each round (the seed's "best global
+  Dice"; with a validation set common to all sites every site measures the same); **best round** is its round.
+- **Sites' mean** (per round): the weighted mean over the sites of their own validations of that round's global
+  model, which each site decrypted from the next round's updates (federated evaluation, ``fhe/global/<metric>``);
+  none for the last round, whose validations no later update carries.
 - **Relative increase in training time**: ``training time / raw's training time - 1``, when the comparison
   includes a setting named ``raw``.
 - Per round, averaged over sites: **training** (the local epochs, up to the exchange), **encryption**,
@@ -36,8 +40,8 @@ __all__ = [
     "RoundSummary",
     "SettingSummary",
     "compare_to_baseline",
-    "format_dice_lines",
     "format_duration",
+    "format_round_table",
     "format_table",
     "round_summaries",
     "summarize",
@@ -54,7 +58,8 @@ class RoundSummary:
 
     setting: str
     round: int
-    dice: float | None  # site-1's validation of the global model after this round
+    metric: float | None  # site-1's validation of the global model after this round (experiment.metric)
+    sites_mean: float | None  # the sites' weighted mean of their validations of it (federated evaluation)
     sites: int
     participants: int
     train_s: float
@@ -80,10 +85,10 @@ class SettingSummary:
     message_mb: float
     model_fp32_mb: float
     training_time_s: float
-    best_dice: float | None
+    best_metric: float | None
     best_round: int | None
-    first_dice: float | None
-    last_dice: float | None
+    first_metric: float | None
+    last_metric: float | None
     mean_encrypt_s: float
     mean_decrypt_s: float
     epsilon: float | None
@@ -107,6 +112,12 @@ def round_summaries(setting: str, records: Sequence[Mapping[str, Any]]) -> list[
     if not records:
         return []
     first = _first_site(records)
+    # Round r's record carries the sites' means for round r - 1's global model.
+    means = {
+        int(r["round"]) - 1: r["global_metrics"].get(r.get("metric_name", ""))
+        for r in records
+        if r["site_index"] == first and r.get("global_metrics")
+    }
     by_round: dict[int, list[Mapping[str, Any]]] = {}
     for record in records:
         by_round.setdefault(int(record["round"]), []).append(record)
@@ -120,7 +131,8 @@ def round_summaries(setting: str, records: Sequence[Mapping[str, Any]]) -> list[
             RoundSummary(
                 setting=setting,
                 round=round_number,
-                dice=reference["dice"],
+                metric=reference["metric"],
+                sites_mean=means.get(round_number),
                 sites=len(rows),
                 participants=max(len(r["participants"]) for r in rows),
                 train_s=_mean(r["train_s"] for r in rows),
@@ -139,13 +151,17 @@ def round_summaries(setting: str, records: Sequence[Mapping[str, Any]]) -> list[
     return summaries
 
 
-def summarize(setting: str, records: Sequence[Mapping[str, Any]], *, privacy: bool = False) -> SettingSummary:
-    """One table row from all sites' records of one setting (``privacy``: whether it configured a mechanism)."""
+def summarize(
+    setting: str, records: Sequence[Mapping[str, Any]], *, privacy: bool = False, mode: str = "max"
+) -> SettingSummary:
+    """One table row from all sites' records of one setting (``privacy``: whether it configured a mechanism;
+    ``mode``: whether the highest or the lowest metric is best)."""
     if not records:
         raise ValueError(f"{setting}: no rounds were recorded")
     rounds = round_summaries(setting, records)
-    scored = [r for r in rounds if r.dice is not None and not math.isnan(r.dice)]
-    best = max(scored, key=lambda r: r.dice) if scored else None  # the earliest round wins a tie
+    scored = [r for r in rounds if r.metric is not None and not math.isnan(r.metric)]
+    sign = 1 if mode == "max" else -1
+    best = max(scored, key=lambda r: sign * r.metric) if scored else None  # the earliest round wins a tie
     last_round = rounds[-1].round
     final_epsilons = [r["epsilon"] for r in records if r["round"] == last_round and r.get("epsilon") is not None]
     fractions = [r["shared_fraction"] for r in records if r.get("shared_fraction") is not None]
@@ -156,10 +172,10 @@ def summarize(setting: str, records: Sequence[Mapping[str, Any]], *, privacy: bo
         message_mb=_mean(r["upload_bytes"] for r in records) / MB,
         model_fp32_mb=_mean(r.get("model_fp32_bytes", 0) for r in records) / MB,
         training_time_s=max(r["round_end"] for r in records) - min(r["round_start"] for r in records),
-        best_dice=best.dice if best else None,
+        best_metric=best.metric if best else None,
         best_round=best.round if best else None,
-        first_dice=rounds[0].dice,
-        last_dice=rounds[-1].dice,
+        first_metric=rounds[0].metric,
+        last_metric=rounds[-1].metric,
         mean_encrypt_s=_mean(r["encrypt_s"] for r in records),
         mean_decrypt_s=_mean(r["decrypt_s"] for r in records),
         epsilon=max(final_epsilons) if final_epsilons else None,
@@ -196,13 +212,14 @@ def _number(value: float | None, digits: int) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def format_table(summaries: Sequence[SettingSummary]) -> str:
-    """The seed's Table 1 columns as a markdown table; columns relative to raw and privacy columns when they apply."""
+def format_table(summaries: Sequence[SettingSummary], metric: str = "Dice") -> str:
+    """The seed's Table 1 columns as a markdown table; columns relative to raw and privacy columns when they apply.
+    ``metric`` names the best-metric column (the seed's "best global Dice")."""
     with_baseline = any(s.message_ratio is not None for s in summaries)
     with_privacy = any(s.privacy for s in summaries)
     header = ["setting", "message size (MB)", "vs fp32"]
     header += ["vs raw"] if with_baseline else []
-    header += ["sites", "training time", "best global Dice", "best round"]
+    header += ["sites", "training time", f"best global {metric}", "best round"]
     header += ["training time vs raw"] if with_baseline else []
     header += ["epsilon", "fraction shared"] if with_privacy else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -211,7 +228,7 @@ def format_table(summaries: Sequence[SettingSummary]) -> str:
         row = [s.setting, _number(s.message_mb, 2), vs_fp32]
         if with_baseline:
             row.append("-" if s.message_ratio is None else f"{s.message_ratio:.2f}x")
-        row += [str(s.sites), format_duration(s.training_time_s), _number(s.best_dice, 4), str(s.best_round or "-")]
+        row += [str(s.sites), format_duration(s.training_time_s), _number(s.best_metric, 4), str(s.best_round or "-")]
         if with_baseline:
             increase = s.relative_time_increase
             row.append("-" if increase is None or s.setting == BASELINE else f"{increase * 100:+.1f}%")
@@ -221,13 +238,26 @@ def format_table(summaries: Sequence[SettingSummary]) -> str:
     return "\n".join(lines)
 
 
-def format_dice_lines(rounds: Mapping[str, Sequence[RoundSummary]]) -> str:
-    """One line per setting with its global Dice after every round: what the table's "best" summarises."""
-    width = max(map(len, rounds), default=0)
-    return "\n".join(
-        f"{setting:<{width}}  global Dice per round: " + " ".join(_number(r.dice, 4) for r in summaries)
-        for setting, summaries in rounds.items()
-    )
+def format_round_table(rounds: Mapping[str, Sequence[RoundSummary]], metric: str = "Dice") -> str:
+    """A markdown table, one row per round, one column per setting: site-1's ``metric`` and, in brackets, the
+    sites' weighted mean (federated evaluation) where one was carried."""
+    settings = list(rounds)
+    numbers = sorted({r.round for summaries in rounds.values() for r in summaries})
+    by_round = {name: {r.round: r for r in summaries} for name, summaries in rounds.items()}
+    lines = [
+        f"| round | {' | '.join(settings)} |",
+        "|---|" + "---|" * len(settings),
+    ]
+    for number in numbers:
+        cells = []
+        for name in settings:
+            r = by_round[name].get(number)
+            cell = "-" if r is None else _number(r.metric, 4)
+            if r is not None and r.sites_mean is not None:
+                cell += f" ({_number(r.sites_mean, 4)})"
+            cells.append(cell)
+        lines.append(f"| {number} | {' | '.join(cells)} |")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -238,6 +268,7 @@ def write_results(
     document: Mapping[str, Any],
     rounds: Mapping[str, Sequence[RoundSummary]],
     summaries: Sequence[SettingSummary],
+    metric: str = "Dice",
 ) -> list[Path]:
     """``results.json`` (``document`` plus rounds and summary), ``results.csv`` (one row per setting and round)
     and ``summary.csv`` (the table, one row per setting)."""
@@ -246,7 +277,7 @@ def write_results(
         **document,
         "rounds": {setting: [dataclasses.asdict(r) for r in rs] for setting, rs in rounds.items()},
         "summary": [{**dataclasses.asdict(s), "training_time": format_duration(s.training_time_s)} for s in summaries],
-        "table": format_table(summaries),
+        "table": format_table(summaries, metric),
     }
     paths = [out_dir / "results.json", out_dir / "results.csv", out_dir / "summary.csv"]
     paths[0].write_text(json.dumps(payload, indent=2, default=str) + "\n")

@@ -2,11 +2,12 @@
 
 ``python -m lightning_fhe.simulate.site CONFIG --site-index I --kit DIR --server HOST:PORT --out FILE``
 
-CONFIG is one setting's resolved config (written by the orchestrator, with ``data.root`` pointing at real or
-synthetic Decathlon data). The site trains :class:`~lightning_fhe.tasks.SpleenSegmentation` on its share of
-the cases with an :class:`~lightning_fhe.HEFederation` callback, validating only right after each round, so every
-validation measures the global model. It appends one JSON line per round to FILE as the round ends, which is
-also how the orchestrator follows progress.
+CONFIG is one setting's resolved config (written by the orchestrator). The site builds the ``model`` and its
+share of the ``data`` (:mod:`~lightning_fhe.simulate.components`) and trains them with an
+:class:`~lightning_fhe.HEFederation` callback, validating only right after each round, so every validation
+measures the global model. It appends one JSON line per round to FILE as the round ends, which is also how the
+orchestrator follows progress: ``metric`` is its own validation of that round's global model
+(``experiment.metric``), ``global_metrics`` the sites' weighted means for the round before (federated evaluation).
 
 Seeds: ``experiment.seed`` right before the model is built, so every site starts from the same weights whoever
 joins first (the server takes the first joiner's as round 0), and ``experiment.seed + 1 + site index`` for the
@@ -31,8 +32,7 @@ from typing_extensions import override
 
 from lightning_fhe import HEFederation
 from lightning_fhe.federation import is_last_batch
-from lightning_fhe.simulate.config import site_data_fraction
-from lightning_fhe.tasks import MSDDataModule, SpleenSegmentation
+from lightning_fhe.simulate.components import build_data, build_model
 
 __all__ = ["RoundRecorder", "main", "run_site"]
 
@@ -58,22 +58,8 @@ def run_site(config: dict[str, Any], site_index: int, kit: Path, server: str, ou
         torch.set_num_threads(trainer_config["num_threads"])
 
     L.seed_everything(experiment["seed"], verbose=False)
-    model = SpleenSegmentation(**config["model"])
-    datamodule = MSDDataModule(
-        data["root"],
-        site_index,
-        federation_config["sites"],
-        data_fraction=site_data_fraction(config, site_index),
-        val_fraction=data["val_fraction"],
-        patch_size=data["patch_size"],
-        samples_per_volume=data["samples_per_volume"],
-        batch_size=data["batch_size"],
-        pixdim=data["pixdim"],
-        intensity_window=None if data["intensity_window"] is None else tuple(data["intensity_window"]),
-        num_workers=data["num_workers"],
-        cache=data["cache"],
-        seed=experiment["seed"],  # the case split: every site must compute the same one
-    )
+    model = build_model(config["model"])
+    datamodule = build_data(data, site_index, federation_config["sites"])
     L.seed_everything(experiment["seed"] + 1 + site_index, verbose=False)
 
     federation = HEFederation(
@@ -94,8 +80,9 @@ def run_site(config: dict[str, Any], site_index: int, kit: Path, server: str, ou
         # workers each on C cores only queue for the same cores and hold K*C processes' memory. With 2 sites on 2
         # cores that is 1, which runs the cipher in the training process and starts no worker at all.
         he_workers=trainer_config["num_threads"] or None,
+        strategy=federation_config["strategy"],
     )
-    recorder = RoundRecorder(federation, out, site=kit.name, site_index=site_index)
+    recorder = RoundRecorder(federation, out, site=kit.name, site_index=site_index, metric=experiment["metric"])
     trainer = L.Trainer(
         max_epochs=federation_config["rounds"] * federation_config["local_epochs"],
         # Validation only in the last epoch of each round, right after the exchange: the global model's Dice.
@@ -123,12 +110,13 @@ class RoundRecorder(Callback):
     Timestamps are wall-clock (``time.time()``) so that the orchestrator can line sites up against each other.
     """
 
-    def __init__(self, federation: HEFederation, out: Path, site: str, site_index: int) -> None:
+    def __init__(self, federation: HEFederation, out: Path, site: str, site_index: int, metric: str) -> None:
         self.federation, self.out, self.site, self.site_index = federation, out, site, site_index
+        self.metric = metric
         self.rounds: list[dict[str, Any]] = []
         self._round_start: float | None = None
         self._train_end = self._val_start = self._val_end = 0.0
-        self._dice: float | None = None
+        self._value: float | None = None
         self._fp32_bytes = 0
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("")
@@ -157,8 +145,8 @@ class RoundRecorder(Callback):
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._val_end = time.time()
-        dice = trainer.callback_metrics.get("val/dice")
-        self._dice = None if dice is None else float(dice)
+        value = trainer.callback_metrics.get(self.metric)
+        self._value = None if value is None else float(value)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -172,7 +160,8 @@ class RoundRecorder(Callback):
             "site": self.site,
             "site_index": self.site_index,
             "round": metrics.round,
-            "dice": self._dice if validated else None,
+            "metric_name": self.metric,
+            "metric": self._value if validated else None,
             "round_start": self._round_start,
             "train_end": self._train_end,
             "round_end": time.time(),
@@ -184,13 +173,14 @@ class RoundRecorder(Callback):
         self.rounds.append(record)
         with self.out.open("a") as f:  # one line per round as it ends: the orchestrator follows this file
             f.write(json.dumps(record) + "\n")
-        self._round_start, self._dice = None, None
+        self._round_start, self._value = None, None
 
 
 def _metrics_dict(metrics: Any) -> dict[str, Any]:
     """RoundMetrics as JSON, whatever fields this version has (epsilon and shared_fraction are recent)."""
     values = dataclasses.asdict(metrics)
     values["participants"] = list(values.get("participants", ()))
+    values["global_metrics"] = dict(values.get("global_metrics", {}))  # of the round before this one
     values.setdefault("epsilon", None)
     values.setdefault("shared_fraction", None)
     return values

@@ -231,6 +231,16 @@ def split_cases(
     return MSDSplit(train=tuple(cases[i] for i in share[:keep]), val=tuple(cases[i] for i in val_idx))
 
 
+def _synthetic_args(synthetic: Any) -> dict[str, Any]:
+    allowed = {"num_cases", "size", "seed", "cache_dir"}
+    if not isinstance(synthetic, dict) or "num_cases" not in synthetic or set(synthetic) - allowed:
+        raise ValueError(
+            f"root=None needs synthetic={{num_cases: N, size: S, seed: 0, cache_dir: null}} (keys {sorted(allowed)}), "
+            f"got {synthetic!r}"
+        )
+    return {"size": 64, "seed": 0, "cache_dir": None, **synthetic}
+
+
 class MSDDataModule(L.LightningDataModule):
     """One site's share of a Medical Segmentation Decathlon task, preprocessed as in MONAI's spleen tutorial.
 
@@ -248,7 +258,9 @@ class MSDDataModule(L.LightningDataModule):
     of them centred on foreground; validation serves whole volumes one at a time for sliding-window inference.
 
     Args:
-        root: The task folder holding ``dataset.json``, ``imagesTr/`` and ``labelsTr/``.
+        root: The task folder holding ``dataset.json``, ``imagesTr/`` and ``labelsTr/``; ``None``: the synthetic
+            dataset that ``synthetic`` describes, written by :meth:`prepare_data` (once, cached) and then read
+            like real data.
         site_index: This site, ``0 <= site_index < num_sites``.
         num_sites: How many sites split the training cases.
         data_fraction: Part of its share this site uses, in ``(0, 1]`` (the seed's half-data sites use 0.5).
@@ -264,11 +276,13 @@ class MSDDataModule(L.LightningDataModule):
             draws random patches; costs memory of the order of the preprocessed volumes.
         seed: Seeds the case shuffle (not the random patches, which follow ``seed_everything``).
         check_headers: Check label shapes against image shapes at setup (cheap; see :func:`read_msd_cases`).
+        synthetic: With ``root=None``: :func:`~lightning_fhe.tasks.synthetic.write_synthetic_msd`'s ``num_cases``,
+            ``size`` and ``seed``, and ``cache_dir`` (where it is written; default ``~/.cache/lightning_fhe``).
     """
 
     def __init__(
         self,
-        root: str | os.PathLike[str],
+        root: str | os.PathLike[str] | None,
         site_index: int = 0,
         num_sites: int = 1,
         *,
@@ -284,6 +298,7 @@ class MSDDataModule(L.LightningDataModule):
         cache: bool = False,
         seed: int = 0,
         check_headers: bool = True,
+        synthetic: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         patch = (int(patch_size),) * 3 if isinstance(patch_size, int) else tuple(int(p) for p in patch_size)
@@ -295,6 +310,11 @@ class MSDDataModule(L.LightningDataModule):
         # construction rather than at setup, when a Trainer may already be running.
         _check_split_arguments(site_index, num_sites, data_fraction, val_fraction)
         self.save_hyperparameters()
+        self.synthetic = None if root is not None else _synthetic_args(synthetic)
+        if root is None:
+            from lightning_fhe.tasks.synthetic import synthetic_msd_root
+
+            root = synthetic_msd_root(**self.synthetic)
         self.root = Path(root).expanduser()
         self.site_index = site_index
         self.num_sites = num_sites
@@ -313,6 +333,14 @@ class MSDDataModule(L.LightningDataModule):
         self._split: MSDSplit | None = None
         self._train_ds: Dataset | None = None
         self._val_ds: Dataset | None = None
+
+    def prepare_data(self) -> None:
+        """Writes the synthetic dataset when there is no ``root`` (a no-op once written, and for real data)."""
+        if self.synthetic is not None:
+            from lightning_fhe.tasks.synthetic import write_synthetic_msd
+
+            args = {k: v for k, v in self.synthetic.items() if k != "cache_dir"}
+            write_synthetic_msd(self.root, **args)
 
     # -- the split ---------------------------------------------------------------------------------------------
 
@@ -400,6 +428,7 @@ class MSDDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Check the dataset and build this site's datasets; every process computes the same split."""
+        self.prepare_data()  # synthetic data outside a Trainer, which calls prepare_data itself
         split = self.split  # raises MSDDatasetError before any volume is read
         if stage in (None, "fit") and self._train_ds is None:
             self._train_ds = self._dataset([c.as_dict() for c in split.train], self.train_transforms())

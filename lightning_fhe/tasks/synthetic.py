@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MARKER_NAME", "write_synthetic_msd"]
+__all__ = ["MARKER_NAME", "synthetic_msd_root", "write_synthetic_msd"]
 
 # The marker doubles as the "complete" flag: it is the last file written into the temporary folder, and the folder
 # only becomes visible under its final name by an atomic rename.
@@ -41,6 +41,16 @@ MARKER_NAME = ".synthetic-msd.json"
 
 # Bumped whenever the generated content changes for the same parameters, so stale caches are rewritten.
 _FORMAT_VERSION = 1
+
+
+def synthetic_msd_root(
+    num_cases: int, size: int | Sequence[int] = 64, seed: int = 0, cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """Where the synthetic dataset of these parameters lives: one folder per parameter set under ``cache_dir``
+    (default ``~/.cache/lightning_fhe/synthetic``), reused across runs and processes."""
+    cache = Path(cache_dir or Path.home() / ".cache" / "lightning_fhe" / "synthetic").expanduser().absolute()
+    sides = [int(size)] * 3 if isinstance(size, int) else [int(s) for s in size]
+    return cache / f"Task09_Spleen-{num_cases}x{'x'.join(map(str, sides))}-seed{seed}"
 
 
 def write_synthetic_msd(

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from lightning_fhe import HEFederation
@@ -44,6 +45,15 @@ class ConvBoringModel(BoringModel):
             torch.nn.Flatten(),
             torch.nn.Linear(64, 2),
         )
+
+
+class ValidatingBoringModel(BoringModel):
+    """BoringModel that logs its validation loss and mean output, for federated evaluation."""
+
+    def validation_step(self, batch, batch_idx):
+        output = self(batch)
+        self.log("valid/loss", self.loss(output), on_epoch=True)
+        self.log("valid/mean_output", output.mean(), on_epoch=True)
 
 
 class RoundRecorder(Callback):
@@ -84,7 +94,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weight", type=float)
     parser.add_argument("--encrypt", default="all")
-    parser.add_argument("--model", choices=["boring", "adam", "conv"], default="boring")
+    parser.add_argument("--model", choices=["boring", "adam", "conv", "validating"], default="boring")
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--max-epochs", type=int, default=3)
     parser.add_argument("--optimizer-state", default="keep")
@@ -98,13 +108,19 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=-1, help="the Trainer's max_steps: stop before the last round")
     parser.add_argument("--retry-budget-s", type=float, default=60.0)
     parser.add_argument("--he-workers", type=int, help="HEFederation's he_workers (default: every core)")
+    parser.add_argument("--fl-strategy", type=json.loads, help="HEFederation's strategy option, as JSON")
+    parser.add_argument("--csv", help="validate each round on this site's own data and log to a CSVLogger here")
     args = parser.parse_args()
 
     # Same initial weights at every site whoever joins first, so runs are comparable; each site's own data.
     L.seed_everything(0)
-    model = {"boring": BoringModel, "adam": AdamBoringModel, "conv": ConvBoringModel}[args.model]()
+    models = {
+        "boring": BoringModel, "adam": AdamBoringModel, "conv": ConvBoringModel, "validating": ValidatingBoringModel
+    }
+    model = models[args.model]()
     L.seed_everything(args.seed + 1)
     data = DataLoader(RandomDataset(32, 64 + 16 * args.seed), batch_size=8)
+    validation = DataLoader(RandomDataset(32, 16 + 8 * args.seed), batch_size=8)  # each site's own
     records: dict = {}
     encrypt = args.encrypt.split(",") if "," in args.encrypt or "*" in args.encrypt else args.encrypt
     federation = HEFederation(
@@ -119,6 +135,7 @@ def main() -> None:
         retry_budget_s=args.retry_budget_s,
         progress=False,
         he_workers=args.he_workers,
+        strategy=args.fl_strategy,
     )
     trainer = L.Trainer(
         max_epochs=args.max_epochs,
@@ -128,14 +145,15 @@ def main() -> None:
         strategy=args.strategy,
         callbacks=[RoundRecorder(records, "before"), federation, RoundRecorder(records, "after")]
         + ([CrashAfterRound(federation, args.crash_after_round, args.crash_after_epochs, args.checkpoint)] if args.crash_after_round else []),
-        logger=False,
+        logger=CSVLogger(args.csv, name="", version="") if args.csv else False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_val_batches=0,
+        limit_val_batches=None if args.csv else 0,
+        num_sanity_val_steps=0,
     )
     resume = args.checkpoint if args.checkpoint and Path(args.checkpoint).exists() else None
-    trainer.fit(model, train_dataloaders=data, ckpt_path=resume)
+    trainer.fit(model, train_dataloaders=data, val_dataloaders=validation if args.csv else None, ckpt_path=resume)
     if trainer.is_global_zero:
         history = [vars(m) | {"participants": list(m.participants)} for m in federation.history]
         torch.save({"records": records, "history": history, "rank_state": None}, Path(args.out))
