@@ -443,7 +443,8 @@ def _fetch(client, pool, shape, progress, new_output):
 
     def chunks_into(incoming: IncomingGlobalModel) -> ChunkConsumer:
         attempt["output"], write = new_output()
-        return _TimedConsumer(pool.decryption(layout.numel, incoming.total_share, write), on_time)
+        decryption = pool.decryption(layout.numel, incoming.total_share, write, len(incoming.participants))
+        return _TimedConsumer(decryption, on_time)
 
     def on_time(seconds: float) -> None:
         nonlocal decrypt_s

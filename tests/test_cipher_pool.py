@@ -129,3 +129,16 @@ def test_bad_settings_are_refused(site_context):
     for kwargs in ({"workers": 0}, {"batch": 0}, {"window": 0}):
         with pytest.raises(ValueError, match="at least 1"):
             CipherPool(site_context, **kwargs)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_chunk_with_another_number_of_seeds_than_the_header_names_is_refused(pool1, pool2, global_chunks, workers):
+    """A server that drops or adds a participant's seed would make the site decrypt garbage: the count is checked."""
+    pool = pool1 if workers == 1 else pool2
+    per_chunk = pool.params.values_per_ciphertext
+    decryption = pool.decryption(len(global_chunks) * per_chunk, 1.0, lambda start, values: None, participants=2)
+    with pytest.raises(CiphertextError, match="^chunk 0: .*the sum of 2 participants") as caught:
+        for frame in global_chunks:  # each lists 1 seed
+            decryption.add(frame)
+        decryption.finish()
+    assert caught.value.reason == "size"

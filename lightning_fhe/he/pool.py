@@ -55,13 +55,13 @@ def _encrypt_batch(prepared: np.ndarray) -> list[bytes]:
     return [_worker_cipher.encrypt_chunk(prepared[i : i + n]) for i in range(0, prepared.size, n)]
 
 
-def _decrypt_batch(frames: list[bytes]) -> list[np.ndarray | CiphertextError]:
+def _decrypt_batch(frames: list[bytes], participants: int | None) -> list[np.ndarray | CiphertextError]:
     """The decoded chunks; a bad one ends the list as its error, so the caller can name the chunk."""
     assert _worker_cipher is not None
     decoded: list[np.ndarray | CiphertextError] = []
     for frame in frames:
         try:
-            decoded.append(_worker_cipher.decrypt_chunk(frame))
+            decoded.append(_worker_cipher.decrypt_chunk(frame, participants))
         except CiphertextError as err:
             decoded.append(err)
             break
@@ -133,10 +133,17 @@ class CipherPool:
         return self._ordered(_encrypt_batch, self.cipher.iter_prepared(values, weight_fraction, where, self.batch))
 
     def decryption(
-        self, count: int, total_weight_fraction: float, write: Callable[[int, np.ndarray], None]
+        self,
+        count: int,
+        total_weight_fraction: float,
+        write: Callable[[int, np.ndarray], None],
+        participants: int | None = None,
     ) -> StreamDecryption:
-        """A decryption fed global chunks one by one as a download delivers them; see :class:`StreamDecryption`."""
-        return StreamDecryption(self, count, total_weight_fraction, write)
+        """A decryption fed global chunks one by one as a download delivers them; see :class:`StreamDecryption`.
+
+        ``participants``: the sites the download's header names; a chunk that lists another number of seeds is
+        refused (None: as many as it lists)."""
+        return StreamDecryption(self, count, total_weight_fraction, write, participants)
 
     def decrypt(self, chunks: Iterable[bytes], count: int, total_weight_fraction: float = 1.0) -> np.ndarray:
         """As :meth:`UpdateCipher.decrypt`: the averaged ``count`` values, on the grid."""
@@ -182,11 +189,17 @@ class StreamDecryption:
     """
 
     def __init__(
-        self, pool: CipherPool, count: int, total_weight_fraction: float, write: Callable[[int, np.ndarray], None]
+        self,
+        pool: CipherPool,
+        count: int,
+        total_weight_fraction: float,
+        write: Callable[[int, np.ndarray], None],
+        participants: int | None = None,
     ) -> None:
         if not total_weight_fraction > 0:
             raise ValueError(f"total_weight_fraction must be positive, got {total_weight_fraction}")
         self._pool, self._count, self._share, self._write = pool, count, total_weight_fraction, write
+        self._participants = participants
         self._expected = num_chunks(count, pool.params)
         self._batch: list[bytes] = []
         self._pending: deque = deque()
@@ -214,13 +227,13 @@ class StreamDecryption:
         if self._pool._pool is None:
             self._store(batch)
             return
-        self._pending.append(self._pool._pool.apply_async(_decrypt_batch, (batch,)))
+        self._pending.append(self._pool._pool.apply_async(_decrypt_batch, (batch, self._participants)))
         if len(self._pending) >= self._pool._in_flight:
             self._store(self._pending.popleft())
 
     def _store(self, work) -> None:
         cipher, per_chunk = self._pool.cipher, self._pool.params.values_per_ciphertext
-        decoded = _decrypt_here(cipher, work) if isinstance(work, list) else work.get()
+        decoded = _decrypt_here(cipher, work, self._participants) if isinstance(work, list) else work.get()
         for values in decoded:
             if isinstance(values, CiphertextError):
                 raise CiphertextError(values.reason, f"chunk {self._written}: {values}")
@@ -230,8 +243,10 @@ class StreamDecryption:
             self._written += 1
 
 
-def _decrypt_here(cipher: UpdateCipher, frames: list[bytes]) -> list[np.ndarray | CiphertextError]:
+def _decrypt_here(
+    cipher: UpdateCipher, frames: list[bytes], participants: int | None
+) -> list[np.ndarray | CiphertextError]:
     try:
-        return [cipher.decrypt_chunk(frame) for frame in frames]
+        return [cipher.decrypt_chunk(frame, participants) for frame in frames]
     except CiphertextError as err:
         return [err]
