@@ -198,3 +198,20 @@ def test_total_share_does_not_depend_on_arrival_order(server_context):
         seen.add((aggregate.total_share, np.asarray(aggregate.plaintext).tobytes()))
     # One result whatever the order; the shares' exact sum, rounded once (a running sum gives 1 - 2^-53 for some).
     assert len(seen) == 1 and next(iter(seen))[0] == math.fsum(shares) == 1.0
+
+
+def test_past_seeds_up_to_the_server_sends_the_summed_second_polynomial(server_context, cipher, updates):
+    """The two forms of a global chunk decrypt to the same bits; the summed one no longer grows with the sites."""
+    shares, values, plain, chunks = updates
+    results = {}
+    for seeds_up_to in (3, 2):
+        acc = RoundAccumulator(server_context, len(chunks[0]), PLAIN, seeds_up_to=seeds_up_to)
+        for site, share, c, p in zip("abc", shares, chunks, plain):
+            send(acc, site, share, c, p).commit()
+        aggregate = acc.result(1)
+        frames = list(aggregate.encrypted_chunks)
+        results[seeds_up_to] = cipher.decrypt(frames, COUNT, aggregate.total_share)
+        n = server_context.params.poly_modulus_degree
+        assert len(frames[0]) == (8 + 3 * 65 + n * 15 // 2 if seeds_up_to == 3 else 8 + n * 15)
+        acc.close()
+    assert np.array_equal(results[3], results[2])

@@ -69,6 +69,8 @@ def test_with_the_defaults_one_dead_site_costs_a_round_wait_after_min_s_not_the_
         (["round_timeout_s=0"], "round_timeout_s: expected a number of seconds > 0"),
         (["max_concurrent_uploads=0"], "max_concurrent_uploads: expected an integer >= 1"),
         (["clients=[a,a]"], "clients: ['a'] listed more than once"),
+        (["seeds_up_to=-1"], "seeds_up_to: expected an integer from 0 to 1024, got -1"),
+        (["seeds_up_to=5000"], "seeds_up_to: expected an integer from 0 to 1024, got 5000"),
         (["roundz=3"], "unknown option(s) ['roundz']"),
         (["rounds"], "override 'rounds': expected key=value"),
         (["rounds=["], "overrides: not valid YAML"),  # the override's fault, not the file's
