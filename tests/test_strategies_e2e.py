@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,18 @@ def expected_global_models(records: dict[str, dict], config: dict) -> list[dict[
 def test_each_strategy_gives_every_site_the_same_global_model_by_its_formula(kits, tmp_path, kind):
     config = STRATEGIES[kind]
     args = ["--fl-strategy", json.dumps(config)]
-    encrypted = federate(kits, tmp_path / "he", {"site-1": ["--seed", "0", *args], "site-2": ["--seed", "1", *args]})
+    # Two federations at once (their own servers and state): encrypted; and unencrypted, with site-1 killed after
+    # round 1 and resumed from its checkpoint (BoringModel's data are not shuffled and its SGD has no state, so the
+    # resumed site trains exactly as it would have).
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    with ThreadPoolExecutor(2) as pool:
+        sites = {"site-1": ["--seed", "0", *args], "site-2": ["--seed", "1", *args]}
+        encrypted_run = pool.submit(federate, kits, tmp_path / "he", sites)
+        plain_args = ["--encrypt", "none", "--max-epochs", str(ROUNDS), *args]
+        plain_run = pool.submit(federate_with_restart, kits, raw, plain_args, ["--crash-after-round", "1"])
+        encrypted, (plain, _) = encrypted_run.result(), plain_run.result()
+
     expected = expected_global_models({s: r["records"] for s, r in encrypted.items()}, config)
     first, second = (encrypted[s]["records"] for s in ("site-1", "site-2"))
     for epoch in range(ROUNDS):
@@ -81,13 +93,6 @@ def test_each_strategy_gives_every_site_the_same_global_model_by_its_formula(kit
     average = sum(WEIGHTS[s] * r["records"][last]["before"]["layer.weight"] for s, r in encrypted.items()) / 144
     assert (first[last]["after"]["layer.weight"] - average).abs().max() > 1e-4
 
-    # Unencrypted, and site-1 killed after round 1 and resumed from its checkpoint (BoringModel's data are not
-    # shuffled and its SGD has no state, so the resumed site trains exactly as it would have).
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    plain, _ = federate_with_restart(
-        kits, raw, ["--encrypt", "none", "--max-epochs", str(ROUNDS), *args], ["--crash-after-round", "1"]
-    )
     assert [h["round"] for h in plain["site-1"]["history"]] == [2, 3]  # resumed at round 2
     assert all(h["ciphertext_bytes"] == 0 for h in plain["site-2"]["history"])
     for epoch in range(ROUNDS):
