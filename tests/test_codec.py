@@ -108,7 +108,10 @@ def _bad_chunks(site_context, good: bytes) -> dict[str, tuple[str, bytes]]:
         "truncated": ("size", good[:-100]),
         "trailing bytes": ("size", good + b"xx"),
         "empty": ("size", b""),
-        "garbage of the right size": ("format", bytes(np.random.default_rng(1).integers(0, 256, len(good), dtype=np.uint8))),
+        "garbage of the right size": (
+            "format",
+            bytes(np.random.default_rng(1).integers(0, 256, len(good), dtype=np.uint8)),
+        ),
         "a coefficient beyond q0": ("range", encode_upload_chunk(beyond_q0, 1, bytes(64))),
         "unknown PRNG": ("format", encode_upload_chunk(np.zeros(N, dtype=np.uint64), 7, bytes(64))),
         "other ring dimension": (

@@ -169,7 +169,11 @@ def test_a_ciphertext_made_with_other_parameters(fed):
 def test_a_coefficient_beyond_the_first_prime(fed):
     """Only a ciphertext's coefficients are below q0; anything else would make the sum wrap and decrypt to garbage."""
     parts = good_parts(fed)
-    parts[4] = chunk(2, forged_chunk(parts[4].chunk.data, lambda c0, seed: (np.where(np.arange(c0.size) == 7, 2**60 - 1, c0).astype(np.uint64), 1, seed)))
+    def beyond_q0(c0, seed):
+        c0[7] = 2**60 - 1
+        return c0, 1, seed
+
+    parts[4] = chunk(2, forged_chunk(parts[4].chunk.data, beyond_q0))
     err = refused(fed, parts)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details().startswith(f"chunk 2: coefficient 7 is {2**60 - 1}, not below the first prime ")

@@ -34,11 +34,11 @@ import tenseal.sealapi as sealapi
 import torch
 
 from lightning_fhe.he import CKKSParams, HEContext
-from lightning_fhe.he.codec import ChunkSum, UpdateCipher
+from lightning_fhe.he.codec import ChunkSum
 from lightning_fhe.he.fixed_point import round_to_grid
 from lightning_fhe.he.frames import decode_global_chunk, decode_upload_chunk
 from lightning_fhe.he.layout import TensorLayout
-from lightning_fhe.he.pool import CipherPool, default_workers
+from lightning_fhe.he.pool import CipherPool
 from lightning_fhe.he.seeded import CiphertextLayout
 from lightning_fhe.models import build_model
 

@@ -67,7 +67,6 @@ from typing import Any
 import numpy as np
 
 from lightning_fhe.client import AggregatorClient
-from lightning_fhe.he.codec import UpdateCipher
 from lightning_fhe.he.layout import TensorLayout
 from lightning_fhe.models import SEGRESNET_FILTERS
 from lightning_fhe.provision import ProvisionConfig, load_site_kit, provision

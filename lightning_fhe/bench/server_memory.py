@@ -162,7 +162,8 @@ def run(
 ) -> dict[str, Any]:
     """Compares federation sizes ``sites`` on ``model``; with ``params``, model sizes at ``sites[0]`` sites."""
     if params:
-        log(f"server memory: float32 models of {[f'{p:,}' for p in params]} values, {sites[0]} sites, {rounds} round(s)")
+        sizes = ", ".join(f"{p:,}" for p in params)
+        log(f"server memory: float32 models of {sizes} values, {sites[0]} sites, {rounds} round(s)")
         runs = [(params_state(p), sites[0]) for p in params]
     else:
         log(f"server memory: {model}, {list(sites)} sites, {rounds} round(s) each")
@@ -193,7 +194,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"Aggregator peak memory, {result['model']} ({m[0]['values']:,} encrypted values), "
         f"{result['rounds']} round(s), server in its own process, mutual TLS on loopback",
         "",
-        "| values | sites | upload per site | global model | server idle RSS | server peak RSS | peak - idle | wall time |",
+        "| values | sites | upload per site | global model | server idle RSS | server peak RSS | peak - idle "
+        "| wall time |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in m:

@@ -140,7 +140,8 @@ class UpdateCipher:
         """
         if not 0.0 < weight_fraction <= 1.0:
             raise ValueError(
-                f"weight_fraction must be in (0, 1] (this site's weight over the federation's total), got {weight_fraction}"
+                "weight_fraction must be in (0, 1] (this site's weight over the federation's total), "
+                f"got {weight_fraction}"
             )
         source = as_source(values)
         where = where or (lambda i: f"value {i}")

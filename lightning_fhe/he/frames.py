@@ -1,8 +1,8 @@
 """The bytes of one encrypted chunk under protocol v2, up (a site's ciphertext) and down (the sum), and their checks.
 
 Pure numpy: the server parses, checks and adds chunks without SEAL and without any key. A chunk carries ``N``
-values (``N/2`` complex slots of two reals). Little-endian throughout; ``P(x)`` is :func:`~lightning_fhe.he.packing.pack60`
-of ``N`` coefficients (``15 * N / 2`` bytes, 61,440 for N=8192)::
+values (``N/2`` complex slots of two reals). Little-endian throughout; ``P(x)`` is
+:func:`~lightning_fhe.he.packing.pack60` of ``N`` coefficients (``15 * N / 2`` bytes, 61,440 for N=8192)::
 
     upload chunk (a site's seeded ciphertext)        global chunk (the participants' sum)
       u8   format = 2                                  u8   format = 2

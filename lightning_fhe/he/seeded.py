@@ -106,7 +106,9 @@ class CiphertextLayout:
         n = self.n
         expected = _META.size + _HEADER.size + _COUNT.size + 16 * n
         if len(body) != expected:
-            raise SealFormatError(f"a ciphertext of N={n} at the lowest level takes {expected} bytes, this one {len(body)}")
+            raise SealFormatError(
+                f"a ciphertext of N={n} at the lowest level takes {expected} bytes, this one {len(body)}"
+            )
         self._check_meta(body)
         both = np.frombuffer(body, dtype=_U64, count=2 * n, offset=_META.size + _HEADER.size + _COUNT.size)
         return both[:n].astype(np.uint64), both[n:].astype(np.uint64)
