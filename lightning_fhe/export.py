@@ -46,6 +46,7 @@ class ExportResult:
 
 def decode_global_model(model: GlobalModel, kit: SiteKit) -> dict:
     """The named tensors of a downloaded global model, decrypted with the kit's key, in the layouts' dtypes."""
+    from lightning_fhe.federated_metrics import METRICS_TENSOR
     from lightning_fhe.he.codec import UpdateCipher
     from lightning_fhe.he.layout import LayoutError, TensorLayout
 
@@ -65,14 +66,18 @@ def decode_global_model(model: GlobalModel, kit: SiteKit) -> dict:
             if values.size != encrypted.numel + plaintext.numel:
                 raise LayoutError(f"initial model holds {values.size} values; the layouts have "
                                   f"{encrypted.numel + plaintext.numel}")
-            return {**encrypted.unflatten(values[: encrypted.numel]), **plaintext.unflatten(values[encrypted.numel :])}
-        tensors = {}
-        if encrypted.numel:
-            average = UpdateCipher(kit.he_context).decrypt(model.encrypted_chunks, encrypted.numel, model.total_share)
-            tensors.update(encrypted.unflatten(average))
-        tensors.update(plaintext.unflatten(model.plaintext))
+            cut = encrypted.numel
+            tensors = {**encrypted.unflatten(values[:cut]), **plaintext.unflatten(values[cut:])}
+        else:
+            tensors = {}
+            if encrypted.numel:
+                cipher = UpdateCipher(kit.he_context)
+                average = cipher.decrypt(model.encrypted_chunks, encrypted.numel, model.total_share)
+                tensors.update(encrypted.unflatten(average))
+            tensors.update(plaintext.unflatten(model.plaintext))
     except (ValueError, LayoutError) as err:
         raise ExportError(f"round {model.round}: the global model does not match its layouts ({err})") from None
+    tensors.pop(METRICS_TENSOR, None)  # the sites' averaged validation metrics ride in the update; not a weight
     return tensors
 
 

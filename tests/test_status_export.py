@@ -206,3 +206,17 @@ def test_cli_runs_status_and_export(kits):
         [PYTHON, "-m", "lightning_fhe.cli", "status", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and "python -m lightning_fhe.status" in done.stdout
+
+
+def test_export_leaves_out_the_validation_metrics_that_ride_with_the_update(kits):
+    """A federation of HEFederation sites appends its metrics pseudo-tensor to the encrypted layout: not a weight."""
+    import numpy as np
+
+    from lightning_fhe.client import GlobalModel
+    from lightning_fhe.federated_metrics import METRICS_SPEC, METRICS_TENSOR
+
+    layout = {"tensors": [["w", [2], "float32"], [METRICS_SPEC.name, list(METRICS_SPEC.shape), METRICS_SPEC.dtype]]}
+    values = np.arange(2 + METRICS_SPEC.numel, dtype=np.float64)
+    model = GlobalModel(0, [], values, 1.0, ("site-1",), 0, 0.0, 0.0, json.dumps(layout), '{"tensors": []}')
+    tensors = export.decode_global_model(model, load_site_kit(kits / "site-1"))
+    assert list(tensors) == ["w"] and METRICS_TENSOR not in tensors and tensors["w"].tolist() == [0.0, 1.0]
