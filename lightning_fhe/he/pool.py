@@ -56,12 +56,18 @@ def _encrypt_batch(prepared: np.ndarray) -> list[bytes]:
 
 
 def _decrypt_batch(frames: list[bytes], participants: int | None) -> list[np.ndarray | CiphertextError]:
-    """The decoded chunks; a bad one ends the list as its error, so the caller can name the chunk."""
     assert _worker_cipher is not None
+    return _decrypt_frames(_worker_cipher, frames, participants)
+
+
+def _decrypt_frames(
+    cipher: UpdateCipher, frames: list[bytes], participants: int | None
+) -> list[np.ndarray | CiphertextError]:
+    """The decoded chunks; a bad one ends the list as its error, so the caller can name the chunk."""
     decoded: list[np.ndarray | CiphertextError] = []
     for frame in frames:
         try:
-            decoded.append(_worker_cipher.decrypt_chunk(frame, participants))
+            decoded.append(cipher.decrypt_chunk(frame, participants))
         except CiphertextError as err:
             decoded.append(err)
             break
@@ -233,7 +239,7 @@ class StreamDecryption:
 
     def _store(self, work) -> None:
         cipher, per_chunk = self._pool.cipher, self._pool.params.values_per_ciphertext
-        decoded = _decrypt_here(cipher, work, self._participants) if isinstance(work, list) else work.get()
+        decoded = _decrypt_frames(cipher, work, self._participants) if isinstance(work, list) else work.get()
         for values in decoded:
             if isinstance(values, CiphertextError):
                 raise CiphertextError(values.reason, f"chunk {self._written}: {values}")
@@ -242,11 +248,3 @@ class StreamDecryption:
             self._write(start, averaged)
             self._written += 1
 
-
-def _decrypt_here(
-    cipher: UpdateCipher, frames: list[bytes], participants: int | None
-) -> list[np.ndarray | CiphertextError]:
-    try:
-        return [cipher.decrypt_chunk(frame, participants) for frame in frames]
-    except CiphertextError as err:
-        return [err]
