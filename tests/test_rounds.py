@@ -276,3 +276,87 @@ def test_a_member_that_left_may_not_submit_and_leaving_twice_changes_nothing():
         state.start_upload("a", 1)
     assert refused.value.status is Status.FAILED_PRECONDITION and refused.value.reason is Reason.LEFT
     assert "left" in refused.value.message and not state.uploading
+
+
+# -- masked rounds: re-collection instead of a partial sum --------------------------------------------------------
+
+
+def _masked_round(members=("a", "b", "c", "d"), min_clients=2) -> RoundState:
+    return RoundState(1, members, QuorumRule(min_clients, 10.0, 600.0), opened_at=0.0, masked=True)
+
+
+def _upload(state: RoundState, site: str, now: float, attempt: int | None = None) -> None:
+    state.start_upload(site, 1, state.attempt if attempt is None else attempt)
+    state.finish_upload(site, recorded=True, now=now)
+
+
+def test_a_masked_round_with_everyone_closes_as_an_unmasked_one():
+    state = _masked_round()
+    for i, site in enumerate("abcd"):
+        _upload(state, site, now=float(i))
+    assert state.decide(now=4.0).outcome is Outcome.CLOSE
+
+
+def test_a_masked_round_missing_a_site_is_recollected_among_those_who_uploaded():
+    state = _masked_round()
+    for site in "abc":
+        _upload(state, site, now=1.0)
+    assert state.decide(now=5.0).outcome is Outcome.WAIT  # the grace period for d
+    decision = state.decide(now=11.0)
+    assert decision.outcome is Outcome.RECOLLECT and "lacks d" in decision.why
+    assert state.next_attempt(now=11.0) == ("a", "b", "c")
+    assert (state.attempt, state.submitted, state.opened_at) == (2, {}, 11.0)
+    # d may not join attempt 2, and an update masked for attempt 1 is refused as such
+    with pytest.raises(Refusal) as refused:
+        state.check_upload("d", 1, 2)
+    assert refused.value.reason is Reason.NOT_IN_ATTEMPT
+    with pytest.raises(Refusal) as refused:
+        state.check_upload("a", 1, 1)
+    assert refused.value.reason is Reason.ATTEMPT_CHANGED and "attempt 2 is open" in str(refused.value)
+    for site in "abc":
+        _upload(state, site, now=12.0)
+    assert state.decide(now=12.0).outcome is Outcome.CLOSE
+    assert state.participants == ("a", "b", "c")
+
+
+def test_a_recollection_below_the_quorum_fails_the_round():
+    state = _masked_round(min_clients=3)
+    for site in "abc":
+        _upload(state, site, now=1.0)
+    state.decide(now=11.0)
+    state.next_attempt(now=11.0)
+    _upload(state, "a", now=12.0)
+    _upload(state, "b", now=12.0)
+    assert state.decide(now=30.0).outcome is Outcome.WAIT  # below the quorum: c may still come, until the timeout
+    decision = state.decide(now=611.0)
+    assert decision.outcome is Outcome.FAIL and "min_clients is 3" in decision.why
+
+
+def test_an_attempt_whose_members_left_below_the_quorum_fails_at_once():
+    state = _masked_round(min_clients=3)
+    for site in "abc":
+        _upload(state, site, now=1.0)
+    state.decide(now=11.0)
+    state.next_attempt(now=11.0)
+    state.leave("c")
+    decision = state.decide(now=12.0)
+    assert decision.outcome is Outcome.FAIL and "fewer than the quorum of 3" in decision.why
+
+
+def test_a_site_that_left_after_uploading_is_not_asked_again():
+    state = _masked_round()
+    for site in "abc":
+        _upload(state, site, now=1.0)
+    state.leave("b")
+    state.leave("d")  # never uploaded: the sum lacks its masks
+    assert state.decide(now=1.0).outcome is Outcome.RECOLLECT
+    assert state.next_attempt(now=1.0) == ("a", "c")
+
+
+def test_an_unmasked_round_refuses_an_attempt_number():
+    state = RoundState(1, ("a", "b"), QuorumRule(2, 10.0, 600.0), opened_at=0.0)
+    with pytest.raises(Refusal) as refused:
+        state.check_upload("a", 1, 3)
+    assert refused.value.status is Status.INVALID_ARGUMENT
+    with pytest.raises(RuntimeError):
+        state.next_attempt(now=1.0)

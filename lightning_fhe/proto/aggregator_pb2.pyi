@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("weight", "encrypted_layout_json", "plaintext_layout_json", "he_fingerprint", "params_fingerprint", "max_wait_s", "rounds")
+    __slots__ = ("weight", "encrypted_layout_json", "plaintext_layout_json", "he_fingerprint", "params_fingerprint", "max_wait_s", "rounds", "mask_key", "require_masking")
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTED_LAYOUT_JSON_FIELD_NUMBER: _ClassVar[int]
     PLAINTEXT_LAYOUT_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,8 @@ class JoinRequest(_message.Message):
     PARAMS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    MASK_KEY_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_MASKING_FIELD_NUMBER: _ClassVar[int]
     weight: float
     encrypted_layout_json: str
     plaintext_layout_json: str
@@ -23,10 +25,26 @@ class JoinRequest(_message.Message):
     params_fingerprint: str
     max_wait_s: float
     rounds: int
-    def __init__(self, weight: _Optional[float] = ..., encrypted_layout_json: _Optional[str] = ..., plaintext_layout_json: _Optional[str] = ..., he_fingerprint: _Optional[str] = ..., params_fingerprint: _Optional[str] = ..., max_wait_s: _Optional[float] = ..., rounds: _Optional[int] = ...) -> None: ...
+    mask_key: MaskAnnouncement
+    require_masking: bool
+    def __init__(self, weight: _Optional[float] = ..., encrypted_layout_json: _Optional[str] = ..., plaintext_layout_json: _Optional[str] = ..., he_fingerprint: _Optional[str] = ..., params_fingerprint: _Optional[str] = ..., max_wait_s: _Optional[float] = ..., rounds: _Optional[int] = ..., mask_key: _Optional[_Union[MaskAnnouncement, _Mapping]] = ..., require_masking: _Optional[bool] = ...) -> None: ...
+
+class MaskAnnouncement(_message.Message):
+    __slots__ = ("site", "certificate", "public_key", "signature", "key_fingerprint")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    certificate: bytes
+    public_key: bytes
+    signature: bytes
+    key_fingerprint: str
+    def __init__(self, site: _Optional[str] = ..., certificate: _Optional[bytes] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., key_fingerprint: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("formed", "site", "members", "total_weight", "share", "rounds", "current_round", "send_initial_model", "joined", "expected")
+    __slots__ = ("formed", "site", "members", "total_weight", "share", "rounds", "current_round", "send_initial_model", "joined", "expected", "masked", "mask_keys")
     FORMED_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +55,8 @@ class JoinReply(_message.Message):
     SEND_INITIAL_MODEL_FIELD_NUMBER: _ClassVar[int]
     JOINED_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    MASKED_FIELD_NUMBER: _ClassVar[int]
+    MASK_KEYS_FIELD_NUMBER: _ClassVar[int]
     formed: bool
     site: str
     members: _containers.RepeatedScalarFieldContainer[str]
@@ -47,17 +67,21 @@ class JoinReply(_message.Message):
     send_initial_model: bool
     joined: int
     expected: int
-    def __init__(self, formed: _Optional[bool] = ..., site: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ..., total_weight: _Optional[float] = ..., share: _Optional[float] = ..., rounds: _Optional[int] = ..., current_round: _Optional[int] = ..., send_initial_model: _Optional[bool] = ..., joined: _Optional[int] = ..., expected: _Optional[int] = ...) -> None: ...
+    masked: bool
+    mask_keys: _containers.RepeatedCompositeFieldContainer[MaskAnnouncement]
+    def __init__(self, formed: _Optional[bool] = ..., site: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ..., total_weight: _Optional[float] = ..., share: _Optional[float] = ..., rounds: _Optional[int] = ..., current_round: _Optional[int] = ..., send_initial_model: _Optional[bool] = ..., joined: _Optional[int] = ..., expected: _Optional[int] = ..., masked: _Optional[bool] = ..., mask_keys: _Optional[_Iterable[_Union[MaskAnnouncement, _Mapping]]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("round", "num_chunks", "plaintext_count")
+    __slots__ = ("round", "num_chunks", "plaintext_count", "attempt")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     PLAINTEXT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_chunks: int
     plaintext_count: int
-    def __init__(self, round: _Optional[int] = ..., num_chunks: _Optional[int] = ..., plaintext_count: _Optional[int] = ...) -> None: ...
+    attempt: int
+    def __init__(self, round: _Optional[int] = ..., num_chunks: _Optional[int] = ..., plaintext_count: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("index", "data")
@@ -164,7 +188,7 @@ class MemberActivity(_message.Message):
     def __init__(self, site: _Optional[str] = ..., idle_s: _Optional[float] = ..., last_call: _Optional[str] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("phase", "current_round", "rounds", "last_closed_round", "members", "submitted", "this_site_submitted", "failure", "joined", "seconds_left", "activity", "left", "site")
+    __slots__ = ("phase", "current_round", "rounds", "last_closed_round", "members", "submitted", "this_site_submitted", "failure", "joined", "seconds_left", "activity", "left", "site", "attempt", "attempt_members")
     class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         PHASE_UNSPECIFIED: _ClassVar[RoundStatus.Phase]
@@ -190,6 +214,8 @@ class RoundStatus(_message.Message):
     ACTIVITY_FIELD_NUMBER: _ClassVar[int]
     LEFT_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     phase: RoundStatus.Phase
     current_round: int
     rounds: int
@@ -203,4 +229,36 @@ class RoundStatus(_message.Message):
     activity: _containers.RepeatedCompositeFieldContainer[MemberActivity]
     left: _containers.RepeatedScalarFieldContainer[str]
     site: str
-    def __init__(self, phase: _Optional[_Union[RoundStatus.Phase, str]] = ..., current_round: _Optional[int] = ..., rounds: _Optional[int] = ..., last_closed_round: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., submitted: _Optional[_Iterable[str]] = ..., this_site_submitted: _Optional[bool] = ..., failure: _Optional[str] = ..., joined: _Optional[_Iterable[str]] = ..., seconds_left: _Optional[float] = ..., activity: _Optional[_Iterable[_Union[MemberActivity, _Mapping]]] = ..., left: _Optional[_Iterable[str]] = ..., site: _Optional[str] = ...) -> None: ...
+    attempt: int
+    attempt_members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, phase: _Optional[_Union[RoundStatus.Phase, str]] = ..., current_round: _Optional[int] = ..., rounds: _Optional[int] = ..., last_closed_round: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., submitted: _Optional[_Iterable[str]] = ..., this_site_submitted: _Optional[bool] = ..., failure: _Optional[str] = ..., joined: _Optional[_Iterable[str]] = ..., seconds_left: _Optional[float] = ..., activity: _Optional[_Iterable[_Union[MemberActivity, _Mapping]]] = ..., left: _Optional[_Iterable[str]] = ..., site: _Optional[str] = ..., attempt: _Optional[int] = ..., attempt_members: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SealedKey(_message.Message):
+    __slots__ = ("sender", "recipient", "ciphertext", "key_fingerprint")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENT_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    recipient: str
+    ciphertext: bytes
+    key_fingerprint: str
+    def __init__(self, sender: _Optional[str] = ..., recipient: _Optional[str] = ..., ciphertext: _Optional[bytes] = ..., key_fingerprint: _Optional[str] = ...) -> None: ...
+
+class SealedKeys(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[SealedKey]
+    def __init__(self, keys: _Optional[_Iterable[_Union[SealedKey, _Mapping]]] = ...) -> None: ...
+
+class SealedKeysReply(_message.Message):
+    __slots__ = ("stored",)
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    stored: int
+    def __init__(self, stored: _Optional[int] = ...) -> None: ...
+
+class FetchSealedKeyRequest(_message.Message):
+    __slots__ = ("max_wait_s",)
+    MAX_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    max_wait_s: float
+    def __init__(self, max_wait_s: _Optional[float] = ...) -> None: ...

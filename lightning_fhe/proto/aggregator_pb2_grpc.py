@@ -59,6 +59,16 @@ class AggregatorStub:
                 request_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.LeaveReply.FromString,
                 _registered_method=True)
+        self.ShareSealedKeys = channel.unary_unary(
+                '/lightning_fhe.v2.Aggregator/ShareSealedKeys',
+                request_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.SealedKeys.SerializeToString,
+                response_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.SealedKeysReply.FromString,
+                _registered_method=True)
+        self.FetchSealedKey = channel.unary_unary(
+                '/lightning_fhe.v2.Aggregator/FetchSealedKey',
+                request_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.FetchSealedKeyRequest.SerializeToString,
+                response_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.SealedKey.FromString,
+                _registered_method=True)
 
 
 class AggregatorServicer:
@@ -106,6 +116,21 @@ class AggregatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShareSealedKeys(self, request, context):
+        """With he.key = sites (no provisioned CKKS key): the first member in name order sends the CKKS secret key it
+        generated, sealed for each other member under their pairwise key; the server stores and relays the sealed
+        copies, which it cannot open. FetchSealedKey waits up to max_wait_s for this site's copy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchSealedKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +158,16 @@ def add_AggregatorServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.LeaveRequest.FromString,
                     response_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.LeaveReply.SerializeToString,
+            ),
+            'ShareSealedKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareSealedKeys,
+                    request_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.SealedKeys.FromString,
+                    response_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.SealedKeysReply.SerializeToString,
+            ),
+            'FetchSealedKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchSealedKey,
+                    request_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.FetchSealedKeyRequest.FromString,
+                    response_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.SealedKey.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +305,60 @@ class Aggregator:
             '/lightning_fhe.v2.Aggregator/Leave',
             lightning__fhe_dot_proto_dot_aggregator__pb2.LeaveRequest.SerializeToString,
             lightning__fhe_dot_proto_dot_aggregator__pb2.LeaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareSealedKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lightning_fhe.v2.Aggregator/ShareSealedKeys',
+            lightning__fhe_dot_proto_dot_aggregator__pb2.SealedKeys.SerializeToString,
+            lightning__fhe_dot_proto_dot_aggregator__pb2.SealedKeysReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchSealedKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lightning_fhe.v2.Aggregator/FetchSealedKey',
+            lightning__fhe_dot_proto_dot_aggregator__pb2.FetchSealedKeyRequest.SerializeToString,
+            lightning__fhe_dot_proto_dot_aggregator__pb2.SealedKey.FromString,
             options,
             channel_credentials,
             insecure,

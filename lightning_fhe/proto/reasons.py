@@ -28,6 +28,8 @@ class Reason(str, Enum):
     ROUNDS_MISMATCH = "rounds_mismatch"
     ROUND_CLOSED = "round_closed"
     ROUND_NOT_OPEN = "round_not_open"
+    ATTEMPT_CHANGED = "attempt_changed"
+    NOT_IN_ATTEMPT = "not_in_attempt"
     DUPLICATE = "duplicate"
     BUSY = "busy"
     TOO_MANY_CALLS = "too_many_calls"

@@ -8,6 +8,8 @@ import numpy as np
 
 from lightning_fhe.he.frames import global_chunk_bytes, upload_chunk_bytes
 from lightning_fhe.he.params import CKKSParams
+from lightning_fhe.masking.announcement import Announcement
+from lightning_fhe.proto import aggregator_pb2 as pb
 
 SERVICE_NAME = "lightning_fhe.v2.Aggregator"
 # Most seeds a global chunk may carry (the server's seeds_up_to); past them the server sends the summed polynomial.
@@ -91,3 +93,23 @@ def block_payload(block) -> tuple[bytes, np.dtype]:
     """A received PlaintextBlock's bytes and their dtype (an empty block reads as float64)."""
     field = block.WhichOneof("values") or "float64_le"
     return getattr(block, field), WIRE_DTYPES[field]
+
+
+def announcement_message(key: Announcement) -> pb.MaskAnnouncement:
+    return pb.MaskAnnouncement(
+        site=key.site,
+        certificate=key.certificate,
+        public_key=key.public_key,
+        signature=key.signature,
+        key_fingerprint=key.key_fingerprint,
+    )
+
+
+def announcement_from_message(message: pb.MaskAnnouncement) -> Announcement:
+    return Announcement(
+        site=message.site,
+        certificate=message.certificate,
+        public_key=message.public_key,
+        signature=message.signature,
+        key_fingerprint=message.key_fingerprint,
+    )

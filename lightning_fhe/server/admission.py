@@ -107,6 +107,7 @@ def check_upload_header(
     rounds: int,
     round_state: RoundState | None,
     params: CKKSParams,
+    attempt: int = 0,
 ) -> None:
     """Refuses an update from its header alone, before any of its data is read: who sends it, to which round, a
     duplicate, and the sizes it declares. Reserves nothing.
@@ -118,6 +119,7 @@ def check_upload_header(
         rounds: the federation's number of training rounds.
         round_state: the open round, or None once every round closed.
         params: the federation's CKKS parameters, which fix the values per ciphertext chunk.
+        attempt: the attempt the update is masked for (0: unmasked).
     """
     if site not in membership.members:
         raise Refusal(
@@ -140,7 +142,7 @@ def check_upload_header(
             Reason.NOT_MEMBER,
             f"round 0 is the initial model, which site {membership.initial_model_site!r} sends, not {site!r}",
         )
-    round_state.check_upload(site, round_number)  # a duplicate is refused as such before its sizes are read
+    round_state.check_upload(site, round_number, attempt)  # a duplicate is refused as such before its sizes are read
     shape = update_shape(round_number, membership.encrypted_layout, membership.plaintext_layout, params)
     if num_chunks != shape.num_chunks:
         raise Refusal(

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from lightning_fhe.he.context import HEContext
+from lightning_fhe.masking.announcement import Announcement
 from lightning_fhe.proto.update_shape import UpdateShape, update_shape
 from lightning_fhe.server.accumulator import Aggregate, RoundAccumulator, Upload
 from lightning_fhe.server.activity import ActivityLog, MemberActivity
@@ -67,6 +68,7 @@ class UploadHeader:
     round: int
     num_chunks: int
     plaintext_count: int
+    attempt: int = 0  # masked federations: the attempt the update's masks were made for
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class JoinResult:
     rounds: int = 0
     current_round: int = 0
     send_initial_model: bool = False
+    mask_keys: tuple[Announcement, ...] = ()  # masked federations: every member's signed mask key
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,8 @@ class StatusView:
     seconds_left: float = 0.0  # until formation or the open round fails or closes at the latest; 0 when none is
     activity: tuple[MemberActivity, ...] = ()  # the members (the joined sites while forming), when last heard from
     left: tuple[str, ...] = ()  # members that left (Leave)
+    attempt: int = 0  # masked federations: the open round's attempt
+    attempt_members: tuple[str, ...] = ()  # ... and the sites whose masks cancel in it
 
 
 @dataclass
@@ -309,6 +314,7 @@ class Federation:
                 )
                 assert self.membership is not None
                 self.membership.check_rejoin(site, declaration)
+                self._renew_mask_key(site, declaration)
                 logger.info("member %s joined again", site)
             deadline = now + max_wait_s
             while self.phase is Phase.FORMING:
@@ -319,6 +325,16 @@ class Federation:
                 self._cond.wait(min(remaining, _POLL_S))
             self._refuse_if_failed()
             return self._join_result(site)
+
+    def _renew_mask_key(self, site: str, declaration: SiteDeclaration) -> None:
+        """Keeps a rejoining member's announcement (same key, checked) when it changed, e.g. its key fingerprint."""
+        membership = self.membership
+        assert membership is not None
+        key = declaration.mask_key
+        if not membership.masked or key is None or key == membership.mask_keys[membership.members.index(site)]:
+            return
+        self.membership = membership.with_mask_key(key)
+        self._save_record()
 
     def _flatten_initial(self, declaration: SiteDeclaration) -> np.ndarray:
         assert self._initial_state is not None
@@ -347,6 +363,7 @@ class Federation:
             rounds=self.config.rounds,
             current_round=max(self.current_round, 1),
             send_initial_model=self.last_closed_round < 0 and membership.initial_model_site == site,
+            mask_keys=membership.mask_keys,
         )
 
     # -- submitting -------------------------------------------------------------------------------------------------
@@ -380,17 +397,17 @@ class Federation:
                 self._stream_cancels.add(cancel)
         recorded = False
         try:
-            self._acquire_slot(site, header.round, is_active)
+            self._acquire_slot(site, header, is_active)
             try:
                 with self._cond:
-                    self._check_still_open(header.round)
+                    self._check_still_open(header)
                     assert self.accumulator is not None and self.membership is not None
                     share = self._update_shape(header.round).share(self.membership.share(site))
                     upload = self.accumulator.begin(site, share)
                 try:
                     for part in parts:
                         with self._cond:
-                            self._check_alive(upload, header.round)
+                            self._check_alive(upload, header)
                             if isinstance(part, ChunkPart):
                                 upload.add_chunk(part.index, part.data)
                             elif isinstance(part, PlaintextPart):
@@ -401,7 +418,7 @@ class Federation:
                                 )
                             self._stats.bytes_in += len(part.data)
                     with self._cond:
-                        self._check_alive(upload, header.round)
+                        self._check_alive(upload, header)
                         upload.commit()
                         now = self._clock()
                         round_state.finish_upload(site, recorded=True, now=now)
@@ -467,12 +484,13 @@ class Federation:
             self.config.rounds,
             round_state if self.phase is not Phase.FINISHED else None,
             self.params,
+            header.attempt,
         )
         assert round_state is not None
-        round_state.start_upload(site, header.round)
+        round_state.start_upload(site, header.round, header.attempt)
         return round_state
 
-    def _acquire_slot(self, site: str, round_number: int, is_active: Callable[[], bool]) -> None:
+    def _acquire_slot(self, site: str, header: UploadHeader, is_active: Callable[[], bool]) -> None:
         """Waits for one of ``max_concurrent_uploads`` slots; the sender is held back by gRPC flow control."""
         while not self._slots.acquire(timeout=_POLL_S):
             if not is_active():
@@ -480,24 +498,29 @@ class Federation:
                     Status.CANCELLED, Reason.GONE, f"site {site!r} went away while its update waited for an upload slot"
                 )
             with self._cond:
-                self._check_still_open(round_number)
+                self._check_still_open(header)
 
-    def _check_still_open(self, round_number: int) -> None:
+    def _check_still_open(self, header: UploadHeader) -> None:
         self._refuse_if_failed()
+        round_number = header.round
         if self.round is None or self.round.number != round_number:
             raise Refusal(
                 Status.FAILED_PRECONDITION,
                 Reason.ROUND_CLOSED,
                 f"round {round_number} closed while this update waited ({self._last_close_why}); it is not included",
             )
+        if self.round.masked:
+            self.round.check_attempt(header.attempt)
 
-    def _check_alive(self, upload: Upload, round_number: int) -> None:
+    def _check_alive(self, upload: Upload, header: UploadHeader) -> None:
         if upload.state == "aborted":
             self._refuse_if_failed()
+            if self.round is not None and self.round.number == header.round:
+                self.round.check_attempt(header.attempt)  # re-collected while it arrived
             raise Refusal(
                 Status.FAILED_PRECONDITION,
                 Reason.ROUND_CLOSED,
-                f"round {round_number} closed while this update was arriving ({self._last_close_why}); "
+                f"round {header.round} closed while this update was arriving ({self._last_close_why}); "
                 "it is not included",
             )
 
@@ -524,6 +547,7 @@ class Federation:
                 )
             check_round_exists(round_number, self.config.rounds)
             deadline = now + max_wait_s
+            attempt = self.round.attempt if self.round is not None else 0
             while True:
                 if round_number <= self.last_closed_round:
                     if not self.store.aggregate_path(round_number).exists():
@@ -545,7 +569,8 @@ class Federation:
                         ) from None
                 self._refuse_if_failed()
                 remaining = deadline - self._clock()
-                if remaining <= 0 or not is_active():
+                recollected = self.round is not None and self.round.attempt != attempt  # its members upload again
+                if remaining <= 0 or not is_active() or recollected:
                     return self._status_locked(site)
                 self._cond.wait(min(remaining, _POLL_S))
 
@@ -685,6 +710,8 @@ class Federation:
             seconds_left=self._seconds_left_locked(now),
             activity=self._activity_locked(now),
             left=tuple(m for m in self.membership.members if m in self.left) if self.membership else (),
+            attempt=self.round.attempt if self.round is not None and self.round.masked else 0,
+            attempt_members=self.round.attempt_members if self.round is not None and self.round.masked else (),
         )
 
     def _check_known(self, site: str) -> None:
@@ -768,6 +795,8 @@ class Federation:
                 self._fail(f"the federation could not form: {decision.why} (joined: {joined})", now)
         elif decision.outcome is Outcome.CLOSE:
             self._close_round(decision, now)
+        elif decision.outcome is Outcome.RECOLLECT:
+            self._recollect(decision, now)
         else:
             assert self.round is not None
             submitted = ", ".join(self.round.participants) or "none"
@@ -779,7 +808,7 @@ class Federation:
         assert self.formation is not None
         try:
             membership = self.formation.close(server_has_initial_model=self._initial_values is not None)
-        except Exception as err:  # noqa: BLE001 - the joins were checked; should one slip through, fail, never hang
+        except Exception as err:
             logger.exception("formation could not close")
             self._fail(f"the federation could not form: {err}", now)
             return
@@ -829,7 +858,19 @@ class Federation:
         else:
             members = tuple(m for m in membership.members if m in self.config.expected)
             rule = self._rule
-        accumulator = RoundAccumulator(
+        accumulator = self._new_accumulator(shape)
+        masked = membership.masked and not shape.is_initial_model
+        self.round = RoundState(number, members, rule, now, masked=masked)
+        for site in self.left:
+            self.round.leave(site)
+        self.accumulator = accumulator
+        self._stats = _RoundStats(opened_at=now)
+        waited = self.round.remaining
+        what = f"the initial model from {members[0]}" if shape.is_initial_model else f"updates from {', '.join(waited)}"
+        logger.info("round %d open: waiting for %s", number, what)
+
+    def _new_accumulator(self, shape: UpdateShape) -> RoundAccumulator:
+        return RoundAccumulator(
             self.context,
             shape.num_chunks,
             shape.plaintext_count,
@@ -838,14 +879,27 @@ class Federation:
             scratch_dir=self.store.root,
             seeds_up_to=self.config.seeds_up_to,
         )
-        self.round = RoundState(number, members, rule, now)
-        for site in self.left:
-            self.round.leave(site)
-        self.accumulator = accumulator
-        self._stats = _RoundStats(opened_at=now)
-        waited = self.round.remaining
-        what = f"the initial model from {members[0]}" if shape.is_initial_model else f"updates from {', '.join(waited)}"
-        logger.info("round %d open: waiting for %s", number, what)
+
+    def _recollect(self, decision: Decision, now: float) -> None:
+        """Drops the open attempt's sum and opens the next among the sites that uploaded to it (masked rounds)."""
+        round_state, accumulator = self.round, self.accumulator
+        assert round_state is not None and accumulator is not None
+        refusal = Refusal(
+            Status.FAILED_PRECONDITION,
+            Reason.ATTEMPT_CHANGED,
+            f"attempt {round_state.attempt} of round {round_state.number} was given up ({decision.why}); "
+            "send the update again for the next attempt",
+        )
+        accumulator.abort_all()
+        self._cancel_streams_locked(refusal)
+        accumulator.close()
+        self.accumulator = self._new_accumulator(self._update_shape(round_state.number))
+        members = round_state.next_attempt(now)
+        logger.warning(
+            "round %d: %s; attempt %d waits for %s", round_state.number, decision.why, round_state.attempt,
+            ", ".join(members),
+        )
+        self._cond.notify_all()
 
     def _close_round(self, decision: Decision, now: float) -> None:
         round_state, accumulator, membership = self.round, self.accumulator, self.membership

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lightning_fhe.he.layout import TensorLayout
+from lightning_fhe.masking.announcement import Announcement, AnnouncementError
 from lightning_fhe.server.errors import Reason, Refusal, Status
 from lightning_fhe.server.rounds import Decision, QuorumRule
 
@@ -31,6 +32,8 @@ class SiteDeclaration:
         he_fingerprint: its kit's HE fingerprint (same provisioning run as the server's kit).
         params_fingerprint: the fingerprint of its CKKS parameters.
         rounds: the number of rounds the site means to train; 0: whatever the server runs.
+        mask_key: its signed pairwise-mask key; None: it does not mask.
+        require_masking: it takes part only in a masked federation (else masking follows :func:`masked_by`).
     """
 
     weight: float
@@ -39,6 +42,20 @@ class SiteDeclaration:
     he_fingerprint: str
     params_fingerprint: str
     rounds: int = 0
+    mask_key: Announcement | None = None
+    require_masking: bool = False
+
+
+MIN_SITES_TO_MASK = 3  # with 2 sites the sum itself tells each site the other's update; see docs/security.md
+
+
+def masked_by(declarations: Sequence[SiteDeclaration]) -> bool:
+    """Whether a federation of these members masks its updates: every member sent a mask key, and there are at
+    least :data:`MIN_SITES_TO_MASK` of them or one asked for masking (it also guards against the server together
+    with the provisioning party, with 2 sites)."""
+    if not declarations or any(d.mask_key is None for d in declarations):
+        return False
+    return len(declarations) >= MIN_SITES_TO_MASK or any(d.require_masking for d in declarations)
 
 
 def layout_difference(kind: str, ours: TensorLayout, theirs: TensorLayout) -> str | None:
@@ -68,6 +85,11 @@ class Membership:
     encrypted_layout: TensorLayout
     plaintext_layout: TensorLayout
     initial_model_site: str | None  # the site that sends round 0, or None when the server has initial_model
+    mask_keys: tuple[Announcement, ...] = ()  # masked federations: every member's, in members' order; else empty
+
+    @property
+    def masked(self) -> bool:
+        return bool(self.mask_keys)
 
     @property
     def total_weight(self) -> float:
@@ -97,6 +119,30 @@ class Membership:
                 "weights are fixed when the federation forms",
             )
         check_layouts(declaration, self.encrypted_layout, self.plaintext_layout)
+        if not self.masked:
+            return
+        announced = self.mask_keys[self.members.index(site)]
+        if declaration.mask_key is None:
+            raise Refusal(
+                Status.FAILED_PRECONDITION,
+                Reason.MISMATCH,
+                f"site {site!r} joined without a mask key, but the federation masks its updates (it formed with one "
+                "from every member): keep masking on at this site",
+            )
+        check_mask_key(site, declaration.mask_key)
+        if declaration.mask_key.public_key != announced.public_key:
+            raise Refusal(
+                Status.FAILED_PRECONDITION,
+                Reason.MISMATCH,
+                f"site {site!r} presents another mask key than at formation; the other members' masks are made with "
+                "the first one: restore the site's kit folder (mask_x25519.key)",
+            )
+
+    def with_mask_key(self, key: Announcement) -> Membership:
+        """The membership with ``key`` in place of its site's announcement (same public key; e.g. a new key
+        fingerprint after a restart)."""
+        keys = tuple(key if old.site == key.site else old for old in self.mask_keys)
+        return replace(self, mask_keys=keys)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -105,6 +151,7 @@ class Membership:
             "encrypted_layout": self.encrypted_layout.to_dict(),
             "plaintext_layout": self.plaintext_layout.to_dict(),
             "initial_model_site": self.initial_model_site,
+            "mask_keys": [key.to_dict() for key in self.mask_keys],
         }
 
     @classmethod
@@ -116,7 +163,15 @@ class Membership:
             encrypted_layout=TensorLayout.from_dict(data["encrypted_layout"], max_values=2**62),
             plaintext_layout=TensorLayout.from_dict(data["plaintext_layout"], max_values=2**62),
             initial_model_site=data.get("initial_model_site"),
+            mask_keys=tuple(Announcement.from_dict(key) for key in data.get("mask_keys", ())),
         )
+
+
+def check_mask_key(site: str, key: Announcement) -> None:
+    try:
+        key.check_form(site)
+    except AnnouncementError as err:
+        raise Refusal(Status.INVALID_ARGUMENT, Reason.BAD_REQUEST, f"site {site!r}: {err}") from None
 
 
 def check_layouts(declaration: SiteDeclaration, encrypted: TensorLayout, plaintext: TensorLayout) -> None:
@@ -182,6 +237,8 @@ class Formation:
         ``rounds``: the server's number of rounds (0: not checked).
         """
         check_identity(site, declaration, self.expected, self.he_fingerprint, self.params_fingerprint, rounds)
+        if declaration.mask_key is not None:
+            check_mask_key(site, declaration.mask_key)
         if not self.sets_layouts(site):
             check_layouts(declaration, *self.layouts)
         weights = [d.weight for s, (d, _) in self.joined.items() if s != site] + [declaration.weight]
@@ -205,12 +262,15 @@ class Formation:
         assert layouts is not None
         last = members[-1]
         check_total_weight(last, self.joined[last][0].weight, [d.weight for d, _ in self.joined.values()])
+        declarations = [self.joined[m][0] for m in members]
+        masked = masked_by(declarations)
         return Membership(
             members=members,
             weights=tuple(self.joined[m][0].weight for m in members),
             encrypted_layout=layouts[0],
             plaintext_layout=layouts[1],
             initial_model_site=None if server_has_initial_model else members[0],
+            mask_keys=tuple(d.mask_key for d in declarations if d.mask_key is not None) if masked else (),
         )
 
 

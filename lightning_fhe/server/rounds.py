@@ -7,6 +7,12 @@ also caps the grace period, so a round never lasts longer than it. A member that
 waited for: the round closes once every remaining member arrived, and fails at once when fewer members remain than
 the quorum.
 
+A masked federation (:mod:`lightning_fhe.masking`) cannot close a round with a subset of the members it opened
+with: each update carries masks that cancel only in the sum over the attempt's members. Where an unmasked round
+would close without someone, a masked one is re-collected instead (:attr:`Outcome.RECOLLECT`): attempt ``t + 1``
+opens among the sites that did upload to attempt ``t``, each uploads its kept update again under masks for the new
+member set, and attempt ``t`` is dropped. It never reveals a mask.
+
 Nothing here reads a clock, sleeps or locks: callers pass ``now`` (seconds on any monotonic clock), which is what
 lets the tests walk through hours of rounds in microseconds.
 """
@@ -24,6 +30,7 @@ class Outcome(Enum):
     WAIT = "wait"
     CLOSE = "close"
     FAIL = "fail"
+    RECOLLECT = "recollect"  # masked: open the next attempt among the sites that uploaded to this one
 
 
 @dataclass(frozen=True)
@@ -104,19 +111,39 @@ class RoundState:
         (<Outcome.WAIT: 'wait'>, <Outcome.CLOSE: 'close'>)
     """
 
-    def __init__(self, number: int, members: Sequence[str], rule: QuorumRule, opened_at: float) -> None:
+    def __init__(
+        self, number: int, members: Sequence[str], rule: QuorumRule, opened_at: float, masked: bool = False
+    ) -> None:
         self.number = number
         self.members = tuple(members)
         self.rule = rule
         self.opened_at = opened_at
-        self.submitted: dict[str, float] = {}  # site -> when its update was recorded
+        self.masked = masked
+        self.attempt = 1
+        self.attempt_members = self.members  # whose masks cancel in this attempt's sum
+        self.submitted: dict[str, float] = {}  # site -> when its update was recorded (in this attempt)
         self.uploading: set[str] = set()
         self.left: set[str] = set()  # members that left: no longer waited for, refused if they submit
 
     @property
     def remaining(self) -> tuple[str, ...]:
-        """The members still taking part, in the members' order."""
-        return tuple(site for site in self.members if site not in self.left)
+        """The attempt's members still taking part, in the members' order."""
+        return tuple(site for site in self.attempt_members if site not in self.left)
+
+    def next_attempt(self, now: float) -> tuple[str, ...]:
+        """Opens the next attempt among the sites that uploaded to this one and are still taking part; returns them.
+
+        Their updates are dropped (the caller discards the sum): each sends its update again, masked for the new
+        members. The attempt has its own ``timeout_s`` from ``now``.
+        """
+        if not self.masked:
+            raise RuntimeError("only a masked round is re-collected")
+        self.attempt_members = tuple(site for site in self.attempt_members if site in self.submitted)
+        self.attempt_members = tuple(site for site in self.attempt_members if site not in self.left)
+        self.attempt += 1
+        self.submitted.clear()
+        self.opened_at = now
+        return self.attempt_members
 
     def leave(self, site: str) -> None:
         """``site`` takes part no further: the round stops waiting for it (an update it already sent stays in)."""
@@ -138,14 +165,31 @@ class RoundState:
                 f"round {round_number} is not open yet (current round {self.number})",
             )
 
-    def start_upload(self, site: str, round_number: int) -> None:
+    def start_upload(self, site: str, round_number: int, attempt: int | None = None) -> None:
         """Reserves ``site``'s submission for this round, or refuses it without changing anything."""
-        self.check_upload(site, round_number)
+        self.check_upload(site, round_number, attempt)
         self.uploading.add(site)
 
-    def check_upload(self, site: str, round_number: int) -> None:
-        """Refuses what :meth:`start_upload` would refuse (wrong round, not a member, duplicate, busy), reserving
-        nothing."""
+    def check_attempt(self, attempt: int) -> None:
+        """Refuses an upload masked for another attempt than the open one (masked rounds; 0 elsewhere)."""
+        if attempt == (self.attempt if self.masked else 0):
+            return
+        if not self.masked:
+            raise Refusal(
+                Status.INVALID_ARGUMENT,
+                Reason.BAD_REQUEST,
+                f"the update names attempt {attempt}, but this federation is not masked (attempt must be 0)",
+            )
+        raise Refusal(
+            Status.FAILED_PRECONDITION,
+            Reason.ATTEMPT_CHANGED,
+            f"the update is masked for attempt {attempt} of round {self.number}, but attempt {self.attempt} is open "
+            f"(members {', '.join(self.attempt_members)}): mask it for those and send it again",
+        )
+
+    def check_upload(self, site: str, round_number: int, attempt: int | None = None) -> None:
+        """Refuses what :meth:`start_upload` would refuse (wrong round or attempt, not a member, duplicate, busy),
+        reserving nothing. ``attempt`` None: not checked."""
         self.check_round(round_number)
         if site in self.left:
             raise Refusal(
@@ -158,6 +202,15 @@ class RoundState:
                 Status.PERMISSION_DENIED,
                 Reason.NOT_MEMBER,
                 f"site {site!r} may not submit to round {self.number}; its members are {', '.join(self.members)}",
+            )
+        if attempt is not None:
+            self.check_attempt(attempt)
+        if site not in self.attempt_members:
+            raise Refusal(
+                Status.FAILED_PRECONDITION,
+                Reason.NOT_IN_ATTEMPT,
+                f"site {site!r} is not in attempt {self.attempt} of round {self.number}: it is re-collected among "
+                f"{', '.join(self.attempt_members)}, the sites that uploaded to attempt {self.attempt - 1}",
             )
         if site in self.submitted:
             raise Refusal(
@@ -183,16 +236,24 @@ class RoundState:
     def decide(self, now: float) -> Decision:
         remaining = self.remaining
         quorum = min(self.rule.min_clients, len(self.members))
-        if self.left and len(remaining) < quorum:
+        if len(remaining) < quorum and (self.left or self.attempt > 1):
+            after = f"after {', '.join(sorted(self.left))} left" if self.left else f"in attempt {self.attempt}"
             return Decision(
-                Outcome.FAIL,
-                f"{len(remaining)} member(s) remain after {', '.join(sorted(self.left))} left, fewer than the quorum "
-                f"of {quorum} (min_clients)",
+                Outcome.FAIL, f"{len(remaining)} member(s) remain {after}, fewer than the quorum of {quorum} (min_clients)"
             )
         # Only the remaining members' arrivals count towards "everyone is here"; one that left after submitting
         # stays in the sum (its share is in total_share) but is not waited for.
         arrivals = [t for site, t in self.submitted.items() if site not in self.left]
-        return self.rule.decide(len(remaining), arrivals, self.opened_at, now)
+        decision = self.rule.decide(len(remaining), arrivals, self.opened_at, now)
+        if not self.masked or decision.outcome is not Outcome.CLOSE or set(self.submitted) == set(self.attempt_members):
+            return decision
+        # Masks cancel only over every member of the attempt: re-collect among those who uploaded, never reveal.
+        missing = [site for site in self.attempt_members if site not in self.submitted]
+        return Decision(
+            Outcome.RECOLLECT,
+            f"{decision.why}; attempt {self.attempt} lacks {', '.join(missing)}, so its masks do not cancel: "
+            f"re-collecting among {', '.join(s for s in remaining if s in self.submitted)}",
+        )
 
     @property
     def participants(self) -> tuple[str, ...]:

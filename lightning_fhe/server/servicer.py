@@ -31,6 +31,8 @@ from lightning_fhe.proto.wire import (
     REFUSAL_REASON_METADATA,
     SITE_NAME_METADATA,
     WIRE_DTYPES,
+    announcement_from_message,
+    announcement_message,
     block_payload,
 )
 from lightning_fhe.server.admission import MAX_WAIT_S, OPERATOR, CallLimiter, Method
@@ -152,6 +154,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                     he_fingerprint=request.he_fingerprint,
                     params_fingerprint=request.params_fingerprint,
                     rounds=request.rounds,
+                    mask_key=announcement_from_message(request.mask_key) if request.HasField("mask_key") else None,
+                    require_masking=request.require_masking,
                 )
                 result = self.federation.join(caller.name, declaration, request.max_wait_s, context.is_active)
             except Refusal as refusal:
@@ -167,6 +171,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             send_initial_model=result.send_initial_model,
             joined=result.joined,
             expected=result.expected,
+            masked=bool(result.mask_keys),
+            mask_keys=[announcement_message(key) for key in result.mask_keys],
         )
 
     # -- SubmitUpdate -----------------------------------------------------------------------------------------------
@@ -373,7 +379,7 @@ def _update_parts(messages: Iterator[pb.UpdatePart]) -> Iterator[UploadPart]:
         kind = message.WhichOneof("part")
         if kind == "header":
             h = message.header
-            yield UploadHeader(h.round, h.num_chunks, h.plaintext_count)
+            yield UploadHeader(h.round, h.num_chunks, h.plaintext_count, h.attempt)
         elif kind == "chunk":
             yield ChunkPart(message.chunk.index, message.chunk.data)
         elif kind == "plaintext":
@@ -400,4 +406,6 @@ def _status_message(view: StatusView) -> pb.RoundStatus:
         seconds_left=view.seconds_left,
         activity=[pb.MemberActivity(site=a.site, idle_s=a.idle_s, last_call=a.last_call) for a in view.activity],
         left=view.left,
+        attempt=view.attempt,
+        attempt_members=view.attempt_members,
     )
