@@ -71,7 +71,7 @@ def decode_global_model(model: GlobalModel, kit: SiteKit) -> dict:
         else:
             tensors = {}
             if encrypted.numel:
-                cipher = UpdateCipher(kit.he_context)
+                cipher = UpdateCipher(_secret_context(kit))
                 average = cipher.decrypt(model.encrypted_chunks, encrypted.numel, model.total_share)
                 tensors.update(encrypted.unflatten(average))
             tensors.update(plaintext.unflatten(model.plaintext))
@@ -79,6 +79,13 @@ def decode_global_model(model: GlobalModel, kit: SiteKit) -> dict:
         raise ExportError(f"round {model.round}: the global model does not match its layouts ({err})") from None
     tensors.pop(METRICS_TENSOR, None)  # the sites' averaged validation metrics ride in the update; not a weight
     return tensors
+
+
+def _secret_context(kit: SiteKit):
+    try:
+        return kit.secret_context()
+    except KitError as err:  # he.key = sites, before the sites made the key: not a layout problem
+        raise ExportError(str(err)) from None
 
 
 def save_atomically(tensors: dict, path: Path) -> None:

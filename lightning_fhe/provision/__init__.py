@@ -17,9 +17,11 @@ from lightning_fhe.provision.kits import (
     ServerKit,
     SiteKit,
     he_fingerprint,
+    key_fingerprint,
     load_server_kit,
     load_site_kit,
     provision,
+    save_site_key,
 )
 
 __all__ = [
@@ -33,10 +35,12 @@ __all__ = [
     "SiteKit",
     "he_fingerprint",
     "issue_client_cert",
+    "key_fingerprint",
     "issue_server_cert",
     "load_provision_config",
     "load_server_kit",
     "load_site_kit",
     "make_ca",
     "provision",
+    "save_site_key",
 ]

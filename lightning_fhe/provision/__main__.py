@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from lightning_fhe.provision.config import ProvisionConfig, ProvisionConfigError, load_provision_config
-from lightning_fhe.provision.kits import SERVER_FILES, SITE_FILES, load_server_kit, provision
+from lightning_fhe.provision.kits import SERVER_FILES, SITE_FILES, SITE_PARAMS_FILE, load_server_kit, provision
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
 def summary(config: ProvisionConfig, out: Path, fingerprint: str) -> str:
     """What was written and where each secret is, so whoever provisions hands each party the right folder."""
     width = max(len(name) for name in ("server", *config.clients)) + 2
-    site_files = ", ".join(SITE_FILES.values())
+    files = dict(SITE_FILES)
+    if config.he_key == "sites":
+        files["he_context"] = SITE_PARAMS_FILE
+    site_files = ", ".join(files.values())
     lines = [
         f"Provisioned federation {config.project!r} in {out}/ (HE fingerprint {fingerprint}):",
         f"  {'ca/':<{width}} ca.crt, ca.key: the CA private key; keep it offline, give it to no one",
@@ -44,9 +47,15 @@ def summary(config: ProvisionConfig, out: Path, fingerprint: str) -> str:
         f"  {'':<{width}} server.key is its TLS key; he_params.tenseal holds CKKS parameters only, no key of any kind",
     ]
     lines += [f"  {site + '/':<{width}} for site {site} only: {site_files}" for site in config.clients]
+    if config.he_key == "provisioned":
+        what = "he_context.tenseal is the CKKS SECRET key, the same at every site"
+    else:
+        what = (
+            "he.key: sites, so no kit holds a CKKS secret key (he_params.tenseal: parameters only); the sites make it "
+            "when the federation forms"
+        )
     lines += [
-        f"  {'':<{width}} client.key is each site's TLS key; he_context.tenseal is the CKKS SECRET key, the same at "
-        "every site",
+        f"  {'':<{width}} client.key is each site's TLS key; {what}",
         "Copy each kit to its participant over a secure channel. Private keys are mode 0600.",
     ]
     return "\n".join(lines)

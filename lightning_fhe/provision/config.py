@@ -18,6 +18,10 @@ from lightning_fhe.yaml_config import read_config
 
 SUPPORTED_HE_LIBS = ("tenseal",)
 
+# Who makes the CKKS secret key (he.key): "provisioned", whoever runs provisioning, into every site kit; "sites", the
+# sites themselves when the federation forms (lightning_fhe.masking.site_key), so that no one else ever holds it.
+KEY_SOURCES = ("provisioned", "sites")
+
 # Kit folders that live next to the site kits in the output folder, so no site may take their names.
 RESERVED_NAMES = ("ca", "server")
 
@@ -29,7 +33,7 @@ _DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 _KEYS = {"project", "server", "clients", "he"}
 _SERVER_KEYS = {"host", "port"}
-_HE_KEYS = {"lib", "config"}
+_HE_KEYS = {"lib", "config", "key"}
 
 
 class ProvisionConfigError(ValueError):
@@ -49,6 +53,9 @@ class ProvisionConfig:
         port: the aggregator's TCP port.
         clients: the site names, each one kit folder and one client certificate common name.
         params: the CKKS parameters every participant shares.
+        he_key: who makes the CKKS secret key: ``"provisioned"`` (written into every site kit, the default) or
+            ``"sites"`` (no kit holds it; the first member in name order makes it when the federation forms and
+            sends it to the others sealed under their pairwise keys, see ``docs/provisioning.md``).
     """
 
     project: str
@@ -56,6 +63,7 @@ class ProvisionConfig:
     port: int
     clients: tuple[str, ...]
     params: CKKSParams = field(default_factory=CKKSParams)
+    he_key: str = "provisioned"
 
     def __post_init__(self) -> None:
         if isinstance(self.clients, (list, tuple)):
@@ -66,6 +74,7 @@ class ProvisionConfig:
         _check_clients(self.clients)
         if not isinstance(self.params, CKKSParams):
             raise ProvisionConfigError(f"he.config: expected CKKSParams, got {type(self.params).__name__}")
+        _check_he_key(self.he_key)
         # A lower-case scheme is accepted, but written one way so that fingerprints of equal parameters agree.
         object.__setattr__(self, "params", replace(self.params, scheme=self.params.scheme.upper()))
 
@@ -79,7 +88,7 @@ class ProvisionConfig:
             "project": self.project,
             "server": {"host": self.host, "port": self.port},
             "clients": list(self.clients),
-            "he": {"lib": "tenseal", "config": self.params.to_dict()},
+            "he": {"lib": "tenseal", "config": self.params.to_dict(), "key": self.he_key},
         }
 
 
@@ -126,6 +135,7 @@ def _build(raw: Any) -> ProvisionConfig:
         port=_required(server, "port", "server."),
         clients=tuple(clients),
         params=params,
+        he_key=he.get("key", "provisioned"),
     )
 
 
@@ -178,6 +188,14 @@ def _check_host(host: object) -> None:
 def _check_port(port: object) -> None:
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ProvisionConfigError(f"server.port: expected an integer from 1 to 65535, got {port!r}")
+
+
+def _check_he_key(he_key: object) -> None:
+    if he_key not in KEY_SOURCES:
+        raise ProvisionConfigError(
+            f"he.key: {he_key!r} is not one of {list(KEY_SOURCES)}: 'provisioned' writes the CKKS secret key into "
+            "every site kit; 'sites' writes none, and the sites make it when the federation forms"
+        )
 
 
 def _check_clients(clients: object) -> None:

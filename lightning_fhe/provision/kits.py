@@ -8,6 +8,11 @@ Layout under the output folder::
     <site>/  ca.crt, client.crt, client.key,  one per site: TLS identity and the CKKS context with the secret key,
              he_context.tenseal, site.yaml    the same secret key at every site
 
+With ``he.key: sites`` no kit holds a secret key: a site kit has ``he_params.tenseal`` (parameters only) instead of
+``he_context.tenseal``, and ``site.yaml`` says ``he.key: sites``. The sites make the key when the federation forms
+(:mod:`lightning_fhe.masking.site_key`); each saves it into its kit folder with :func:`save_site_key`, which adds
+the key's fingerprint to ``site.yaml``, and from then on loads it like a provisioned one.
+
 A loader checks that a kit hangs together (certificate issued by the kit's CA, key matching certificate, HE context
 matching the YAML's parameters and fingerprint) so a mixed-up kit fails here, in words, and not later as a TLS
 handshake error or as decryptions that come out as noise.
@@ -40,7 +45,7 @@ from lightning_fhe.provision.certs import (
     issue_server_cert,
     make_ca,
 )
-from lightning_fhe.provision.config import ProvisionConfig, grpc_address
+from lightning_fhe.provision.config import KEY_SOURCES, ProvisionConfig, grpc_address
 
 KIT_FORMAT = 1
 CA_FILES = {"cert": "ca.crt", "key": "ca.key"}
@@ -58,7 +63,10 @@ SITE_FILES = {
     "he_context": "he_context.tenseal",
     "config": "site.yaml",
 }
+# he.key = sites: the parameters a site makes the key from; the key itself goes to SITE_FILES["he_context"].
+SITE_PARAMS_FILE = "he_params.tenseal"
 _HOW = "run python -m lightning_fhe.provision CONFIG --out DIR to make the kits"
+_KEY_FINGERPRINT_LABEL = b"lightning-fhe ckks secret key fingerprint v1\0"
 
 
 class KitError(ValueError):
@@ -71,7 +79,11 @@ class KitExistsError(KitError):
 
 @dataclass(frozen=True)
 class SiteKit:
-    """What a site needs: its TLS identity, the server's address, and the shared CKKS secret key."""
+    """What a site needs: its TLS identity, the server's address, and the shared CKKS secret key.
+
+    With ``he.key: sites`` (``key_source == "sites"``) ``he_context`` is None until the sites made the key and this
+    site saved it (:func:`save_site_key`); ``key_fingerprint`` then names it.
+    """
 
     path: Path
     name: str
@@ -80,10 +92,30 @@ class SiteKit:
     ca_cert: bytes
     cert: bytes
     key: bytes = field(repr=False)  # kept out of repr so a logged kit never shows a private key
-    he_context: HEContext = field(repr=False)
+    he_context: HEContext | None = field(repr=False)
     he_fingerprint: str = ""
     key_id: str = ""
     params: CKKSParams = field(default_factory=CKKSParams)
+    key_source: str = "provisioned"  # who made the CKKS secret key: "provisioned" or "sites"
+    key_fingerprint: str = ""  # he.key = sites: the saved key's key_fingerprint(); "" before, and when provisioned
+
+    @property
+    def awaits_site_key(self) -> bool:
+        """``he.key: sites`` and this site holds no key yet: it gets one when the federation forms."""
+        return self.he_context is None
+
+    def secret_context(self) -> HEContext:
+        """The CKKS context with the secret key.
+
+        Raises:
+            KitError: ``he.key: sites`` and the sites have not made the key yet (or this site has not saved it).
+        """
+        if self.he_context is None:
+            raise KitError(
+                f"{self.path}: no CKKS secret key yet: with he.key: sites the sites make it when the federation forms; "
+                "this site gets it when it joins (HEFederation does that before training)"
+            )
+        return self.he_context
 
 
 @dataclass(frozen=True)
@@ -121,6 +153,64 @@ def he_fingerprint(params: CKKSParams, key_id: bytes) -> str:
     return digest.hexdigest()[:32]  # 128 bits tell runs apart and stay short enough to compare by eye
 
 
+def key_fingerprint(context: HEContext) -> str:
+    """Names a CKKS secret key (``he.key: sites``): SHA-256 of a domain label and SEAL's serialization of the key.
+
+    Sites compare fingerprints to check they hold the same key, and bind it into the sealing of the key they pass
+    on. A hash of a high-entropy secret tells nothing about it. Raises :class:`HEKeyError` for a keyless context.
+    """
+    secret_key = context.secret_key()
+    fd = os.memfd_create("lightning-fhe-secret-key") if hasattr(os, "memfd_create") else -1
+    try:
+        if fd >= 0:  # in memory: the key never touches the disk
+            secret_key.save(f"/proc/self/fd/{fd}")
+            with open(f"/proc/self/fd/{fd}", "rb") as f:
+                data = f.read()
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                secret_key.save(str(Path(tmp) / "key"))
+                data = (Path(tmp) / "key").read_bytes()
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return hashlib.sha256(_KEY_FINGERPRINT_LABEL + data).hexdigest()
+
+
+def save_site_key(path: str | os.PathLike, context: HEContext) -> SiteKit:
+    """Saves the CKKS secret key the sites made into a ``he.key: sites`` site kit, and returns the kit reloaded.
+
+    ``he_context.tenseal`` is written first (mode 0600, to a temporary name, flushed, then renamed into place), then
+    ``site.yaml`` gets the key's :func:`key_fingerprint` the same way: a kit whose ``site.yaml`` names a fingerprint
+    holds the complete key, and one interrupted in between still counts as awaiting its key.
+
+    Raises:
+        KitError: not a ``he.key: sites`` site kit, a context without the secret key or with other parameters, or
+            the kit already holds another key.
+    """
+    path = Path(path)
+    kit = load_site_kit(path)
+    if kit.key_source != "sites":
+        raise KitError(f"{path}: its CKKS key was provisioned (he.key: {kit.key_source}); nothing to save")
+    if not context.has_secret_key:
+        raise KitError(f"{path}: the context to save holds no secret key")
+    if context.params != replace(kit.params, scheme=context.params.scheme):
+        raise KitError(
+            f"{path}: the key's CKKS parameters {context.params.to_dict()} differ from the kit's {kit.params.to_dict()}"
+        )
+    fingerprint = key_fingerprint(context)
+    if kit.key_fingerprint and kit.key_fingerprint != fingerprint:
+        raise KitError(
+            f"{path}: already holds the sites' key {kit.key_fingerprint}; refusing to replace it with {fingerprint}"
+        )
+    _write_atomically(path / SITE_FILES["he_context"], context.serialize(with_secret_key=True), private=True)
+    yaml_path = path / SITE_FILES["config"]
+    doc = _read_yaml(yaml_path, "site")
+    doc["key_fingerprint"] = fingerprint
+    header = _site_header(kit.name, kit.project, "sites")
+    _write_atomically(yaml_path, _yaml_text(header, doc).encode(), private=False)
+    return load_site_kit(path)
+
+
 def provision(config: ProvisionConfig, out_dir: str | os.PathLike, force: bool = False) -> dict[str, Path]:
     """Writes a new CA, the server kit and one kit per site under ``out_dir``.
 
@@ -146,17 +236,26 @@ def provision(config: ProvisionConfig, out_dir: str | os.PathLike, force: bool =
 
 
 def load_site_kit(path: str | os.PathLike) -> SiteKit:
-    """Loads and checks a site kit; the HE context must hold the secret key.
+    """Loads and checks a site kit; the HE context must hold the secret key (with ``he.key: sites``: once the
+    sites made it; before, ``he_context`` is None).
 
     Raises:
         KitError: a file is missing, or the kit's parts do not belong together.
     """
     path = Path(path)
-    _check_files(path, "site", SITE_FILES, other=("server", SERVER_FILES["config"]))
-    doc = _read_yaml(path / SITE_FILES["config"], "site")
-    name = _get(doc, "site", str, path / SITE_FILES["config"])
-    params, key_id, fingerprint = _he_identity(doc, path / SITE_FILES["config"])
-    he_context = _load_context(path / SITE_FILES["he_context"], params, require_secret_key=True, kind="site")
+    yaml_path = path / SITE_FILES["config"]
+    common = {k: v for k, v in SITE_FILES.items() if k != "he_context"}
+    _check_files(path, "site", common, other=("server", SERVER_FILES["config"]))
+    doc = _read_yaml(yaml_path, "site")
+    name = _get(doc, "site", str, yaml_path)
+    params, key_id, fingerprint = _he_identity(doc, yaml_path)
+    source = _key_source(doc, yaml_path)
+    site_key_fingerprint = ""
+    if source == "provisioned":
+        _check_files(path, "site", SITE_FILES, other=("server", SERVER_FILES["config"]))
+        he_context = _load_context(path / SITE_FILES["he_context"], params, require_secret_key=True, kind="site")
+    else:
+        he_context, site_key_fingerprint = _load_site_made_key(path, doc, params)
     ca_cert, cert, key = _load_tls(path, SITE_FILES, kind="site", expected_cn=name)
     return SiteKit(
         path=path,
@@ -170,6 +269,8 @@ def load_site_kit(path: str | os.PathLike) -> SiteKit:
         he_fingerprint=fingerprint,
         key_id=key_id,
         params=params,
+        key_source=source,
+        key_fingerprint=site_key_fingerprint,
     )
 
 
@@ -221,12 +322,15 @@ def _refuse_existing(out_dir: Path, names: list[str]) -> None:
 
 def _write_kits(staging: Path, config: ProvisionConfig) -> None:
     ca = make_ca(config.project)
+    # TenSEAL makes no context without a key. With he.key: sites this one's key stays in this process's memory,
+    # never serialized: the kits get its parameters only, and the sites make the federation's key themselves.
     site_context = HEContext.generate(config.params)
     # Random, and unrelated to the secret key: see he_fingerprint.
     key_id = secrets.token_bytes(16)
     he = {
         "lib": "tenseal",
         "config": config.params.to_dict(),
+        "key": config.he_key,
     }
     identity = {
         "he": he,
@@ -236,8 +340,9 @@ def _write_kits(staging: Path, config: ProvisionConfig) -> None:
     }
     _write_ca(_make_dir(staging / "ca"), ca)
     _write_server_kit(_make_dir(staging / "server"), config, ca, site_context.without_keys(), identity)
+    site_key = site_context if config.he_key == "provisioned" else site_context.without_keys()
     for site in config.clients:
-        _write_site_kit(_make_dir(staging / site), config, site, ca, site_context, identity)
+        _write_site_kit(_make_dir(staging / site), config, site, ca, site_key, identity)
 
 
 def _make_dir(path: Path) -> Path:
@@ -284,7 +389,12 @@ def _write_site_kit(
 ) -> None:
     pair = issue_client_cert(ca, site)
     _write_tls(folder, SITE_FILES, ca, pair)
-    context.save(folder / SITE_FILES["he_context"], with_secret_key=True)
+    files = {k: v for k, v in SITE_FILES.items() if k != "config"}
+    if config.he_key == "provisioned":
+        context.save(folder / SITE_FILES["he_context"], with_secret_key=True)
+    else:
+        context.save(folder / SITE_PARAMS_FILE, with_secret_key=False)
+        files["he_params"] = SITE_PARAMS_FILE  # he_context.tenseal appears when the sites made the key
     doc = {
         "kit": "site",
         "kit_format": KIT_FORMAT,
@@ -292,14 +402,23 @@ def _write_site_kit(
         "site": site,
         "server": config.server_address,
         **identity,
-        "files": {k: v for k, v in SITE_FILES.items() if k != "config"},
+        "files": files,
     }
-    header = (
-        f"Site kit of {site!r} in federation {config.project!r}, written by python -m lightning_fhe.provision.\n"
-        "Keep this folder private: client.key is the TLS private key and he_context.tenseal the CKKS secret key,\n"
-        "which every site shares and the server must never see."
+    _write_yaml(folder / SITE_FILES["config"], _site_header(site, config.project, config.he_key), doc)
+
+
+def _site_header(site: str, project: str, he_key: str) -> str:
+    first = f"Site kit of {site!r} in federation {project!r}, written by python -m lightning_fhe.provision.\n"
+    if he_key == "provisioned":
+        return first + (
+            "Keep this folder private: client.key is the TLS private key and he_context.tenseal the CKKS secret key,\n"
+            "which every site shares and the server must never see."
+        )
+    return first + (
+        "Keep this folder private: client.key is the TLS private key. he.key: sites: no one made the CKKS secret\n"
+        "key at provisioning; the sites make it when the federation forms, and this site saves it here as\n"
+        "he_context.tenseal (key_fingerprint names it). Only the sites ever hold it."
     )
-    _write_yaml(folder / SITE_FILES["config"], header, doc)
 
 
 def _write_tls(folder: Path, files: dict[str, str], ca: CertificateAuthority, pair: CertKeyPair) -> None:
@@ -309,8 +428,35 @@ def _write_tls(folder: Path, files: dict[str, str], ca: CertificateAuthority, pa
 
 
 def _write_yaml(path: Path, header: str, doc: dict[str, Any]) -> None:
+    path.write_text(_yaml_text(header, doc))
+
+
+def _yaml_text(header: str, doc: dict[str, Any]) -> str:
     comment = "".join(f"# {line}\n" for line in header.splitlines())
-    path.write_text(comment + OmegaConf.to_yaml(OmegaConf.create(doc)))
+    return comment + OmegaConf.to_yaml(OmegaConf.create(doc))
+
+
+def _write_atomically(path: Path, data: bytes, private: bool) -> None:
+    """Writes ``path`` so that a reader finds the old file or the new one, never part of one; ``private``: 0600
+    from creation."""
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if private:
+            write_private_file(staging, data)
+        else:
+            staging.write_bytes(data)
+        with open(staging, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself is durable
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _install(staging: Path, out_dir: Path, names: list[str], force: bool) -> None:
@@ -395,6 +541,40 @@ def _he_identity(doc: dict[str, Any], path: Path) -> tuple[CKKSParams, str, str]
             "another provisioning run's"
         )
     return params, key_id, fingerprint
+
+
+def _key_source(doc: dict[str, Any], path: Path) -> str:
+    source = doc["he"].get("key", "provisioned")  # kits written before he.key: provisioned
+    if source not in KEY_SOURCES:
+        raise KitError(f"{path}: he.key: {source!r} is not one of {list(KEY_SOURCES)}")
+    return source
+
+
+def _load_site_made_key(path: Path, doc: dict[str, Any], params: CKKSParams) -> tuple[HEContext | None, str]:
+    """``he.key: sites``: the key the sites made and this site saved, with its fingerprint; (None, "") before."""
+    yaml_path = path / SITE_FILES["config"]
+    if not (path / SITE_PARAMS_FILE).is_file():
+        raise KitError(f"{path} is not a site kit: missing {SITE_PARAMS_FILE}; {_HOW}")
+    _load_context(path / SITE_PARAMS_FILE, params, require_secret_key=False, kind="site")
+    fingerprint = doc.get("key_fingerprint")
+    key_file = path / SITE_FILES["he_context"]
+    if fingerprint is None:
+        return None, ""  # no key yet (a key file without a fingerprint: saving it was interrupted)
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise KitError(f"{yaml_path}: key_fingerprint: expected the saved key's fingerprint, got {fingerprint!r}")
+    if not key_file.is_file():
+        raise KitError(
+            f"{yaml_path} says this site saved the sites' CKKS key ({fingerprint}), but {key_file.name} is missing: "
+            f"restore it from a backup, or delete the key_fingerprint line to fetch this site's sealed copy from the "
+            "server again at the next join (the site that made the key has none to fetch)"
+        )
+    context = _load_context(key_file, params, require_secret_key=True, kind="site")
+    if key_fingerprint(context) != fingerprint:
+        raise KitError(
+            f"{key_file}: does not hold the key {yaml_path.name} names (key_fingerprint {fingerprint}): the file was "
+            "replaced or damaged; restore it from a backup"
+        )
+    return context, fingerprint
 
 
 def _load_context(path: Path, params: CKKSParams, require_secret_key: bool, kind: str) -> HEContext:
