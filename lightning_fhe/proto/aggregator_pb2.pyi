@@ -234,22 +234,20 @@ class RoundStatus(_message.Message):
     def __init__(self, phase: _Optional[_Union[RoundStatus.Phase, str]] = ..., current_round: _Optional[int] = ..., rounds: _Optional[int] = ..., last_closed_round: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., submitted: _Optional[_Iterable[str]] = ..., this_site_submitted: _Optional[bool] = ..., failure: _Optional[str] = ..., joined: _Optional[_Iterable[str]] = ..., seconds_left: _Optional[float] = ..., activity: _Optional[_Iterable[_Union[MemberActivity, _Mapping]]] = ..., left: _Optional[_Iterable[str]] = ..., site: _Optional[str] = ..., attempt: _Optional[int] = ..., attempt_members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SealedKey(_message.Message):
-    __slots__ = ("sender", "recipient", "ciphertext", "key_fingerprint")
+    __slots__ = ("sender", "recipient", "ciphertext", "key_fingerprint", "offset", "size")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     RECIPIENT_FIELD_NUMBER: _ClassVar[int]
     CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
     KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
     sender: str
     recipient: str
     ciphertext: bytes
     key_fingerprint: str
-    def __init__(self, sender: _Optional[str] = ..., recipient: _Optional[str] = ..., ciphertext: _Optional[bytes] = ..., key_fingerprint: _Optional[str] = ...) -> None: ...
-
-class SealedKeys(_message.Message):
-    __slots__ = ("keys",)
-    KEYS_FIELD_NUMBER: _ClassVar[int]
-    keys: _containers.RepeatedCompositeFieldContainer[SealedKey]
-    def __init__(self, keys: _Optional[_Iterable[_Union[SealedKey, _Mapping]]] = ...) -> None: ...
+    offset: int
+    size: int
+    def __init__(self, sender: _Optional[str] = ..., recipient: _Optional[str] = ..., ciphertext: _Optional[bytes] = ..., key_fingerprint: _Optional[str] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
 
 class SealedKeysReply(_message.Message):
     __slots__ = ("stored",)

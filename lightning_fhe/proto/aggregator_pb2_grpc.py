@@ -59,12 +59,12 @@ class AggregatorStub:
                 request_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.LeaveReply.FromString,
                 _registered_method=True)
-        self.ShareSealedKeys = channel.unary_unary(
+        self.ShareSealedKeys = channel.stream_unary(
                 '/lightning_fhe.v2.Aggregator/ShareSealedKeys',
-                request_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.SealedKeys.SerializeToString,
+                request_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.SealedKey.SerializeToString,
                 response_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.SealedKeysReply.FromString,
                 _registered_method=True)
-        self.FetchSealedKey = channel.unary_unary(
+        self.FetchSealedKey = channel.unary_stream(
                 '/lightning_fhe.v2.Aggregator/FetchSealedKey',
                 request_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.FetchSealedKeyRequest.SerializeToString,
                 response_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.SealedKey.FromString,
@@ -116,10 +116,12 @@ class AggregatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ShareSealedKeys(self, request, context):
+    def ShareSealedKeys(self, request_iterator, context):
         """With he.key = sites (no provisioned CKKS key): the first member in name order sends the CKKS secret key it
         generated, sealed for each other member under their pairwise key; the server stores and relays the sealed
-        copies, which it cannot open. FetchSealedKey waits up to max_wait_s for this site's copy.
+        copies, which it cannot open. A sealed key (about 160 KB for N=8192) exceeds one message, so both calls stream
+        it in pieces of at most 64 KiB: ShareSealedKeys every other member's copy, each copy's pieces in order;
+        FetchSealedKey this site's copy, once it is there (waiting up to max_wait_s; NOT_FOUND "key_pending" if not).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -159,12 +161,12 @@ def add_AggregatorServicer_to_server(servicer, server):
                     request_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.LeaveRequest.FromString,
                     response_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.LeaveReply.SerializeToString,
             ),
-            'ShareSealedKeys': grpc.unary_unary_rpc_method_handler(
+            'ShareSealedKeys': grpc.stream_unary_rpc_method_handler(
                     servicer.ShareSealedKeys,
-                    request_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.SealedKeys.FromString,
+                    request_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.SealedKey.FromString,
                     response_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.SealedKeysReply.SerializeToString,
             ),
-            'FetchSealedKey': grpc.unary_unary_rpc_method_handler(
+            'FetchSealedKey': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchSealedKey,
                     request_deserializer=lightning__fhe_dot_proto_dot_aggregator__pb2.FetchSealedKeyRequest.FromString,
                     response_serializer=lightning__fhe_dot_proto_dot_aggregator__pb2.SealedKey.SerializeToString,
@@ -316,7 +318,7 @@ class Aggregator:
             _registered_method=True)
 
     @staticmethod
-    def ShareSealedKeys(request,
+    def ShareSealedKeys(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -326,11 +328,11 @@ class Aggregator:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_unary(
+            request_iterator,
             target,
             '/lightning_fhe.v2.Aggregator/ShareSealedKeys',
-            lightning__fhe_dot_proto_dot_aggregator__pb2.SealedKeys.SerializeToString,
+            lightning__fhe_dot_proto_dot_aggregator__pb2.SealedKey.SerializeToString,
             lightning__fhe_dot_proto_dot_aggregator__pb2.SealedKeysReply.FromString,
             options,
             channel_credentials,
@@ -353,7 +355,7 @@ class Aggregator:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/lightning_fhe.v2.Aggregator/FetchSealedKey',

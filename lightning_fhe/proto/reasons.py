@@ -39,6 +39,8 @@ class Reason(str, Enum):
     NO_SUCH_ROUND = "no_such_round"
     GONE = "gone"
     DATA_LOSS = "data_loss"
+    KEY_PENDING = "key_pending"  # he.key = sites: the key's maker has not shared it yet
+    NOT_SHARER = "not_sharer"  # he.key = sites: only the first member in name order shares the key
 
     @classmethod
     def parse(cls, value: str | None) -> Reason | None:

@@ -52,6 +52,8 @@ class Method(str, Enum):
     DOWNLOAD = "GetGlobalModel"
     STATUS = "GetRoundStatus"
     LEAVE = "Leave"
+    SHARE_KEYS = "ShareSealedKeys"
+    FETCH_KEY = "FetchSealedKey"
 
 
 def check_caller(

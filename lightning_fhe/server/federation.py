@@ -27,6 +27,7 @@ import torch
 
 from lightning_fhe.he.context import HEContext
 from lightning_fhe.masking.announcement import Announcement
+from lightning_fhe.proto.sealed_keys import SealedKeyShare, key_sharer
 from lightning_fhe.proto.update_shape import UpdateShape, update_shape
 from lightning_fhe.server.accumulator import Aggregate, RoundAccumulator, Upload
 from lightning_fhe.server.activity import ActivityLog, MemberActivity
@@ -99,7 +100,8 @@ class JoinResult:
     rounds: int = 0
     current_round: int = 0
     send_initial_model: bool = False
-    mask_keys: tuple[Announcement, ...] = ()  # masked federations: every member's signed mask key
+    mask_keys: tuple[Announcement, ...] = ()  # every member's signed mask key, when every member sent one
+    masked: bool = False  # updates are masked
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,7 @@ class Federation:
         self._last_close_why = ""
         self._activity = ActivityLog(started_at=clock())
         self._stream_cancels: set[Callable[[Refusal], None]] = set()  # of the uploads reading their stream
+        self.sealed_keys: SealedKeyShare | None = None  # he.key = sites: the CKKS key's sealed copies, once shared
         self._restore()
 
     # -- start-up ---------------------------------------------------------------------------------------------------
@@ -245,6 +248,13 @@ class Federation:
             )
         membership = record.membership
         self.last_closed_round = store.check_resumable(record, self.config.rounds)
+        self.sealed_keys = store.load_sealed_keys()
+        if self.sealed_keys is not None and not _shared_among(self.sealed_keys, membership.members):
+            raise StateError(
+                f"state_dir {store.root}: the sealed keys are from {self.sealed_keys.sender!r} for "
+                f"{', '.join(self.sealed_keys.keys)}, which does not fit the members {', '.join(membership.members)}: "
+                "the file belongs to another federation; remove it"
+            )
         if self.last_closed_round < 0 and self._initial_state is None and membership.initial_model_site is None:
             # Formed with a configured initial model that is no longer configured: a member sends it instead.
             membership = replace(membership, initial_model_site=membership.members[0])
@@ -314,6 +324,7 @@ class Federation:
                 )
                 assert self.membership is not None
                 self.membership.check_rejoin(site, declaration)
+                self._check_key_fingerprint(site, declaration)
                 self._renew_mask_key(site, declaration)
                 logger.info("member %s joined again", site)
             deadline = now + max_wait_s
@@ -331,10 +342,128 @@ class Federation:
         membership = self.membership
         assert membership is not None
         key = declaration.mask_key
-        if not membership.masked or key is None or key == membership.mask_keys[membership.members.index(site)]:
+        if not membership.mask_keys or key is None or key == membership.mask_keys[membership.members.index(site)]:
             return
         self.membership = membership.with_mask_key(key)
         self._save_record()
+
+    def _check_key_fingerprint(self, site: str, declaration: SiteDeclaration) -> None:
+        """Refuses a member that announces another CKKS key than the one the sites made (he.key = sites)."""
+        shared, key = self.sealed_keys, declaration.mask_key
+        if shared is None or key is None or not key.key_fingerprint or key.key_fingerprint == shared.key_fingerprint:
+            return
+        raise Refusal(
+            Status.FAILED_PRECONDITION,
+            Reason.MISMATCH,
+            f"site {site!r} holds another CKKS key (key fingerprint {key.key_fingerprint}) than the one "
+            f"{shared.sender!r} made for the federation ({shared.key_fingerprint}): its he_context.tenseal and "
+            "site.yaml were replaced; restore the site's kit folder from a backup",
+        )
+
+    # -- the sites' CKKS key (he.key = sites) -----------------------------------------------------------------------
+
+    def check_key_sharer(self, site: str) -> tuple[str, ...]:
+        """Refuses ``site`` unless it may share the CKKS key now (it is the first member in name order of the formed
+        federation); returns the members, who get one sealed copy each but the sharer."""
+        with self._cond:
+            now = self._clock()
+            self._tick_locked(now)
+            self._refuse_if_failed()
+            self._note_heard(site, "key", now)
+            members = self._formed_members("share the CKKS key")
+            sharer = key_sharer(members)
+            if site != sharer:
+                raise Refusal(
+                    Status.PERMISSION_DENIED,
+                    Reason.NOT_SHARER,
+                    f"site {site!r} may not share the CKKS key: {sharer!r}, the first member in name order, makes it",
+                )
+            return members
+
+    def share_sealed_keys(self, site: str, share: SealedKeyShare) -> int:
+        """Stores the sealed copies of the CKKS key (one per other member, checked by the caller's
+        :class:`~lightning_fhe.proto.sealed_keys.SealedKeyAssembler`) in ``state_dir``; returns how many it holds.
+
+        Once per federation: sharing the same key again (same fingerprint and members) keeps the copies stored first
+        and succeeds; another key is refused (ALREADY_EXISTS), since members that fetched the first would hold a
+        different key than the others.
+        """
+        with self._cond:
+            members = self.check_key_sharer(site)
+            stored = self.sealed_keys
+            if stored is not None:
+                if stored.same_key(share):
+                    logger.info("site %s shared key %s again; the first copies stay", site, share.key_fingerprint)
+                    return len(stored.keys)
+                raise Refusal(
+                    Status.ALREADY_EXISTS,
+                    Reason.DUPLICATE,
+                    f"the CKKS key was already shared (key fingerprint {stored.key_fingerprint}); {site!r} sends "
+                    f"another ({share.key_fingerprint}): members that fetched the first would hold a different key",
+                )
+            if share.sender != site or not _shared_among(share, members):
+                raise Refusal(
+                    Status.INVALID_ARGUMENT,
+                    Reason.BAD_REQUEST,
+                    f"the sealed keys must come from {site!r} for every other member ({', '.join(members)})",
+                )
+            try:
+                self.store.save_sealed_keys(share)
+            except OSError as err:
+                raise Refusal(
+                    Status.UNAVAILABLE, Reason.BUSY, f"cannot write the sealed keys to state_dir: {err}; try again"
+                ) from None
+            self.sealed_keys = share
+            logger.info(
+                "site %s shared the CKKS key %s, sealed for %s", site, share.key_fingerprint, ", ".join(share.keys)
+            )
+            self._cond.notify_all()
+            return len(share.keys)
+
+    def fetch_sealed_key(
+        self, site: str, max_wait_s: float = 0.0, is_active: Callable[[], bool] = lambda: True
+    ) -> tuple[SealedKeyShare, bytes]:
+        """This member's sealed copy of the CKKS key (with the share it belongs to), waiting up to ``max_wait_s``
+        for the key's maker to share it; NOT_FOUND (``key_pending``) if it has not by then."""
+        max_wait_s = clamp_wait(max_wait_s)
+        with self._cond:
+            now = self._clock()
+            self._tick_locked(now)
+            self._refuse_if_failed()
+            self._note_heard(site, "key", now)
+            members = self._formed_members("fetch the CKKS key")
+            sharer = key_sharer(members)
+            if site == sharer:
+                raise Refusal(
+                    Status.FAILED_PRECONDITION,
+                    Reason.BAD_REQUEST,
+                    f"site {site!r} is the first member in name order: it makes the CKKS key, and has no copy to fetch",
+                )
+            deadline = now + max_wait_s
+            while True:
+                shared = self.sealed_keys
+                if shared is not None:
+                    if site not in shared.keys:  # every member but the sharer gets one: a damaged state_dir
+                        raise Refusal(Status.NOT_FOUND, Reason.BAD_REQUEST, f"no sealed key for {site!r} is stored")
+                    return shared, shared.keys[site]
+                self._refuse_if_failed()
+                remaining = deadline - self._clock()
+                if remaining <= 0 or not is_active():
+                    raise Refusal(
+                        Status.NOT_FOUND,
+                        Reason.KEY_PENDING,
+                        f"{sharer!r}, the first member in name order, has not shared the CKKS key yet; ask again",
+                    )
+                self._cond.wait(min(remaining, _POLL_S))
+
+    def _formed_members(self, what: str) -> tuple[str, ...]:
+        if self.phase is Phase.FORMING or self.membership is None:
+            raise Refusal(
+                Status.FAILED_PRECONDITION,
+                Reason.NOT_JOINED,
+                f"the federation is still forming: its members {what} once it formed",
+            )
+        return self.membership.members
 
     def _flatten_initial(self, declaration: SiteDeclaration) -> np.ndarray:
         assert self._initial_state is not None
@@ -364,6 +493,7 @@ class Federation:
             current_round=max(self.current_round, 1),
             send_initial_model=self.last_closed_round < 0 and membership.initial_model_site == site,
             mask_keys=membership.mask_keys,
+            masked=membership.masked,
         )
 
     # -- submitting -------------------------------------------------------------------------------------------------
@@ -995,3 +1125,10 @@ class Federation:
                 last_closed_round=self.last_closed_round,
             )
         )
+
+
+def _shared_among(share: SealedKeyShare, members: tuple[str, ...]) -> bool:
+    """Whether ``share`` is what the federation of ``members`` takes: from the first in name order, one sealed copy
+    for every other member."""
+    sharer = key_sharer(members)
+    return share.sender == sharer and set(share.keys) == set(members) - {sharer}

@@ -85,11 +85,10 @@ class Membership:
     encrypted_layout: TensorLayout
     plaintext_layout: TensorLayout
     initial_model_site: str | None  # the site that sends round 0, or None when the server has initial_model
-    mask_keys: tuple[Announcement, ...] = ()  # masked federations: every member's, in members' order; else empty
-
-    @property
-    def masked(self) -> bool:
-        return bool(self.mask_keys)
+    # Every member's announcement, in members' order, when every member sent one (masked or not: he.key = sites
+    # needs them to seal the CKKS key); else empty.
+    mask_keys: tuple[Announcement, ...] = ()
+    masked: bool = False  # updates are masked (masked_by the members' declarations); implies mask_keys
 
     @property
     def total_weight(self) -> float:
@@ -119,10 +118,12 @@ class Membership:
                 "weights are fixed when the federation forms",
             )
         check_layouts(declaration, self.encrypted_layout, self.plaintext_layout)
-        if not self.masked:
+        if not self.mask_keys:
             return
         announced = self.mask_keys[self.members.index(site)]
         if declaration.mask_key is None:
+            if not self.masked:
+                return  # its announcement from formation stays; an unmasked federation needs no new one
             raise Refusal(
                 Status.FAILED_PRECONDITION,
                 Reason.MISMATCH,
@@ -130,7 +131,7 @@ class Membership:
                 "from every member): keep masking on at this site",
             )
         check_mask_key(site, declaration.mask_key)
-        if declaration.mask_key.public_key != announced.public_key:
+        if self.masked and declaration.mask_key.public_key != announced.public_key:
             raise Refusal(
                 Status.FAILED_PRECONDITION,
                 Reason.MISMATCH,
@@ -139,8 +140,8 @@ class Membership:
             )
 
     def with_mask_key(self, key: Announcement) -> Membership:
-        """The membership with ``key`` in place of its site's announcement (same public key; e.g. a new key
-        fingerprint after a restart)."""
+        """The membership with ``key`` in place of its site's announcement (e.g. a new key fingerprint after a
+        restart; in a masked federation the public key is the same, :meth:`check_rejoin` refuses another)."""
         keys = tuple(key if old.site == key.site else old for old in self.mask_keys)
         return replace(self, mask_keys=keys)
 
@@ -152,10 +153,12 @@ class Membership:
             "plaintext_layout": self.plaintext_layout.to_dict(),
             "initial_model_site": self.initial_model_site,
             "mask_keys": [key.to_dict() for key in self.mask_keys],
+            "masked": self.masked,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Membership:
+        mask_keys = tuple(Announcement.from_dict(key) for key in data.get("mask_keys", ()))
         return cls(
             members=tuple(str(m["name"]) for m in data["members"]),
             weights=tuple(float(m["weight"]) for m in data["members"]),
@@ -163,7 +166,8 @@ class Membership:
             encrypted_layout=TensorLayout.from_dict(data["encrypted_layout"], max_values=2**62),
             plaintext_layout=TensorLayout.from_dict(data["plaintext_layout"], max_values=2**62),
             initial_model_site=data.get("initial_model_site"),
-            mask_keys=tuple(Announcement.from_dict(key) for key in data.get("mask_keys", ())),
+            mask_keys=mask_keys,
+            masked=bool(data.get("masked", bool(mask_keys))),  # records before "masked" kept keys only when masked
         )
 
 
@@ -263,14 +267,15 @@ class Formation:
         last = members[-1]
         check_total_weight(last, self.joined[last][0].weight, [d.weight for d, _ in self.joined.values()])
         declarations = [self.joined[m][0] for m in members]
-        masked = masked_by(declarations)
+        announced = all(d.mask_key is not None for d in declarations)
         return Membership(
             members=members,
             weights=tuple(self.joined[m][0].weight for m in members),
             encrypted_layout=layouts[0],
             plaintext_layout=layouts[1],
             initial_model_site=None if server_has_initial_model else members[0],
-            mask_keys=tuple(d.mask_key for d in declarations if d.mask_key is not None) if masked else (),
+            mask_keys=tuple(d.mask_key for d in declarations if d.mask_key is not None) if announced else (),
+            masked=masked_by(declarations),
         )
 
 

@@ -26,6 +26,13 @@ from cryptography.hazmat.primitives import serialization
 from lightning_fhe.he.layout import LayoutError, TensorLayout
 from lightning_fhe.proto import aggregator_pb2 as pb
 from lightning_fhe.proto import aggregator_pb2_grpc as pb_grpc
+from lightning_fhe.proto.sealed_keys import (
+    SealedKeyAssembler,
+    SealedKeyError,
+    SealedKeyPiece,
+    max_sealed_key_bytes,
+    split_sealed_key,
+)
 from lightning_fhe.proto.wire import (
     PLAINTEXT_BLOCK_VALUES,
     REFUSAL_REASON_METADATA,
@@ -171,7 +178,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             send_initial_model=result.send_initial_model,
             joined=result.joined,
             expected=result.expected,
-            masked=bool(result.mask_keys),
+            masked=result.masked,
             mask_keys=[announcement_message(key) for key in result.mask_keys],
         )
 
@@ -258,6 +265,49 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             except Refusal as refusal:
                 _abort(context, refusal)
         return pb.LeaveReply(members_left=remaining)
+
+    # -- ShareSealedKeys, FetchSealedKey (he.key = sites) -----------------------------------------------------------
+
+    def ShareSealedKeys(
+        self, request_iterator: Iterator[pb.SealedKey], context: grpc.ServicerContext
+    ) -> pb.SealedKeysReply:
+        with self._admitted(context, Method.SHARE_KEYS) as caller:
+            stream = IdleDeadlineStream(request_iterator, self.federation.config.stream_idle_s)
+            try:
+                members = self.federation.check_key_sharer(caller.name)  # before any piece is read
+                assembler = SealedKeyAssembler(caller.name, members, max_sealed_key_bytes(self.federation.params))
+                try:
+                    for message in stream:
+                        assembler.add(_sealed_key_piece(message))
+                    share = assembler.finish()
+                except SealedKeyError as err:
+                    raise Refusal(Status.INVALID_ARGUMENT, Reason.BAD_REQUEST, f"sealed keys: {err}") from None
+                stored = self.federation.share_sealed_keys(caller.name, share)
+            except Refusal as refusal:
+                _abort(context, refusal)
+            except grpc.RpcError:
+                _abort(context, Refusal(Status.CANCELLED, Reason.GONE, "the stream broke; nothing of it was kept"))
+            finally:
+                stream.close()
+        return pb.SealedKeysReply(stored=stored)
+
+    def FetchSealedKey(
+        self, request: pb.FetchSealedKeyRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.SealedKey]:
+        with self._admitted(context, Method.FETCH_KEY) as caller:
+            try:
+                share, sealed = self.federation.fetch_sealed_key(caller.name, request.max_wait_s, context.is_active)
+            except Refusal as refusal:
+                _abort(context, refusal)
+            for piece in split_sealed_key(share.sender, caller.name, share.key_fingerprint, sealed):
+                yield pb.SealedKey(
+                    sender=piece.sender,
+                    recipient=piece.recipient,
+                    ciphertext=piece.data,
+                    key_fingerprint=piece.key_fingerprint,
+                    offset=piece.offset,
+                    size=piece.size,
+                )
 
     # -- GetRoundStatus ---------------------------------------------------------------------------------------------
 
@@ -372,6 +422,17 @@ def _layout(text: str, field: str, max_values: int) -> TensorLayout:
         return TensorLayout.from_json(text, max_values)
     except LayoutError as err:
         raise Refusal(Status.INVALID_ARGUMENT, Reason.BAD_LAYOUT, f"{field}: {err}") from None
+
+
+def _sealed_key_piece(message: pb.SealedKey) -> SealedKeyPiece:
+    return SealedKeyPiece(
+        sender=message.sender,
+        recipient=message.recipient,
+        key_fingerprint=message.key_fingerprint,
+        offset=message.offset,
+        size=message.size,
+        data=message.ciphertext,
+    )
 
 
 def _update_parts(messages: Iterator[pb.UpdatePart]) -> Iterator[UploadPart]:

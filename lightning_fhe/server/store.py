@@ -4,6 +4,8 @@ Files::
 
     federation.json     the members, their weights and W, the layouts, the HE fingerprint, the closed-round counter
     round-0003.agg      round 3's aggregate: the global chunks, the plaintext average, total_share, participants
+    sealed_keys.json    he.key = sites: the CKKS key's sealed copies, one per member but its maker (ciphertexts the
+                        server cannot open), so that a restarted server still hands them out
 
 Every file is written to a temporary name in the same folder, flushed to disk (fsync), then renamed over its final
 name, and the folder is fsynced: a reader sees the old file or the new one, never half of one. A round's
@@ -22,7 +24,8 @@ Aggregate file format (little-endian)::
 Every state file carries a SHA-256 checksum, because an edited ``total_share`` or member weight would otherwise be
 served as a silently wrong model: ``federation.json`` holds one over the canonical JSON of its other fields, an
 aggregate one over its header (checked when the file is opened) and one over its body (checked as the last block is
-read, before it is sent). Format 3 (protocol v2's chunks) reads no older state.
+read, before it is sent). Format 3 (protocol v2's chunks) reads no older state. ``sealed_keys.json`` holds one over
+its canonical JSON as well (its copies are also sealed: a recipient detects any change to its own).
 
 The folder is kept private (0700; a folder of someone else's is refused) and every file is written 0600: the
 aggregates hold plaintext averages.
@@ -43,10 +46,13 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from lightning_fhe.proto.sealed_keys import SealedKeyShare
 from lightning_fhe.server.accumulator import Aggregate
 from lightning_fhe.server.membership import Membership
 
 FEDERATION_FILE = "federation.json"
+SEALED_KEYS_FILE = "sealed_keys.json"
+SEALED_KEYS_FORMAT = 1
 STATE_FORMAT = 3
 _MAGIC = b"LFHEAGG3"
 _AGGREGATE = re.compile(r"round-(\d{4,})\.agg")
@@ -247,6 +253,31 @@ class StateStore:
         data = record.to_dict()
         data["sha256"] = _canonical_sha256(data)
         self._write_atomically(FEDERATION_FILE, [json.dumps(data, indent=1).encode() + b"\n"])
+
+    # -- sealed keys (he.key = sites) ------------------------------------------------------------------------------
+
+    def load_sealed_keys(self) -> SealedKeyShare | None:
+        path = self.root / SEALED_KEYS_FILE
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict) or data.get("format") != SEALED_KEYS_FORMAT:
+                raise StateError(f"{path}: format {data.get('format')!r}, this server reads {SEALED_KEYS_FORMAT}")
+            checksum = data.pop("sha256", None)
+            if checksum != _canonical_sha256(data):
+                raise StateError(
+                    f"{path}: does not match its checksum; it was edited or is corrupt (restore it: without it the "
+                    "sites that have not fetched the CKKS key yet cannot get it)"
+                )
+            return SealedKeyShare.from_dict(data)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise StateError(f"{path}: cannot resume from it ({err})") from None
+
+    def save_sealed_keys(self, share: SealedKeyShare) -> None:
+        data = {"format": SEALED_KEYS_FORMAT, **share.to_dict()}
+        data["sha256"] = _canonical_sha256(data)
+        self._write_atomically(SEALED_KEYS_FILE, [json.dumps(data, indent=1).encode() + b"\n"])
 
     # -- aggregates ------------------------------------------------------------------------------------------------
 
