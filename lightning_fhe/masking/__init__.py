@@ -11,12 +11,22 @@ from lightning_fhe.masking.keys import (
     federation_id,
     verify_announcements,
 )
+from lightning_fhe.masking.masks import (
+    MaskReuseError,
+    PairwiseMasks,
+    chunk_nonce,
+    keystream_mod,
+)
 
 __all__ = [
     "Announcement",
     "MaskIdentity",
     "MaskKeyError",
+    "MaskReuseError",
+    "PairwiseMasks",
     "announcement_message",
+    "chunk_nonce",
     "federation_id",
+    "keystream_mod",
     "verify_announcements",
 ]
