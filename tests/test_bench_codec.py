@@ -18,7 +18,9 @@ CHUNK = 8192  # values per ciphertext with the seed's parameters
 @pytest.fixture(scope="module")
 def result():
     torch.manual_seed(0)
-    state = {"conv.weight": torch.randn(16, 8, 3, 3, 3) * 0.05, "conv.bias": torch.zeros(16), "norm.weight": torch.ones(9000)}
+    state = {
+        "conv.weight": torch.randn(16, 8, 3, 3, 3) * 0.05, "conv.bias": torch.zeros(16), "norm.weight": torch.ones(9000)
+    }
     return codec.measure(state, "small", clients=3, workers=2, log=lambda message: None)
 
 

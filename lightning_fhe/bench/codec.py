@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 import tenseal as ts
-import tenseal.sealapi as sealapi
 import torch
+from tenseal import sealapi
 
 from lightning_fhe.he import CKKSParams, HEContext
 from lightning_fhe.he.codec import ChunkSum
@@ -87,7 +87,9 @@ def _timed(work: Callable, *args, **kwargs) -> tuple[Any, float]:
 
 
 def _baseline(params: CKKSParams, state: dict[str, torch.Tensor]) -> dict[str, float]:
-    context = ts.context(ts.SCHEME_TYPE.CKKS, params.poly_modulus_degree, coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes))
+    context = ts.context(
+        ts.SCHEME_TYPE.CKKS, params.poly_modulus_degree, coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes)
+    )
     context.global_scale = params.scale
     arrays = [t.detach().double().reshape(-1).numpy() for t in state.values()]
     with _stdout_silenced():  # TenSEAL's C++ warns on stdout for every vector longer than one ciphertext
@@ -230,9 +232,9 @@ def _measure_ours(state, layout, params, clients, rng, site, server, pool, one_w
         log(f"lightning_fhe: site {k + 1}/{clients} encrypts ...")
         values = layout.flatten({n: t + 0.01 * torch.randn_like(t) for n, t in state.items()})
         if k == 0:  # once is enough for the ratio, and keeps 30 sites affordable
-            _, seconds = _timed(lambda: list(one_worker.iter_encrypt(values, shares[k], where=layout.locate)))
+            _, seconds = _timed(lambda v=values, w=shares[k]: list(one_worker.iter_encrypt(v, w, where=layout.locate)))
             encrypt_one_s.append(seconds)
-        frames, seconds = _timed(lambda: list(pool.iter_encrypt(values, shares[k], where=layout.locate)))
+        frames, seconds = _timed(lambda v=values, w=shares[k]: list(pool.iter_encrypt(v, w, where=layout.locate)))
         encrypt_s.append(seconds)
         if k == 0:
             log(f"lightning_fhe: site 1 masks its chunks with {clients - 1} peers ...")
@@ -329,14 +331,18 @@ def format_table(result: dict[str, Any]) -> str:
         f"{ours['mask_vs_encrypt']:.2f}x its encryption"
     )
     lines = [
-        f"{result['model']}: {result['params']:,} parameters, {raw / 1e6:.1f} MB fp32, {k} sites, {workers} workers, "
-        f"load average {result.get('load_average', float('nan')):.2f}",
+        (
+            f"{result['model']}: {result['params']:,} parameters, {raw / 1e6:.1f} MB fp32, {k} sites, "
+            f"{workers} workers, load average {result.get('load_average', float('nan')):.2f}"
+        ),
         "",
         *rows,
         "",
         f"rebuild of the sum from {k} seeds (inside decrypt, one process): {ours['rebuild_s']:.2f} s",
-        f"server aggregation per site update: numpy {ours['aggregate_s_per_client']:.3f} s, "
-        f"SEAL load+add_inplace {base['aggregate_s_per_client']:.3f} s (keyless both)",
+        (
+            f"server aggregation per site update: numpy {ours['aggregate_s_per_client']:.3f} s, "
+            f"SEAL load+add_inplace {base['aggregate_s_per_client']:.3f} s (keyless both)"
+        ),
         f"server expanding the seeds for the summed download: {summed['server_s']:.2f} s",
         f"pool start (once per fit): {ours['pool_start_s']:.2f} s",
         masks,
