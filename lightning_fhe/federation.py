@@ -81,7 +81,8 @@ class HEFederation(Callback):
         trainer.fit(BoringModel())
 
     Args:
-        kit: the site kit folder written by ``python -m lightning_fhe.provision`` (certificates and CKKS secret key).
+        kit: the site kit folder written by ``python -m lightning_fhe.provision`` (certificates and CKKS secret key;
+            with ``he.key: sites`` the site saves the key the sites make into it when it first joins).
         server: ``"host:port"`` of the aggregator; default: the address in the kit's ``site.yaml``.
         local_epochs: training epochs between two exchanges (one round).
         rounds: number of rounds; default: ``max_epochs // local_epochs``. Must match the server's ``rounds``.
@@ -446,7 +447,8 @@ class HEFederation(Callback):
     def _check_kit(self):
         from lightning_fhe.provision import KitError, load_site_kit
 
-        if self.insecure and not (self.kit / "he_context.tenseal").exists():
+        keyless = not (self.kit / "he_context.tenseal").exists() and not (self.kit / "he_params.tenseal").exists()
+        if self.insecure and keyless:  # (a he.key = sites kit holds he_params.tenseal until the sites made the key)
             raise FederationSetupError(f"{self.kit}: no he_context.tenseal; even --insecure needs the CKKS secret key")
         try:
             return load_site_kit(self.kit)
@@ -481,6 +483,8 @@ class HEFederation(Callback):
         state = pl_module.state_dict()
         split = self._split(state, pl_module)
         planned = self._planned_rounds(trainer)
+        if kit.awaits_site_key:  # he.key = sites, and this site has no key yet: the sites make it at formation
+            kit = self._obtain_site_key(kit, weight, split, state, planned, trainer)
         client = AggregatorClient(
             kit,
             self.server,
@@ -537,6 +541,27 @@ class HEFederation(Callback):
             f"starting from the global model of round {completed}, {rounds} rounds of {self.local_epochs} epoch(s)"
         )
         return tensors, completed, epochs_in_round, rounds
+
+    def _obtain_site_key(self, kit, weight: float, split, state, planned: int, trainer: Trainer):
+        """Joins with what this site will train with, gets the sites' CKKS key (``docs/provisioning.md``) and
+        returns its kit, reloaded with the key; the join that follows is the same, as the server requires."""
+        from lightning_fhe.client import AggregatorClient
+        from lightning_fhe.masking.site_key import join_and_obtain_site_key
+        from lightning_fhe.site import wire_layouts
+
+        rank_zero_info(f"fhe: {kit.path} holds no CKKS key yet (he.key: sites); joining to get it")
+        with AggregatorClient(
+            kit, self.server, insecure=self.insecure, site_name=self.site_name, retry_budget_s=self.retry_budget_s
+        ) as client:
+            layouts = wire_layouts(split, state, self.federated_metrics)
+            try:
+                kit = join_and_obtain_site_key(client, *layouts, weight=weight, rounds=planned)
+            except FederationError as err:
+                if err.reason is not Reason.ROUNDS_MISMATCH:
+                    raise
+                raise FederationSetupError(self._rounds_mismatch(trainer, planned, err)) from None
+        rank_zero_info(f"fhe: saved the sites' CKKS key {kit.key_fingerprint} into {kit.path}")
+        return kit
 
     def _planned_rounds(self, trainer: Trainer) -> int:
         """The rounds this site will train, told to the server when joining; 0: not fixed here (the server's)."""

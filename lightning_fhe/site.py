@@ -143,8 +143,7 @@ class FederatedSite:
         self.plaintext_layout = TensorLayout.from_tensors(state, split.plaintext)
         # The metrics ride with the encrypted tensors when there are any: the server must not see them.
         self._metrics_in = "" if not federated_metrics else "encrypted" if split.encrypted else "plaintext"
-        self.wire_encrypted = _appended(self.encrypted_layout, self._metrics_in == "encrypted")
-        self.wire_plaintext = _appended(self.plaintext_layout, self._metrics_in == "plaintext")
+        self.wire_encrypted, self.wire_plaintext = wire_layouts(split, state, federated_metrics)
         stepped = set(split.encrypted) | set(split.plaintext) if optimized is None else set(optimized)
         specs = (*self.encrypted_layout.specs, *self.plaintext_layout.specs)
         mask = np.concatenate([np.full(spec.numel, spec.name in stepped) for spec in specs] or [np.zeros(0, bool)])
@@ -493,6 +492,19 @@ class _TimedConsumer:
             self._consumer.finish()
         finally:
             self._on_time(time.perf_counter() - start)
+
+
+def wire_layouts(
+    split: TensorSplit, state: Mapping[str, torch.Tensor], federated_metrics: bool = True
+) -> tuple[TensorLayout, TensorLayout]:
+    """The (encrypted, plaintext) layouts a site declares when it joins: its federated tensors and, with
+    ``federated_metrics``, the pseudo-tensor carrying its validation metrics, with the encrypted tensors when there
+    are any (the server must not see them)."""
+    metrics_in = "" if not federated_metrics else "encrypted" if split.encrypted else "plaintext"
+    return (
+        _appended(TensorLayout.from_tensors(state, split.encrypted), metrics_in == "encrypted"),
+        _appended(TensorLayout.from_tensors(state, split.plaintext), metrics_in == "plaintext"),
+    )
 
 
 def _appended(layout: TensorLayout, metrics: bool) -> TensorLayout:

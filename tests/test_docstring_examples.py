@@ -17,6 +17,8 @@ MODULES = [
     "lightning_fhe.he.seeded",
     "lightning_fhe.masking.keys",
     "lightning_fhe.masking.masks",
+    "lightning_fhe.masking.site_key",
+    "lightning_fhe.proto.sealed_keys",
     "lightning_fhe.proto.update_shape",
     "lightning_fhe.selection",
     "lightning_fhe.server.activity",

@@ -18,6 +18,8 @@ from lightning_fhe.provision import (
     load_site_kit,
     provision,
     save_site_key,
+    stage_site_key,
+    staged_site_key,
 )
 from lightning_fhe.provision.__main__ import main as provision_main
 
@@ -113,6 +115,22 @@ def test_a_key_file_without_its_fingerprint_counts_as_no_key(kits: Path) -> None
     assert load_site_kit(folder).awaits_site_key
     other = HEContext.generate(load_site_kit(folder).params)
     assert save_site_key(folder, other).key_fingerprint == key_fingerprint(other)
+
+
+def test_a_staged_key_is_written_but_not_yet_the_kits(kits: Path) -> None:
+    """The site that makes the key stages it before sharing it: the kit still awaits its key, and the staged key is
+    what it shares (again) and saves."""
+    folder = kits / "site-1"
+    assert staged_site_key(folder) is None
+    context = HEContext.generate(load_site_kit(folder).params)
+    stage_site_key(folder, context)
+    assert _mode(folder / "he_context.tenseal") == 0o600
+    assert load_site_kit(folder).awaits_site_key
+    assert key_fingerprint(staged_site_key(folder)) == key_fingerprint(context)
+    (folder / "he_context.tenseal").write_bytes(b"half a key")
+    assert staged_site_key(folder) is None  # unreadable: made anew
+    save_site_key(folder, context)
+    assert staged_site_key(folder) is None  # saved: no longer staged
 
 
 def test_cli_summary_says_no_kit_holds_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,6 +22,8 @@ from lightning_fhe.provision.kits import (
     load_site_kit,
     provision,
     save_site_key,
+    stage_site_key,
+    staged_site_key,
 )
 
 __all__ = [
@@ -43,4 +45,6 @@ __all__ = [
     "make_ca",
     "provision",
     "save_site_key",
+    "stage_site_key",
+    "staged_site_key",
 ]

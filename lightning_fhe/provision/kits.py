@@ -179,13 +179,30 @@ def key_fingerprint(context: HEContext) -> str:
 def save_site_key(path: str | os.PathLike, context: HEContext) -> SiteKit:
     """Saves the CKKS secret key the sites made into a ``he.key: sites`` site kit, and returns the kit reloaded.
 
-    ``he_context.tenseal`` is written first (mode 0600, to a temporary name, flushed, then renamed into place), then
-    ``site.yaml`` gets the key's :func:`key_fingerprint` the same way: a kit whose ``site.yaml`` names a fingerprint
-    holds the complete key, and one interrupted in between still counts as awaiting its key.
+    ``he_context.tenseal`` is written first (:func:`stage_site_key`: mode 0600, to a temporary name, flushed, then
+    renamed into place), then ``site.yaml`` gets the key's :func:`key_fingerprint` the same way: a kit whose
+    ``site.yaml`` names a fingerprint holds the complete key, and one interrupted in between still counts as
+    awaiting its key (:func:`staged_site_key` reads what was written).
 
     Raises:
         KitError: not a ``he.key: sites`` site kit, a context without the secret key or with other parameters, or
             the kit already holds another key.
+    """
+    path = Path(path)
+    kit = stage_site_key(path, context)
+    yaml_path = path / SITE_FILES["config"]
+    doc = _read_yaml(yaml_path, "site")
+    doc["key_fingerprint"] = key_fingerprint(context)
+    header = _site_header(kit.name, kit.project, "sites")
+    _write_atomically(yaml_path, _yaml_text(header, doc).encode(), private=False)
+    return load_site_kit(path)
+
+
+def stage_site_key(path: str | os.PathLike, context: HEContext) -> SiteKit:
+    """Writes the key file of :func:`save_site_key` alone (``site.yaml`` unchanged); returns the kit as it was.
+
+    The site that makes the key stages it before sharing it and saves it once the server holds the shares: stopped
+    in between, it shares the same key again next time (:func:`staged_site_key`), never a second one.
     """
     path = Path(path)
     kit = load_site_kit(path)
@@ -203,12 +220,21 @@ def save_site_key(path: str | os.PathLike, context: HEContext) -> SiteKit:
             f"{path}: already holds the sites' key {kit.key_fingerprint}; refusing to replace it with {fingerprint}"
         )
     _write_atomically(path / SITE_FILES["he_context"], context.serialize(with_secret_key=True), private=True)
-    yaml_path = path / SITE_FILES["config"]
-    doc = _read_yaml(yaml_path, "site")
-    doc["key_fingerprint"] = fingerprint
-    header = _site_header(kit.name, kit.project, "sites")
-    _write_atomically(yaml_path, _yaml_text(header, doc).encode(), private=False)
-    return load_site_kit(path)
+    return kit
+
+
+def staged_site_key(path: str | os.PathLike) -> HEContext | None:
+    """The key :func:`stage_site_key` wrote into a kit still awaiting its key (``site.yaml`` names none yet); None
+    when there is none, or it does not load as a secret key of the kit's parameters."""
+    path = Path(path)
+    kit = load_site_kit(path)
+    key_file = path / SITE_FILES["he_context"]
+    if not kit.awaits_site_key or not key_file.is_file():
+        return None
+    try:
+        return _load_context(key_file, kit.params, require_secret_key=True, kind="site")
+    except KitError:
+        return None
 
 
 def provision(config: ProvisionConfig, out_dir: str | os.PathLike, force: bool = False) -> dict[str, Path]:
