@@ -27,7 +27,7 @@ _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _PROJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
 _DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
-_KEYS = {"project", "server", "clients", "he"}
+_KEYS = {"project", "server", "clients", "he", "min_clients"}
 _SERVER_KEYS = {"host", "port"}
 _HE_KEYS = {"lib", "config"}
 
@@ -49,6 +49,9 @@ class ProvisionConfig:
         port: the aggregator's TCP port.
         clients: the site names, each one kit folder and one client certificate common name.
         params: the CKKS parameters every participant shares.
+        min_clients: written into every site kit: the fewest members a masked round may have for the site to
+            upload to it (docs/security.md). Default: a majority of the sites, and at least 2, as the server's
+            quorum.
     """
 
     project: str
@@ -56,6 +59,7 @@ class ProvisionConfig:
     port: int
     clients: tuple[str, ...]
     params: CKKSParams = field(default_factory=CKKSParams)
+    min_clients: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.clients, (list, tuple)):
@@ -64,6 +68,12 @@ class ProvisionConfig:
         _check_host(self.host)
         _check_port(self.port)
         _check_clients(self.clients)
+        if self.min_clients is None:
+            object.__setattr__(self, "min_clients", min(len(self.clients), max(2, len(self.clients) // 2 + 1)))
+        elif not (type(self.min_clients) is int and 1 <= self.min_clients <= len(self.clients)):
+            raise ProvisionConfigError(
+                f"min_clients: expected an integer from 1 to the {len(self.clients)} sites, got {self.min_clients!r}"
+            )
         if not isinstance(self.params, CKKSParams):
             raise ProvisionConfigError(f"he.config: expected CKKSParams, got {type(self.params).__name__}")
         # A lower-case scheme is accepted, but written one way so that fingerprints of equal parameters agree.
@@ -80,6 +90,7 @@ class ProvisionConfig:
             "server": {"host": self.host, "port": self.port},
             "clients": list(self.clients),
             "he": {"lib": "tenseal", "config": self.params.to_dict()},
+            "min_clients": self.min_clients,
         }
 
 
@@ -126,6 +137,7 @@ def _build(raw: Any) -> ProvisionConfig:
         port=_required(server, "port", "server."),
         clients=tuple(clients),
         params=params,
+        min_clients=config.get("min_clients"),
     )
 
 

@@ -84,6 +84,7 @@ class SiteKit:
     he_fingerprint: str = ""
     key_id: str = ""
     params: CKKSParams = field(default_factory=CKKSParams)
+    min_clients: int = 2  # the fewest members of a masked round this site uploads to
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,15 @@ def load_site_kit(path: str | os.PathLike) -> SiteKit:
         he_fingerprint=fingerprint,
         key_id=key_id,
         params=params,
+        min_clients=_min_clients(doc, path / SITE_FILES["config"]),
     )
+
+
+def _min_clients(doc: dict[str, Any], path: Path) -> int:
+    value = doc.get("min_clients", 2)  # kits written before masking: the smallest sum that hides a site
+    if type(value) is not int or value < 1:
+        raise KitError(f"{path}: min_clients must be an integer >= 1, got {value!r}")
+    return value
 
 
 def load_server_kit(path: str | os.PathLike) -> ServerKit:
@@ -291,6 +300,7 @@ def _write_site_kit(
         "project": config.project,
         "site": site,
         "server": config.server_address,
+        "min_clients": config.min_clients,
         **identity,
         "files": {k: v for k, v in SITE_FILES.items() if k != "config"},
     }
