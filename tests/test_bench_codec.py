@@ -18,7 +18,9 @@ CHUNK = 8192  # values per ciphertext with the seed's parameters
 @pytest.fixture(scope="module")
 def result():
     torch.manual_seed(0)
-    state = {"conv.weight": torch.randn(16, 8, 3, 3, 3) * 0.05, "conv.bias": torch.zeros(16), "norm.weight": torch.ones(9000)}
+    state = {
+        "conv.weight": torch.randn(16, 8, 3, 3, 3) * 0.05, "conv.bias": torch.zeros(16), "norm.weight": torch.ones(9000)
+    }
     return codec.measure(state, "small", clients=3, workers=2, log=lambda message: None)
 
 
@@ -27,7 +29,7 @@ def test_the_record_keeps_the_old_keys_and_adds_the_new_ones(result):
     assert {"upload_bytes", "encrypt_s", "decrypt_s", "aggregate_s_per_client"} <= result["baseline"].keys()
     assert {
         "upload_bytes", "download_bytes", "encrypt_s", "decrypt_s", "aggregate_s_per_client", "max_abs_error",
-        "rebuild_s", "encrypt_s_one_worker", "decrypt_s_one_worker", "summed",
+        "rebuild_s", "encrypt_s_one_worker", "decrypt_s_one_worker", "summed", "mask_s", "mask_vs_encrypt",
     } <= result["lightning_fhe"].keys()  # fmt: skip
     assert {"download_bytes", "decrypt_s"} <= result["lightning_fhe"]["summed"].keys()
     assert result["workers"] == 2 and result["clients"] == 3
@@ -53,7 +55,8 @@ def test_the_table_shows_every_target(result):
     table = codec.format_table(result)
     for line in ("upload vs fp32", "download vs fp32, 3 sites", "encrypt speed-up", "decrypt speed-up",
                  "pool speed-up, encrypt", "pool speed-up, decrypt", "aggregation speed-up vs SEAL",
-                 "same bits as plaintext FedAvg", "same bits, summed download", "download: summed"):  # fmt: skip
+                 "same bits as plaintext FedAvg", "same bits, summed download", "download: summed",
+                 "pairwise masks, one site with 2 peers"):  # fmt: skip
         assert line in table
     one_worker = codec.format_table({**result, "workers": 1})
     assert "pool speed-up" not in one_worker  # nothing to compare against

@@ -15,6 +15,8 @@ MODULES = [
     "lightning_fhe.he.packing",
     "lightning_fhe.he.pool",
     "lightning_fhe.he.seeded",
+    "lightning_fhe.masking.keys",
+    "lightning_fhe.masking.masks",
     "lightning_fhe.proto.update_shape",
     "lightning_fhe.selection",
     "lightning_fhe.server.activity",

@@ -14,7 +14,9 @@ Besides the JSON keys below, the run measures in the same process, on the same c
 - the server path protocol v1 had (``baseline.aggregate_s_per_client``): SEAL loads each site's seeded ciphertexts,
   expanding their seeds, and ``add_inplace`` adds them, against numpy's modular addition of the first polynomials;
 - the other download form (``summed``): the server expands the seeds and sends the summed second polynomial, which
-  costs the server ``server_s`` and a site fewer rebuilds, for more bytes while K is small.
+  costs the server ``server_s`` and a site fewer rebuilds, for more bytes while K is small;
+- pairwise masks (:mod:`lightning_fhe.masking`): one site masking all its upload chunks with K-1 peers, in one
+  process (``mask_s``), and against its encryption on the pool (``mask_vs_encrypt``).
 
 Both codecs see the same tensors on the same machine, so the ratios hold even where absolute times are noisy.
 """
@@ -30,8 +32,8 @@ from typing import Any
 
 import numpy as np
 import tenseal as ts
-import tenseal.sealapi as sealapi
 import torch
+from tenseal import sealapi
 
 from lightning_fhe.he import CKKSParams, HEContext
 from lightning_fhe.he.codec import ChunkSum
@@ -40,6 +42,7 @@ from lightning_fhe.he.frames import decode_global_chunk, decode_upload_chunk
 from lightning_fhe.he.layout import TensorLayout
 from lightning_fhe.he.pool import CipherPool
 from lightning_fhe.he.seeded import CiphertextLayout
+from lightning_fhe.masking import PairwiseMasks
 from lightning_fhe.models import build_model
 
 # The issue's "Done when", printed beside the measurements.
@@ -84,7 +87,9 @@ def _timed(work: Callable, *args, **kwargs) -> tuple[Any, float]:
 
 
 def _baseline(params: CKKSParams, state: dict[str, torch.Tensor]) -> dict[str, float]:
-    context = ts.context(ts.SCHEME_TYPE.CKKS, params.poly_modulus_degree, coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes))
+    context = ts.context(
+        ts.SCHEME_TYPE.CKKS, params.poly_modulus_degree, coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes)
+    )
     context.global_scale = params.scale
     arrays = [t.detach().double().reshape(-1).numpy() for t in state.values()]
     with _stdout_silenced():  # TenSEAL's C++ warns on stdout for every vector longer than one ciphertext
@@ -136,6 +141,21 @@ def _rebuild_s(layout: CiphertextLayout, global_chunks: list[bytes]) -> float:
     start = time.perf_counter()
     for chunk in parsed:
         layout.rebuild(chunk.c0, list(chunk.seeds))
+    return time.perf_counter() - start
+
+
+def _mask_s(layout: CiphertextLayout, frames: list[bytes], clients: int, rng: np.random.Generator) -> float:
+    """Seconds one site takes to mask all of its upload chunks with ``clients - 1`` peers, in one process.
+
+    The seeds are random: X25519 and HKDF run once per peer and federation, not per round, and the keystreams cost
+    the same whatever their seeds.
+    """
+    names = [f"site-{i:03d}" for i in range(clients)]
+    me = names[clients // 2]  # peers on both sides of its name, as most sites have them
+    masks = PairwiseMasks(me, {peer: rng.bytes(32) for peer in names if peer != me}, layout.q0, layout.n)
+    start = time.perf_counter()
+    for i, frame in enumerate(frames):
+        masks.apply(frame, 1, 0, names, i)
     return time.perf_counter() - start
 
 
@@ -212,10 +232,13 @@ def _measure_ours(state, layout, params, clients, rng, site, server, pool, one_w
         log(f"lightning_fhe: site {k + 1}/{clients} encrypts ...")
         values = layout.flatten({n: t + 0.01 * torch.randn_like(t) for n, t in state.items()})
         if k == 0:  # once is enough for the ratio, and keeps 30 sites affordable
-            _, seconds = _timed(lambda: list(one_worker.iter_encrypt(values, shares[k], where=layout.locate)))
+            _, seconds = _timed(lambda v=values, w=shares[k]: list(one_worker.iter_encrypt(v, w, where=layout.locate)))
             encrypt_one_s.append(seconds)
-        frames, seconds = _timed(lambda: list(pool.iter_encrypt(values, shares[k], where=layout.locate)))
+        frames, seconds = _timed(lambda v=values, w=shares[k]: list(pool.iter_encrypt(v, w, where=layout.locate)))
         encrypt_s.append(seconds)
+        if k == 0:
+            log(f"lightning_fhe: site 1 masks its chunks with {clients - 1} peers ...")
+            mask_s = _mask_s(CiphertextLayout(server), frames, clients, rng)
         upload_bytes.append(sum(map(len, frames)))
         if total is None:
             total = ChunkSum.for_context(server, len(frames))
@@ -236,6 +259,8 @@ def _measure_ours(state, layout, params, clients, rng, site, server, pool, one_w
     summed_chunks, summed_server_s = _timed(total.chunks, summed=CiphertextLayout(server))
     summed_average, summed_decrypt_s = _timed(_decrypt_model, pool, summed_chunks, layout, total_share)
     return {
+        "mask_s": mask_s,
+        "mask_vs_encrypt": mask_s / float(np.mean(encrypt_s)),
         "upload_bytes": int(np.mean(upload_bytes)),
         "download_bytes": sum(map(len, global_chunks)),
         "encrypt_s": float(np.mean(encrypt_s)),
@@ -301,17 +326,26 @@ def format_table(result: dict[str, Any]) -> str:
              raw,
              f"{ours['encrypt_s']:.2f}", f"{summed['decrypt_s']:.2f}"),
     ]
+    masks = (
+        f"pairwise masks, one site with {k - 1} peers (one process): {ours['mask_s']:.2f} s, "
+        f"{ours['mask_vs_encrypt']:.2f}x its encryption"
+    )
     lines = [
-        f"{result['model']}: {result['params']:,} parameters, {raw / 1e6:.1f} MB fp32, {k} sites, {workers} workers, "
-        f"load average {result.get('load_average', float('nan')):.2f}",
+        (
+            f"{result['model']}: {result['params']:,} parameters, {raw / 1e6:.1f} MB fp32, {k} sites, "
+            f"{workers} workers, load average {result.get('load_average', float('nan')):.2f}"
+        ),
         "",
         *rows,
         "",
         f"rebuild of the sum from {k} seeds (inside decrypt, one process): {ours['rebuild_s']:.2f} s",
-        f"server aggregation per site update: numpy {ours['aggregate_s_per_client']:.3f} s, "
-        f"SEAL load+add_inplace {base['aggregate_s_per_client']:.3f} s (keyless both)",
+        (
+            f"server aggregation per site update: numpy {ours['aggregate_s_per_client']:.3f} s, "
+            f"SEAL load+add_inplace {base['aggregate_s_per_client']:.3f} s (keyless both)"
+        ),
         f"server expanding the seeds for the summed download: {summed['server_s']:.2f} s",
         f"pool start (once per fit): {ours['pool_start_s']:.2f} s",
+        masks,
         "",
     ]
     for name, value, op, target in _checks(result):
