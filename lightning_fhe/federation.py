@@ -118,6 +118,10 @@ class HEFederation(Callback):
             default: every core this process may use; 1: in the training process itself. They start once per fit,
             when the site joins (on global rank 0 only), and end when fit ends, also on an exception. Set it lower
             when several sites or other work share the machine's cores.
+        masking: pairwise masks on the encrypted update, so that the server together with other sites (or with
+            whoever provisioned the key) cannot read this site's update; only the sum of a round's members decrypts
+            (``docs/security.md``). None: on when every member masks and there are 3 or more sites; True: join only
+            a masked federation (also with 2 sites); False: never (the federation then runs unmasked).
     """
 
     def __init__(
@@ -140,6 +144,7 @@ class HEFederation(Callback):
         he_workers: int | None = None,
         strategy: Strategy | str | Mapping[str, Any] | None = None,
         federated_metrics: bool = True,
+        masking: bool | None = None,
     ) -> None:
         if not _is_positive_int(local_epochs):
             raise ValueError(f"local_epochs must be a positive integer, got {local_epochs!r}")
@@ -176,6 +181,9 @@ class HEFederation(Callback):
         self.retry_budget_s = retry_budget_s
         self.progress = progress
         self.he_workers = he_workers
+        if masking not in (None, True, False):
+            raise ValueError(f"masking must be None (auto), True or False, got {masking!r}")
+        self.masking = masking
 
         self.history: list[RoundMetrics] = []  # one entry per round this process took part in (rank 0)
         self._completed_round = 0  # checkpointed: the last round whose global model is loaded
@@ -491,6 +499,7 @@ class HEFederation(Callback):
             insecure=self.insecure,
             site_name=self.site_name,
             retry_budget_s=self.retry_budget_s,
+            masking=self.masking,
         )
         try:
             self._site = FederatedSite(

@@ -19,6 +19,7 @@ import numpy as np
 
 from lightning_fhe.client.download import ChunkConsumer, GlobalModel, IncomingGlobalModel, receive_global_model
 from lightning_fhe.client.errors import FederationError, RoundClosedError
+from lightning_fhe.client.masking import SiteMasking
 from lightning_fhe.client.retry import RetryLoop, WaitLog
 from lightning_fhe.client.status import RoundStatus, log_round_wait, round_status
 from lightning_fhe.client.upload import KeptUpdate, Progress, SubmitReceipt, send_update
@@ -27,7 +28,12 @@ from lightning_fhe.proto import aggregator_pb2 as pb
 from lightning_fhe.proto import aggregator_pb2_grpc as pb_grpc
 from lightning_fhe.proto.reasons import Reason
 from lightning_fhe.proto.update_shape import UpdateShape, update_shape
-from lightning_fhe.proto.wire import SITE_NAME_METADATA, channel_options
+from lightning_fhe.proto.wire import (
+    SITE_NAME_METADATA,
+    announcement_from_message,
+    announcement_message,
+    channel_options,
+)
 from lightning_fhe.provision.kits import SiteKit, load_site_kit
 
 logger = logging.getLogger("lightning_fhe.client")  # the whole client logs under one name users configure
@@ -42,6 +48,7 @@ class JoinInfo:
     rounds: int  # total number of rounds (round numbers 1..rounds)
     current_round: int  # the round open for submissions (1 after formation; >1 after a restart)
     send_initial_model: bool  # this site must submit its initial state as round 0 (plaintext)
+    masked: bool = False  # updates carry pairwise masks (lightning_fhe.masking); rounds may be re-collected
 
 
 class AggregatorClient:
@@ -58,6 +65,10 @@ class AggregatorClient:
         wait_s: how long the server may hold a waiting call (join, download) before answering "not yet".
         log_every_s: while waiting or retrying, log what for at least this often (also caps ``wait_s``).
         clock: seconds on a monotonic clock, for the outage budget and the log cadence; tests pass a fake one.
+        masking: pairwise masks, so that no coalition of the server with other sites reads this site's update
+            (docs/security.md). None: when every member masks and there are 3 or more; True: only in a masked
+            federation; False: never (a federation masks only when every member does).
+        min_clients: the fewest members a masked round may have for this site to upload to it; default: the kit's.
     """
 
     def __init__(
@@ -72,6 +83,8 @@ class AggregatorClient:
         wait_s: float = 30.0,
         log_every_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        masking: bool | None = None,
+        min_clients: int | None = None,
     ) -> None:
         self.kit = kit if isinstance(kit, SiteKit) else load_site_kit(kit)
         if site_name is not None and not insecure:
@@ -99,6 +112,10 @@ class AggregatorClient:
         self._stub = pb_grpc.AggregatorStub(self._channel)
         self._layouts: tuple[TensorLayout, TensorLayout] | None = None
         self._kept: dict[int, KeptUpdate] = {}
+        self._masking_setting = masking
+        self._min_clients = self.kit.min_clients if min_clients is None else min_clients
+        self._masking: SiteMasking | None = None  # made at join: it keeps the site's X25519 key in the kit folder
+        self._masked_for: dict[int, tuple[int, tuple[str, ...]]] = {}  # round -> (attempt, members) last sent
 
     # -- the calls --------------------------------------------------------------------------------------------------
 
@@ -124,6 +141,11 @@ class AggregatorClient:
             max_wait_s=self.wait_s,
             rounds=rounds,
         )
+        if self._masking is None and self._masking_setting is not False:
+            self._masking = SiteMasking(self.kit, self.site, self._masking_setting is True, self._min_clients)
+        if self._masking is not None:
+            request.mask_key.CopyFrom(announcement_message(self._masking.announcement()))
+            request.require_masking = self._masking.required
         waiting = WaitLog(self._clock, self.log_every_s)
         while True:
             reply = self._retries.run(
@@ -136,6 +158,9 @@ class AggregatorClient:
                     self._log_forming(reply, waiting)
                 continue
             self._layouts = (encrypted_layout, plaintext_layout)
+            if self._masking is not None:
+                keys = [announcement_from_message(key) for key in reply.mask_keys]
+                self._masking.accept(tuple(reply.members), reply.masked, keys)
             return JoinInfo(
                 site=reply.site,
                 members=tuple(reply.members),
@@ -144,6 +169,7 @@ class AggregatorClient:
                 rounds=reply.rounds,
                 current_round=reply.current_round,
                 send_initial_model=reply.send_initial_model,
+                masked=reply.masked,
             )
 
     def submit(
@@ -175,7 +201,15 @@ class AggregatorClient:
         self._forget_kept(up_to=round)
         self._kept[round] = kept
         try:
-            return self._send(kept, progress, resubmission=False)
+            if not self._masks_round(round):
+                return self._send(kept, progress, resubmission=False)
+            while True:
+                try:
+                    return self._send(kept, progress, resubmission=False, status=self._open_attempt(round))
+                except FederationError as err:
+                    if err.reason is not Reason.ATTEMPT_CHANGED or kept.source_error is not None:
+                        raise
+                    # re-collected meanwhile: mask for the new attempt and send again
         except BaseException:
             self._kept.pop(round).close()  # refused or not sent: nothing to submit again later
             raise
@@ -211,6 +245,7 @@ class AggregatorClient:
                 f"fetch round {round}", lambda: self._download(round, progress, started, chunks_into), waiting=True
             )
             if isinstance(outcome, GlobalModel):
+                self._check_masked_sum(outcome)
                 self._forget_kept(up_to=round)
                 return outcome
             if outcome is not None:
@@ -259,11 +294,49 @@ class AggregatorClient:
         for r in [r for r in self._kept if up_to is None or r <= up_to]:
             self._kept.pop(r).close()
 
-    def _send(self, kept: KeptUpdate, progress: Progress | None, resubmission: bool) -> SubmitReceipt:
+    def _open_attempt(self, round_number: int) -> RoundStatus:
+        """The status of a masked round this site may upload to now. Nothing is ever sent unmasked, not even to a
+        round that will refuse it.
+
+        Raises:
+            RoundClosedError: the round closed, or its open attempt leaves this site out.
+        """
+        status = self.status()
+        if status.phase != "open" or status.current_round != round_number:
+            raise RoundClosedError(
+                f"round {round_number} is no longer open (the server is {status.phase} at round "
+                f"{status.current_round})"
+            )
+        if self.site not in status.attempt_members:
+            raise RoundClosedError(
+                f"round {round_number} is re-collected (attempt {status.attempt}) among "
+                f"{', '.join(status.attempt_members)}, without this site"
+            )
+        return status
+
+    def _masks_round(self, round_number: int) -> bool:
+        return self._masking is not None and self._masking.active and round_number > 0
+
+    def _send(
+        self, kept: KeptUpdate, progress: Progress | None, resubmission: bool, status: RoundStatus | None = None
+    ) -> SubmitReceipt:
+        """Streams ``kept``; in a masked round, masked for the attempt ``status`` names."""
         def submit(messages: Iterator[pb.UpdatePart]) -> pb.SubmitReply:
             return self._stub.SubmitUpdate(messages, timeout=self.rpc_timeout_s, metadata=self._metadata)
 
-        return send_update(submit, self._retries, kept, progress, resubmission)
+        if status is None:
+            return send_update(submit, self._retries, kept, progress, resubmission)
+        assert self._masking is not None
+        mask = self._masking.mask_for(kept.round, status.attempt, status.attempt_members)
+        self._masked_for[kept.round] = (status.attempt, status.attempt_members)
+        if status.attempt > 1:
+            logger.warning(
+                "round %d: re-collected, attempt %d among %s; sending this site's update again under their masks",
+                kept.round,
+                status.attempt,
+                ", ".join(status.attempt_members),
+            )
+        return send_update(submit, self._retries, kept, progress, resubmission, status.attempt, mask)
 
     def _resubmit_if_lost(self, round_number: int, status: RoundStatus) -> None:
         kept = self._kept.get(round_number)
@@ -271,13 +344,41 @@ class AggregatorClient:
             raise FederationError(status.failure or "the federation failed", grpc.StatusCode.ABORTED, Reason.FAILED)
         if kept is None or status.phase != "open" or status.current_round != round_number or status.this_site_submitted:
             return
-        logger.warning(
-            "round %d: the server does not have this site's update (it restarted); submitting it again", round_number
-        )
+        masked = self._masks_round(round_number)
+        if masked and self.site not in status.attempt_members:
+            sent = self._masked_for.get(round_number)
+            if sent is not None and sent[0] < status.attempt:
+                logger.warning(
+                    "round %d: attempt %d leaves this site out, though it sent its update to attempt %d: the upload "
+                    "was lost, or the server is isolating sites (docs/security.md, 'What a lying server can do')",
+                    round_number,
+                    status.attempt,
+                    sent[0],
+                )
+                self._masked_for[round_number] = (status.attempt, ())
+            return
+        if not masked or self._masked_for.get(round_number, (0,))[0] == status.attempt:
+            logger.warning(
+                "round %d: the server does not have this site's update (it restarted); submitting it again",
+                round_number,
+            )
         try:
-            self._send(kept, None, resubmission=True)
+            self._send(kept, None, resubmission=True, status=status if masked else None)
         except RoundClosedError:
             pass  # closed meanwhile without it; the global model will say who took part
+
+    def _check_masked_sum(self, model: GlobalModel) -> None:
+        """A masked sum decrypts only over the members the masks were made for: refuse any other."""
+        sent = self._masked_for.pop(model.round, None)
+        if not self._masks_round(model.round) or sent is None or self.site not in model.participants:
+            return
+        if set(model.participants) != set(sent[1]):
+            raise FederationError(
+                f"round {model.round}: the server's sum lists {', '.join(model.participants)}, but this site masked "
+                f"its update for attempt {sent[0]} among {', '.join(sent[1])}; the masks do not cancel in that sum",
+                grpc.StatusCode.DATA_LOSS,
+                Reason.MISMATCH,
+            )
 
     def _download(
         self,

@@ -41,6 +41,8 @@ class RoundStatus:
     activity: tuple[MemberActivity, ...] = ()  # when the server last heard from each member
     left: tuple[str, ...] = ()  # members that left (Leave) and take part in no further round
     site: str = ""  # who asked, as the server saw it: the site's name, or "operator"
+    attempt: int = 0  # masked federations: the open round's attempt
+    attempt_members: tuple[str, ...] = ()  # ... and the sites that must upload to it
 
 
 def round_status(message: pb.RoundStatus) -> RoundStatus:
@@ -59,6 +61,8 @@ def round_status(message: pb.RoundStatus) -> RoundStatus:
         activity=tuple(MemberActivity(a.site, a.idle_s, a.last_call) for a in message.activity),
         left=tuple(message.left),
         site=message.site,
+        attempt=message.attempt,
+        attempt_members=tuple(message.attempt_members),
     )
 
 

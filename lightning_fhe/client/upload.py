@@ -26,6 +26,7 @@ from lightning_fhe.proto.wire import WIRE_DTYPES, plaintext_blocks
 logger = logging.getLogger("lightning_fhe.client")  # the whole client logs under one name users configure
 
 Progress = Callable[[int, int], None]
+ChunkMask = Callable[[int, bytes], bytes]  # (chunk index, upload frame) -> the frame masked for one attempt
 
 
 @dataclass(frozen=True)
@@ -119,10 +120,14 @@ class KeptUpdate:
             self._stored += len(blob)
             return blob
 
-    def messages(self, progress: Progress | None) -> Iterator[pb.UpdatePart]:
+    def messages(
+        self, progress: Progress | None, attempt: int = 0, mask: ChunkMask | None = None
+    ) -> Iterator[pb.UpdatePart]:
+        """The update's stream; ``mask`` (masked rounds) masks each chunk for ``attempt`` as it goes out, so the
+        kept chunks stay unmasked and a re-collection masks them anew."""
         yield pb.UpdatePart(
             header=pb.UpdateHeader(
-                round=self.round, num_chunks=self.expected_chunks, plaintext_count=self.plaintext.size
+                round=self.round, num_chunks=self.expected_chunks, plaintext_count=self.plaintext.size, attempt=attempt
             )
         )
         for offset, data in plaintext_blocks(self.plaintext, self.field):
@@ -131,6 +136,8 @@ class KeptUpdate:
             blob = self._chunk(index)
             if blob is None:
                 return  # the server sees an incomplete stream and keeps nothing of it
+            if mask is not None:
+                blob = mask(index, blob)
             yield pb.UpdatePart(chunk=pb.Chunk(index=index, data=blob))
             if progress is not None:
                 progress(index + 1, self.expected_chunks)
@@ -142,8 +149,11 @@ def send_update(
     kept: KeptUpdate,
     progress: Progress | None,
     resubmission: bool,
+    attempt: int = 0,
+    mask: ChunkMask | None = None,
 ) -> SubmitReceipt:
-    """Streams ``kept`` through ``submit`` (the SubmitUpdate call), retried while the server is unavailable.
+    """Streams ``kept`` through ``submit`` (the SubmitUpdate call), retried while the server is unavailable;
+    masked by ``mask`` for ``attempt`` in masked rounds.
 
     Raises:
         RoundClosedError, FederationError: refused; or the error the caller's ``encrypted_chunks`` raised.
@@ -153,7 +163,7 @@ def send_update(
     def attempt() -> pb.SubmitReply:
         nonlocal attempts
         attempts += 1
-        return submit(kept.messages(progress))
+        return submit(kept.messages(progress, attempt, mask))
 
     try:
         retries.run(f"submit round {kept.round}", attempt)

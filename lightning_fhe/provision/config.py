@@ -31,7 +31,7 @@ _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _PROJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
 _DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
-_KEYS = {"project", "server", "clients", "he"}
+_KEYS = {"project", "server", "clients", "he", "min_clients"}
 _SERVER_KEYS = {"host", "port"}
 _HE_KEYS = {"lib", "config", "key"}
 
@@ -56,6 +56,9 @@ class ProvisionConfig:
         he_key: who makes the CKKS secret key: ``"provisioned"`` (written into every site kit, the default) or
             ``"sites"`` (no kit holds it; the first member in name order makes it when the federation forms and
             sends it to the others sealed under their pairwise keys, see ``docs/provisioning.md``).
+        min_clients: written into every site kit: the fewest members a masked round may have for the site to
+            upload to it (docs/security.md). Default: a majority of the sites, and at least 2, as the server's
+            quorum.
     """
 
     project: str
@@ -64,6 +67,7 @@ class ProvisionConfig:
     clients: tuple[str, ...]
     params: CKKSParams = field(default_factory=CKKSParams)
     he_key: str = "provisioned"
+    min_clients: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.clients, (list, tuple)):
@@ -72,6 +76,12 @@ class ProvisionConfig:
         _check_host(self.host)
         _check_port(self.port)
         _check_clients(self.clients)
+        if self.min_clients is None:
+            object.__setattr__(self, "min_clients", min(len(self.clients), max(2, len(self.clients) // 2 + 1)))
+        elif not (type(self.min_clients) is int and 1 <= self.min_clients <= len(self.clients)):
+            raise ProvisionConfigError(
+                f"min_clients: expected an integer from 1 to the {len(self.clients)} sites, got {self.min_clients!r}"
+            )
         if not isinstance(self.params, CKKSParams):
             raise ProvisionConfigError(f"he.config: expected CKKSParams, got {type(self.params).__name__}")
         _check_he_key(self.he_key)
@@ -89,6 +99,7 @@ class ProvisionConfig:
             "server": {"host": self.host, "port": self.port},
             "clients": list(self.clients),
             "he": {"lib": "tenseal", "config": self.params.to_dict(), "key": self.he_key},
+            "min_clients": self.min_clients,
         }
 
 
@@ -136,6 +147,7 @@ def _build(raw: Any) -> ProvisionConfig:
         clients=tuple(clients),
         params=params,
         he_key=he.get("key", "provisioned"),
+        min_clients=config.get("min_clients"),
     )
 
 

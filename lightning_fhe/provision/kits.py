@@ -98,6 +98,7 @@ class SiteKit:
     params: CKKSParams = field(default_factory=CKKSParams)
     key_source: str = "provisioned"  # who made the CKKS secret key: "provisioned" or "sites"
     key_fingerprint: str = ""  # he.key = sites: the saved key's key_fingerprint(); "" before, and when provisioned
+    min_clients: int = 2  # the fewest members of a masked round this site uploads to
 
     @property
     def awaits_site_key(self) -> bool:
@@ -297,7 +298,15 @@ def load_site_kit(path: str | os.PathLike) -> SiteKit:
         params=params,
         key_source=source,
         key_fingerprint=site_key_fingerprint,
+        min_clients=_min_clients(doc, path / SITE_FILES["config"]),
     )
+
+
+def _min_clients(doc: dict[str, Any], path: Path) -> int:
+    value = doc.get("min_clients", 2)  # kits written before masking: the smallest sum that hides a site
+    if type(value) is not int or value < 1:
+        raise KitError(f"{path}: min_clients must be an integer >= 1, got {value!r}")
+    return value
 
 
 def load_server_kit(path: str | os.PathLike) -> ServerKit:
@@ -427,6 +436,7 @@ def _write_site_kit(
         "project": config.project,
         "site": site,
         "server": config.server_address,
+        "min_clients": config.min_clients,
         **identity,
         "files": files,
     }

@@ -176,6 +176,7 @@ SCHEMA: dict[str, Any] = {
         "optimizer_state": choice("keep", "reset"),
         "fedprox_mu": number(0),
         "federate_buffers": boolean,
+        "masking": optional(boolean),
         "min_clients": optional(integer(1)),
         "wait_after_min_s": number(0),
         "round_timeout_s": number(0, open_low=True),

@@ -81,6 +81,7 @@ def run_site(config: dict[str, Any], site_index: int, kit: Path, server: str, ou
         # cores that is 1, which runs the cipher in the training process and starts no worker at all.
         he_workers=trainer_config["num_threads"] or None,
         strategy=federation_config["strategy"],
+        masking=federation_config["masking"],
     )
     recorder = RoundRecorder(federation, out, site=kit.name, site_index=site_index, metric=experiment["metric"])
     trainer = L.Trainer(

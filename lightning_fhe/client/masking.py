@@ -1,0 +1,120 @@
+"""A site's side of pairwise masking: its signed key at join, the other members' keys checked, and the masks of
+each attempt it uploads to (:mod:`lightning_fhe.masking`).
+
+Everything the server says is checked against what the site holds itself: the members' keys against the CA in the
+site's kit (a server that substitutes a key is caught before anything is uploaded), and an attempt's members
+against ``min_clients`` from the kit, not from the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import grpc
+
+from lightning_fhe.client.errors import FederationError
+from lightning_fhe.client.upload import ChunkMask
+from lightning_fhe.he.seeded import CiphertextLayout
+from lightning_fhe.masking.announcement import Announcement
+from lightning_fhe.masking.keys import MaskIdentity, MaskKeyError, federation_id, verify_announcements
+from lightning_fhe.masking.masks import PairwiseMasks
+from lightning_fhe.proto.reasons import Reason
+from lightning_fhe.provision.kits import SiteKit
+
+logger = logging.getLogger("lightning_fhe.client")
+
+
+class SiteMasking:
+    """Args:
+    kit: the site's kit; its folder keeps the site's X25519 key (``mask_x25519.key``, 0600).
+    site: the site's name (its certificate's).
+    required: take part only in a masked federation.
+    min_clients: the fewest members an attempt may have for this site to upload to it.
+    """
+
+    def __init__(self, kit: SiteKit, site: str, required: bool, min_clients: int) -> None:
+        self.kit = kit
+        self.site = site
+        self.required = required
+        self.min_clients = min_clients
+        self.federation_id = federation_id(kit.ca_cert, kit.he_fingerprint)
+        self._identity = MaskIdentity.load_or_create(kit.path)
+        self._masks: PairwiseMasks | None = None
+        self._members: tuple[str, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        """Whether the federation this site joined masks its updates."""
+        return self._masks is not None
+
+    def announcement(self, key_fingerprint: str = "") -> Announcement:
+        return self._identity.announce(self.site, self.kit.cert, self.kit.key, self.federation_id, key_fingerprint)
+
+    def accept(self, members: Sequence[str], masked: bool, keys: Sequence[Announcement]) -> None:
+        """Checks the server's answer to the join and derives the pairwise seeds.
+
+        Raises:
+            FederationError: a key that is not the member's own (the server may have substituted it), or an
+                unmasked federation where this site requires masking.
+        """
+        if not masked:
+            if self.required:
+                raise FederationError(
+                    "this site requires masking, but the federation formed unmasked: a member joined without a mask "
+                    "key (masking=False there), or it has fewer than 3 members and none requires masking",
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    Reason.MISMATCH,
+                )
+            self._masks = None
+            return
+        try:
+            public = verify_announcements(keys, self.kit.ca_cert, members, self.federation_id)
+        except MaskKeyError as err:
+            raise FederationError(
+                f"refusing to upload: {err}", grpc.StatusCode.PERMISSION_DENIED, Reason.MISMATCH
+            ) from None
+        if public.get(self.site) != self._identity.public_key:
+            raise FederationError(
+                f"refusing to upload: the server relays another mask key for this site ({self.site}) than its own; "
+                "it may be substituting keys",
+                grpc.StatusCode.PERMISSION_DENIED,
+                Reason.MISMATCH,
+            )
+        peers = {site: key for site, key in public.items() if site != self.site}
+        seeds = self._identity.pair_seeds(self.site, peers, self.federation_id)
+        layout = CiphertextLayout(self.kit.he_context)
+        self._masks = PairwiseMasks(self.site, seeds, layout.q0, layout.n)
+        self._members = tuple(members)
+
+    def mask_for(self, round_number: int, attempt: int, members: Sequence[str]) -> ChunkMask:
+        """The masks of one attempt, after checking it is one this site may upload to.
+
+        Raises:
+            FederationError: the attempt has fewer members than this site's ``min_clients``, does not include this
+                site, or names a site that is not a member.
+        """
+        assert self._masks is not None
+        members = tuple(members)
+        strangers = [m for m in members if m not in self._members]
+        if strangers or self.site not in members:
+            raise FederationError(
+                f"round {round_number} attempt {attempt}: the server names members {', '.join(members)}, which "
+                f"{'include non-members ' + ', '.join(strangers) if strangers else 'leave out this site'}",
+                grpc.StatusCode.FAILED_PRECONDITION,
+                Reason.MISMATCH,
+            )
+        if len(members) < self.min_clients:
+            raise FederationError(
+                f"refusing to upload to round {round_number} attempt {attempt}: it has {len(members)} member(s) "
+                f"({', '.join(members)}), fewer than this site's min_clients={self.min_clients}, so their sum would "
+                "tell too much about each of them",
+                grpc.StatusCode.FAILED_PRECONDITION,
+                Reason.MISMATCH,
+            )
+        masks = self._masks
+
+        def mask(index: int, frame: bytes) -> bytes:
+            return masks.apply(frame, round_number, attempt, members, index)
+
+        return mask
