@@ -27,7 +27,7 @@ from lightning_fhe.proto.sealed_keys import (
     max_sealed_key_bytes,
     split_sealed_key,
 )
-from lightning_fhe.proto.wire import announcement_message
+from lightning_fhe.proto.wire import mask_key_message
 from lightning_fhe.provision import load_server_kit, load_site_kit
 from lightning_fhe.server.config import ServerConfig
 from lightning_fhe.server.errors import Reason, Refusal, Status
@@ -328,7 +328,7 @@ def test_the_calls_over_grpc_are_for_members_and_refuse_hostile_streams(tmp_path
                 params_fingerprint=kit[name].params.fingerprint(),
                 max_wait_s=0 if name == "site-2" else 20,
             )
-            request.mask_key.CopyFrom(announcement_message(replace(announcement(name), certificate=kit[name].cert)))
+            request.mask_key.CopyFrom(mask_key_message(replace(announcement(name), certificate=kit[name].cert)))
             reply = call(name, "Join", request)
         assert reply.formed and not reply.masked and [k.site for k in reply.mask_keys] == ["site-2", "site-1"]
         code, reason, words = refused("site-2", "ShareSealedKeys", messages(pieces("site-2", "site-1")))

@@ -36,7 +36,7 @@ from lightning_fhe.masking.site_key import (
 )
 from lightning_fhe.proto import aggregator_pb2 as pb
 from lightning_fhe.proto.reasons import Reason
-from lightning_fhe.proto.wire import announcement_message
+from lightning_fhe.proto.wire import mask_key_message
 from lightning_fhe.provision import (
     KitError,
     key_fingerprint,
@@ -142,7 +142,7 @@ def join_request(kit, identity: MaskIdentity, key_fingerprint: str = "", max_wai
         max_wait_s=max_wait_s,
     )
     key = identity.announce(kit.name, kit.cert, kit.key, fed_id, key_fingerprint)
-    request.mask_key.CopyFrom(announcement_message(key))
+    request.mask_key.CopyFrom(mask_key_message(key))
     return request
 
 

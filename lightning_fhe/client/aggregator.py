@@ -30,9 +30,9 @@ from lightning_fhe.proto.reasons import Reason
 from lightning_fhe.proto.update_shape import UpdateShape, update_shape
 from lightning_fhe.proto.wire import (
     SITE_NAME_METADATA,
-    announcement_from_message,
-    announcement_message,
     channel_options,
+    mask_key_from_message,
+    mask_key_message,
 )
 from lightning_fhe.provision.kits import SiteKit, load_site_kit
 
@@ -144,7 +144,7 @@ class AggregatorClient:
         if self._masking is None and self._masking_setting is not False:
             self._masking = SiteMasking(self.kit, self.site, self._masking_setting is True, self._min_clients)
         if self._masking is not None:
-            request.mask_key.CopyFrom(announcement_message(self._masking.announcement()))
+            request.mask_key.CopyFrom(mask_key_message(self._masking.announcement()))
             request.require_masking = self._masking.required
         waiting = WaitLog(self._clock, self.log_every_s)
         while True:
@@ -159,7 +159,7 @@ class AggregatorClient:
                 continue
             self._layouts = (encrypted_layout, plaintext_layout)
             if self._masking is not None:
-                keys = [announcement_from_message(key) for key in reply.mask_keys]
+                keys = [mask_key_from_message(key) for key in reply.mask_keys]
                 self._masking.accept(tuple(reply.members), reply.masked, keys)
             return JoinInfo(
                 site=reply.site,

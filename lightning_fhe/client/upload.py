@@ -160,13 +160,13 @@ def send_update(
     """
     started, attempts = time.monotonic(), 0
 
-    def attempt() -> pb.SubmitReply:
+    def send_once() -> pb.SubmitReply:
         nonlocal attempts
         attempts += 1
         return submit(kept.messages(progress, attempt, mask))
 
     try:
-        retries.run(f"submit round {kept.round}", attempt)
+        retries.run(f"submit round {kept.round}", send_once)
     except FederationError as err:
         if kept.source_error is not None:
             raise kept.source_error from err

@@ -38,8 +38,8 @@ class Announcement:
             raise AnnouncementError(f"the mask key takes {PUBLIC_KEY_BYTES} bytes (X25519), got {len(self.public_key)}")
         if not (0 < len(self.certificate) <= MAX_CERTIFICATE_BYTES and self.certificate.isascii()):
             raise AnnouncementError(
-                f"the mask key's certificate takes {len(self.certificate)} bytes; a PEM of 1 to {MAX_CERTIFICATE_BYTES} "
-                "ASCII bytes is expected"
+                f"the mask key's certificate takes {len(self.certificate)} bytes; a PEM of 1 to "
+                f"{MAX_CERTIFICATE_BYTES} ASCII bytes is expected"
             )
         if not 0 < len(self.signature) <= MAX_SIGNATURE_BYTES:
             raise AnnouncementError(

@@ -38,7 +38,6 @@ import hashlib
 import os
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -53,6 +52,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from lightning_fhe.he.context import write_private_file
+from lightning_fhe.masking.announcement import Announcement
 from lightning_fhe.provision.certs import common_name
 
 KEY_FILE = "mask_x25519.key"
@@ -68,17 +68,6 @@ _SUBSTITUTED = "the server may have substituted a key"
 
 class MaskKeyError(ValueError):
     """A mask key, key file or announcement that must not be used; the message names the site (or file) and why."""
-
-
-@dataclass(frozen=True)
-class Announcement:
-    """A site's mask public key, signed with its TLS client key; the server relays it to the other members."""
-
-    site: str
-    certificate: bytes  # PEM of the site's TLS client certificate
-    public_key: bytes  # 32-byte raw X25519
-    signature: bytes  # ECDSA P-256/SHA-256 over announcement_message(...)
-    key_fingerprint: str = ""  # a CKKS key the sites generated themselves; "" when the kit's provisioned one is used
 
 
 def federation_id(ca_cert_pem: bytes, he_fingerprint: str) -> bytes:

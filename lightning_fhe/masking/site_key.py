@@ -60,7 +60,7 @@ from lightning_fhe.proto.sealed_keys import (
     max_sealed_key_bytes,
     split_sealed_key,
 )
-from lightning_fhe.proto.wire import announcement_from_message, announcement_message
+from lightning_fhe.proto.wire import mask_key_from_message, mask_key_message
 from lightning_fhe.provision.kits import SiteKit, key_fingerprint, save_site_key, stage_site_key, staged_site_key
 
 logger = logging.getLogger("lightning_fhe.client")
@@ -266,7 +266,7 @@ def join_and_obtain_site_key(
         rounds=rounds,
         require_masking=require_masking,
     )
-    request.mask_key.CopyFrom(announcement_message(identity.announce(kit.name, kit.cert, kit.key, fed_id)))
+    request.mask_key.CopyFrom(mask_key_message(identity.announce(kit.name, kit.cert, kit.key, fed_id)))
     logger.info("he.key = sites: joining to make or fetch the federation's CKKS key")
     while True:
         reply = calls.run(
@@ -276,7 +276,7 @@ def join_and_obtain_site_key(
         )
         if reply is not None and reply.formed:
             break
-    announcements = [announcement_from_message(key) for key in reply.mask_keys]
+    announcements = [mask_key_from_message(key) for key in reply.mask_keys]
     return obtain_site_key(calls, kit, identity, tuple(reply.members), announcements, key_timeout_s=key_timeout_s)
 
 

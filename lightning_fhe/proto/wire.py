@@ -95,7 +95,7 @@ def block_payload(block) -> tuple[bytes, np.dtype]:
     return getattr(block, field), WIRE_DTYPES[field]
 
 
-def announcement_message(key: Announcement) -> pb.MaskAnnouncement:
+def mask_key_message(key: Announcement) -> pb.MaskAnnouncement:
     return pb.MaskAnnouncement(
         site=key.site,
         certificate=key.certificate,
@@ -105,7 +105,7 @@ def announcement_message(key: Announcement) -> pb.MaskAnnouncement:
     )
 
 
-def announcement_from_message(message: pb.MaskAnnouncement) -> Announcement:
+def mask_key_from_message(message: pb.MaskAnnouncement) -> Announcement:
     return Announcement(
         site=message.site,
         certificate=message.certificate,

@@ -38,9 +38,9 @@ from lightning_fhe.proto.wire import (
     REFUSAL_REASON_METADATA,
     SITE_NAME_METADATA,
     WIRE_DTYPES,
-    announcement_from_message,
-    announcement_message,
     block_payload,
+    mask_key_from_message,
+    mask_key_message,
 )
 from lightning_fhe.server.admission import MAX_WAIT_S, OPERATOR, CallLimiter, Method
 from lightning_fhe.server.errors import Reason, Refusal, Status
@@ -161,7 +161,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                     he_fingerprint=request.he_fingerprint,
                     params_fingerprint=request.params_fingerprint,
                     rounds=request.rounds,
-                    mask_key=announcement_from_message(request.mask_key) if request.HasField("mask_key") else None,
+                    mask_key=mask_key_from_message(request.mask_key) if request.HasField("mask_key") else None,
                     require_masking=request.require_masking,
                 )
                 result = self.federation.join(caller.name, declaration, request.max_wait_s, context.is_active)
@@ -179,7 +179,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             joined=result.joined,
             expected=result.expected,
             masked=result.masked,
-            mask_keys=[announcement_message(key) for key in result.mask_keys],
+            mask_keys=[mask_key_message(key) for key in result.mask_keys],
         )
 
     # -- SubmitUpdate -----------------------------------------------------------------------------------------------

@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--retry-budget-s", type=float, default=60.0)
     parser.add_argument("--he-workers", type=int, help="HEFederation's he_workers (default: every core)")
     parser.add_argument("--fl-strategy", type=json.loads, help="HEFederation's strategy option, as JSON")
+    parser.add_argument("--masking", type=json.loads, help="HEFederation's masking option: null, true or false")
     parser.add_argument("--csv", help="validate each round on this site's own data and log to a CSVLogger here")
     args = parser.parse_args()
 
@@ -136,6 +137,7 @@ def main() -> None:
         progress=False,
         he_workers=args.he_workers,
         strategy=args.fl_strategy,
+        masking=args.masking,
     )
     trainer = L.Trainer(
         max_epochs=args.max_epochs,
