@@ -564,7 +564,9 @@ class HEFederation(Callback):
         ) as client:
             layouts = wire_layouts(split, state, self.federated_metrics)
             try:
-                kit = join_and_obtain_site_key(client, *layouts, weight=weight, rounds=planned)
+                kit = join_and_obtain_site_key(
+                    client, *layouts, weight=weight, rounds=planned, require_masking=self.masking is True
+                )
             except FederationError as err:
                 if err.reason is not Reason.ROUNDS_MISMATCH:
                     raise

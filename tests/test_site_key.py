@@ -379,7 +379,7 @@ def test_without_every_members_mask_key_there_is_no_key_exchange(tmp_path):
         errors = {}
 
         def plain_join():  # site-1 joins as a site that does not mask: no announcement
-            with AggregatorClient(kits / "site-1", address) as client:
+            with AggregatorClient(kits / "site-1", address, masking=False) as client:
                 client.join(WEIGHTS["site-1"], ENCRYPTED, PLAINTEXT)
 
         thread = threading.Thread(target=plain_join)

@@ -144,7 +144,7 @@ class AggregatorClient:
         if self._masking is None and self._masking_setting is not False:
             self._masking = SiteMasking(self.kit, self.site, self._masking_setting is True, self._min_clients)
         if self._masking is not None:
-            request.mask_key.CopyFrom(mask_key_message(self._masking.announcement()))
+            request.mask_key.CopyFrom(mask_key_message(self._masking.announcement(self.kit.key_fingerprint)))
             request.require_masking = self._masking.required
         waiting = WaitLog(self._clock, self.log_every_s)
         while True:
@@ -159,7 +159,10 @@ class AggregatorClient:
                 continue
             self._layouts = (encrypted_layout, plaintext_layout)
             if self._masking is not None:
+                from lightning_fhe.masking.site_key import check_key_fingerprints  # (it imports this package)
+
                 keys = [mask_key_from_message(key) for key in reply.mask_keys]
+                check_key_fingerprints(keys, self.site, self.kit.key_fingerprint)  # he.key = sites: one key for all
                 self._masking.accept(tuple(reply.members), reply.masked, keys)
             return JoinInfo(
                 site=reply.site,
