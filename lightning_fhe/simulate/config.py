@@ -181,7 +181,7 @@ SCHEMA: dict[str, Any] = {
         "wait_after_min_s": number(0),
         "round_timeout_s": number(0, open_low=True),
     },
-    "he": {"lib": choice("tenseal"), "config": FREE},
+    "he": {"lib": choice("tenseal"), "config": FREE, "key": choice("provisioned", "sites")},
     "data": {"class_path": string, "init_args": OPTIONAL, "per_site": OPTIONAL},
     "model": {"class_path": string, "init_args": OPTIONAL},
     "trainer": {
