@@ -220,13 +220,15 @@ def test_sites_make_the_key_federate_with_it_and_no_one_else_holds_it(tmp_path, 
     assert all(window in secret_context for window in windows)  # the search would find the key where it is
     for path in outside:
         data = path.read_bytes()
-        assert not any(window in data for window in windows), path
+        assert secret_context not in data and not any(window in data for window in windows), path
         if path.suffix == ".tenseal":
             assert not ts.context_from(data).has_secret_key(), path
     for name in names:  # in the site kits, only he_context.tenseal holds it
         for path in (kits / name).iterdir():
             if path.name != "he_context.tenseal":
                 assert not any(window in path.read_bytes() for window in windows), path
+            if path.name == "he_params.tenseal":
+                assert not ts.context_from(path.read_bytes()).has_secret_key()
 
 
 class _Restart(Exception):
