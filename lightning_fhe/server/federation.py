@@ -15,6 +15,7 @@ recorded as such: restarting the server reopens the failed round, with every ear
 from __future__ import annotations
 
 import logging
+import secrets
 import sys
 import threading
 import time
@@ -100,6 +101,7 @@ class JoinResult:
     current_round: int = 0
     send_initial_model: bool = False
     mask_keys: tuple[Announcement, ...] = ()  # masked federations: every member's signed mask key
+    instance: str = ""  # this federation's random id
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ class StatusView:
     left: tuple[str, ...] = ()  # members that left (Leave)
     attempt: int = 0  # masked federations: the open round's attempt
     attempt_members: tuple[str, ...] = ()  # ... and the sites whose masks cancel in it
+    instance: str = ""  # this federation's random id (the sites bind their masks to it)
 
 
 @dataclass
@@ -222,6 +225,9 @@ class Federation:
         store, now = self.store, self._clock()
         store.prepare()
         record = store.load_federation()
+        # A new federation gets a new id, so that the sites' masks of one never repeat in another made with the
+        # same kits; a resumed one keeps its own (or, recorded before ids existed, gets one now).
+        self.instance = record.instance if record is not None and record.instance else secrets.token_hex(16)
         if record is None:
             if store.stored_rounds():
                 raise StateError(
@@ -321,7 +327,9 @@ class Federation:
                 remaining = deadline - self._clock()
                 if remaining <= 0 or not is_active():
                     assert self.formation is not None
-                    return JoinResult(False, site, len(self.formation.joined), len(self.formation.expected))
+                    return JoinResult(
+                        False, site, len(self.formation.joined), len(self.formation.expected), instance=self.instance
+                    )
                 self._cond.wait(min(remaining, _POLL_S))
             self._refuse_if_failed()
             return self._join_result(site)
@@ -364,6 +372,7 @@ class Federation:
             current_round=max(self.current_round, 1),
             send_initial_model=self.last_closed_round < 0 and membership.initial_model_site == site,
             mask_keys=membership.mask_keys,
+            instance=self.instance,
         )
 
     # -- submitting -------------------------------------------------------------------------------------------------
@@ -712,6 +721,7 @@ class Federation:
             left=tuple(m for m in self.membership.members if m in self.left) if self.membership else (),
             attempt=self.round.attempt if self.round is not None and self.round.masked else 0,
             attempt_members=self.round.attempt_members if self.round is not None and self.round.masked else (),
+            instance=self.instance,
         )
 
     def _check_known(self, site: str) -> None:
@@ -993,5 +1003,6 @@ class Federation:
                 membership=self.membership,
                 rounds=self.config.rounds,
                 last_closed_round=self.last_closed_round,
+                instance=self.instance,
             )
         )
