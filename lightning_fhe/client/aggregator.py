@@ -142,7 +142,12 @@ class AggregatorClient:
             rounds=rounds,
         )
         if self._masking_setting is not False:
-            self._announce(request, self.status().instance)
+            try:
+                instance = self.status().instance
+            except FederationError:
+                instance = None  # refused (e.g. formed without this site): the join says why in its own words
+            if instance is not None:
+                self._announce(request, instance)
         waiting = WaitLog(self._clock, self.log_every_s)
         while True:
             reply = self._retries.run(
