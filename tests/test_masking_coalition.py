@@ -24,7 +24,6 @@ from lightning_fhe.he.codec import UpdateCipher
 from lightning_fhe.he.frames import decode_upload_chunk, encode_global_chunk
 from lightning_fhe.he.layout import TensorLayout
 from lightning_fhe.he.seeded import CiphertextLayout
-from lightning_fhe.masking.keys import MaskIdentity, federation_id
 from lightning_fhe.masking.masks import chunk_nonce, keystream_mod
 from lightning_fhe.proto import aggregator_pb2 as pb
 from lightning_fhe.provision import load_site_kit
@@ -75,6 +74,7 @@ class RecordingSite:
         self.decrypted: np.ndarray | None = None
         self.participants: tuple[str, ...] = ()
         self.error: BaseException | None = None
+        self.pair_seeds: dict[str, bytes] = {}
 
     def run(self) -> None:
         try:
@@ -82,6 +82,7 @@ class RecordingSite:
                 self._record(client)
                 info = client.join(WEIGHTS[self.kit.name], ENCRYPTED, PLAINTEXT)
                 self.share = info.share
+                self.pair_seeds = dict(client._masking.seeds)
                 if info.send_initial_model:
                     client.submit(0, [], np.concatenate(update_of(self.kit.name, 0)))
                 client.fetch_global(0)
@@ -116,17 +117,14 @@ class RecordingSite:
         client._stub.SubmitUpdate = recording
 
 
-def coalition_decrypts(frames: list[bytes], victim: SiteKit, colluder: SiteKit, masks_of) -> np.ndarray:
+def coalition_decrypts(frames: list[bytes], victim: str, colluder: RecordingSite, masks_of) -> np.ndarray:
     """What the server and ``colluder`` make of ``victim``'s chunks: the mask between the two taken off (the only
     one the coalition knows) where the chunks were masked for ``masks_of`` = (members, attempt), then decrypted
     with the colluder's CKKS key and divided by the victim's share."""
-    layout = CiphertextLayout(colluder.he_context)
-    identity = MaskIdentity.load_or_create(colluder.path)
-    fed_id = federation_id(colluder.ca_cert, colluder.he_fingerprint)
-    their_key = MaskIdentity.load_or_create(victim.path).public_key  # public: relayed by the server at join
-    seed = identity.pair_seeds(colluder.name, {victim.name: their_key}, fed_id)[victim.name]
-    sign = 1 if victim.name < colluder.name else -1  # the victim added sign * KS(victim, colluder)
-    cipher = UpdateCipher(colluder.he_context)
+    layout = CiphertextLayout(colluder.kit.he_context)
+    seed = colluder.pair_seeds[victim]  # the colluder's pairwise secret with the victim
+    sign = 1 if victim < colluder.kit.name else -1  # the victim added sign * KS(victim, colluder)
+    cipher = UpdateCipher(colluder.kit.he_context)
     values = []
     for index, frame in enumerate(frames):
         chunk = decode_upload_chunk(frame, layout.n, layout.q0)
@@ -136,11 +134,7 @@ def coalition_decrypts(frames: list[bytes], victim: SiteKit, colluder: SiteKit, 
             c0 = (c0 - sign * keystream_mod(seed, nonce, layout.q0, layout.n).astype(object)) % layout.q0
         global_frame = encode_global_chunk(np.array(c0, dtype=np.uint64), [chunk.seed_entry])
         values.append(cipher.decrypt_chunk(global_frame, participants=1))
-    return cipher.finish(np.concatenate(values), victim_share(victim))[: ENCRYPTED.numel]
-
-
-def victim_share(kit: SiteKit) -> float:
-    return WEIGHTS[kit.name] / sum(WEIGHTS.values())
+    return cipher.finish(np.concatenate(values), WEIGHTS[victim] / sum(WEIGHTS.values()))[: ENCRYPTED.numel]
 
 
 @pytest.fixture(scope="module")
@@ -191,15 +185,15 @@ def test_the_coalition_of_the_server_and_site_1_learns_nothing_from_site_2s_atte
     sites, _ = recollected
     site_1, site_2 = sites
     truth = update_of("site-2", 1)[0]
-    seen = coalition_decrypts(site_2.sent[1], site_2.kit, site_1.kit, masks_of=(SITES, 1))
+    seen = coalition_decrypts(site_2.sent[1], "site-2", site_1, masks_of=(SITES, 1))
     correlation = np.corrcoef(seen, truth)[0, 1]
     assert ENCRYPTED.numel >= 100_000 and abs(correlation) < 0.01, correlation
     # The power of the test: the same procedure on site-2's update as an unmasked federation uploads it (its
     # chunks before masking) gives the update back.
-    control = coalition_decrypts(site_2.unmasked, site_2.kit, site_1.kit, masks_of=None)
+    control = coalition_decrypts(site_2.unmasked, "site-2", site_1, masks_of=None)
     assert np.abs(control - truth).max() < 1e-6
     # ... and on the masked bytes of attempt 2, whose only other member is site-1: the coalition knows every mask
     # there and reads the update (two members' sum tells each the other's: why min_clients guards attempts).
     assert site_2.sent[2] != site_2.unmasked
-    exposed = coalition_decrypts(site_2.sent[2], site_2.kit, site_1.kit, masks_of=(("site-1", "site-2"), 2))
+    exposed = coalition_decrypts(site_2.sent[2], "site-2", site_1, masks_of=(("site-1", "site-2"), 2))
     assert np.abs(exposed - truth).max() < 1e-6

@@ -17,7 +17,17 @@ import grpc
 import numpy as np
 import pytest
 import tenseal as ts
-from test_server_support import ENCRYPTED, PLAINTEXT, WEIGHTS, Site, site_channel, start_server, stub, update_of
+from test_server_support import (
+    ENCRYPTED,
+    PLAINTEXT,
+    WEIGHTS,
+    Site,
+    site_channel,
+    start_server,
+    status_of,
+    stub,
+    update_of,
+)
 
 from lightning_fhe.client import AggregatorClient, FederationError
 from lightning_fhe.he.context import HEContext
@@ -130,8 +140,12 @@ class Tampering:
             yield message
 
 
-def join_request(kit, identity: MaskIdentity, key_fingerprint: str = "", max_wait_s: float = 30.0):
-    fed_id = federation_id(kit.ca_cert, kit.he_fingerprint)
+def fed_id_of(kit, address: str) -> bytes:
+    """The federation id the sites sign under: the kit's, and the instance the server drew for this federation."""
+    return federation_id(kit.ca_cert, kit.he_fingerprint, status_of(kit, address).federation_instance)
+
+
+def join_request(kit, identity: MaskIdentity, fed_id: bytes, key_fingerprint: str = "", max_wait_s: float = 30.0):
     request = pb.JoinRequest(
         weight=WEIGHTS[kit.name],
         encrypted_layout_json=json.dumps(ENCRYPTED.to_dict()),
@@ -224,7 +238,7 @@ def test_sites_make_the_key_federate_with_it_and_no_one_else_holds_it(tmp_path, 
         if path.suffix == ".tenseal":
             assert not ts.context_from(data).has_secret_key(), path
     for name in names:  # in the site kits, only he_context.tenseal holds it
-        for path in (kits / name).iterdir():
+        for path in (p for p in (kits / name).rglob("*") if p.is_file()):
             if path.name != "he_context.tenseal":
                 assert not any(window in path.read_bytes() for window in windows), path
             if path.name == "he_params.tenseal":
@@ -280,11 +294,12 @@ def test_a_tampering_relay_is_caught_and_nothing_is_saved(tmp_path):
     try:
         identities = {name: MaskIdentity.load_or_create(kits / name) for name in names}
         kit = {name: load_site_kit(kits / name) for name in names}
+        fed_id = fed_id_of(kit["site-1"], address)
         replies = {}
 
         def join(name):
             with site_channel(kit[name], address) as channel:
-                replies[name] = stub(channel).Join(join_request(kit[name], identities[name]), timeout=60)
+                replies[name] = stub(channel).Join(join_request(kit[name], identities[name], fed_id), timeout=60)
 
         threads = [threading.Thread(target=join, args=(name,)) for name in names]
         for thread in threads:
@@ -296,15 +311,17 @@ def test_a_tampering_relay_is_caught_and_nothing_is_saved(tmp_path):
                          for k in reply.mask_keys]
         with AggregatorClient(kit["site-1"], address) as client:  # the maker shares through the honest server
             made = obtain_site_key(KeyCalls.of(client), kit["site-1"], identities["site-1"], reply.members,
-                                   announcements)
+                                   announcements, fed_id=fed_id)
         with AggregatorClient(kit["site-2"], address) as client:
             calls = KeyCalls.of(client)
             with pytest.raises(SiteKeyError, match="'site-1' for 'site-2' fails authentication.*nothing was saved"):
                 obtain_site_key(replace(calls, stub=Tampering(calls.stub)), kit["site-2"], identities["site-2"],
-                                reply.members, announcements)
+                                reply.members, announcements, fed_id=fed_id)
             assert load_site_kit(kits / "site-2").awaits_site_key
             assert not (kits / "site-2" / "he_context.tenseal").exists()
-            got = obtain_site_key(calls, kit["site-2"], identities["site-2"], reply.members, announcements)
+            got = obtain_site_key(
+                calls, kit["site-2"], identities["site-2"], reply.members, announcements, fed_id=fed_id
+            )
         assert got.key_fingerprint == made.key_fingerprint
     finally:
         server.stop()
@@ -330,9 +347,10 @@ def test_a_site_holding_another_key_is_refused(tmp_path):
         tampered = load_site_kit(folder)
         assert tampered.key_fingerprint == key_fingerprint(other) != shared
         identity = MaskIdentity.load_or_create(folder)
+        fed_id = fed_id_of(tampered, address)
         with site_channel(tampered, address) as channel:
             with pytest.raises(grpc.RpcError) as info:
-                stub(channel).Join(join_request(tampered, identity, tampered.key_fingerprint), timeout=30)
+                stub(channel).Join(join_request(tampered, identity, fed_id, tampered.key_fingerprint), timeout=30)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert f"site 'site-2' holds another CKKS key (key fingerprint {tampered.key_fingerprint})" in (
             info.value.details()
@@ -349,7 +367,7 @@ def test_a_site_holding_another_key_is_refused(tmp_path):
             (folder / name).write_bytes(data)
         restored = load_site_kit(folder)
         with site_channel(restored, address) as channel:
-            reply = stub(channel).Join(join_request(restored, identity, restored.key_fingerprint), timeout=30)
+            reply = stub(channel).Join(join_request(restored, identity, fed_id, restored.key_fingerprint), timeout=30)
         assert [k.key_fingerprint for k in reply.mask_keys if k.site == "site-2"] == [shared]
     finally:
         server.stop()
@@ -391,7 +409,7 @@ def test_without_every_members_mask_key_there_is_no_key_exchange(tmp_path):
         thread.join(30)
         assert errors["site-2"].reason is Reason.MISMATCH and isinstance(errors["site-2"], FederationError)
         assert load_site_kit(kits / "site-2").awaits_site_key
-        assert (kits / "site-2" / KEY_FILE).exists()  # its X25519 key stays: it announced it
+        assert list((kits / "site-2").glob(f"masking/*/{KEY_FILE}"))  # its X25519 key stays: it announced it
     finally:
         server.stop()
 

@@ -141,11 +141,13 @@ class AggregatorClient:
             max_wait_s=self.wait_s,
             rounds=rounds,
         )
-        if self._masking is None and self._masking_setting is not False:
-            self._masking = SiteMasking(self.kit, self.site, self._masking_setting is True, self._min_clients)
-        if self._masking is not None:
-            request.mask_key.CopyFrom(mask_key_message(self._masking.announcement(self.kit.key_fingerprint)))
-            request.require_masking = self._masking.required
+        if self._masking_setting is not False:
+            try:
+                instance = self.status().instance
+            except FederationError:
+                instance = None  # refused (e.g. formed without this site): the join says why in its own words
+            if instance is not None:
+                self._announce(request, instance)
         waiting = WaitLog(self._clock, self.log_every_s)
         while True:
             reply = self._retries.run(
@@ -153,6 +155,9 @@ class AggregatorClient:
                 lambda: self._stub.Join(request, timeout=self.wait_s + self.rpc_timeout_s, metadata=self._metadata),
                 waiting=True,
             )
+            if reply is not None and self._masking is not None and reply.federation_instance != self._masking.instance:
+                self._announce(request, reply.federation_instance)  # the server restarted afresh: a new federation
+                continue
             if reply is None or not reply.formed:
                 if reply is not None and waiting.due():
                     self._log_forming(reply, waiting)
@@ -207,8 +212,14 @@ class AggregatorClient:
             if not self._masks_round(round):
                 return self._send(kept, progress, resubmission=False)
             while True:
+                status = self._open_attempt(round)
+                if status.this_site_submitted:
+                    # Sent before this process started (a restart): that upload counts; a second encryption would
+                    # go out under the same masks.
+                    logger.info("round %d: the server already has this site's update; not sending another", round)
+                    return SubmitReceipt(round, 0, 0.0)
                 try:
-                    return self._send(kept, progress, resubmission=False, status=self._open_attempt(round))
+                    return self._send(kept, progress, resubmission=False, status=status)
                 except FederationError as err:
                     if err.reason is not Reason.ATTEMPT_CHANGED or kept.source_error is not None:
                         raise
@@ -296,6 +307,13 @@ class AggregatorClient:
         """Closes the kept updates of rounds up to ``up_to`` (None: all), whose files then go."""
         for r in [r for r in self._kept if up_to is None or r <= up_to]:
             self._kept.pop(r).close()
+
+    def _announce(self, request: pb.JoinRequest, instance: str) -> None:
+        """Puts this site's signed mask key for federation ``instance`` into ``request``."""
+        if self._masking is None or self._masking.instance != instance:
+            self._masking = SiteMasking(self.kit, self.site, self._masking_setting is True, self._min_clients, instance)
+        request.mask_key.CopyFrom(mask_key_message(self._masking.announcement(self.kit.key_fingerprint)))
+        request.require_masking = self._masking.required
 
     def _open_attempt(self, round_number: int) -> RoundStatus:
         """The status of a masked round this site may upload to now. Nothing is ever sent unmasked, not even to a

@@ -8,12 +8,15 @@ against ``min_clients`` from the kit, not from the server.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 from collections.abc import Sequence
 
 import grpc
 
-from lightning_fhe.client.errors import FederationError
+from lightning_fhe.client.errors import FederationError, RoundClosedError
 from lightning_fhe.client.upload import ChunkMask
 from lightning_fhe.he.seeded import CiphertextLayout
 from lightning_fhe.masking.announcement import Announcement
@@ -24,6 +27,8 @@ from lightning_fhe.provision.kits import SiteKit
 
 logger = logging.getLogger("lightning_fhe.client")
 
+MASKED_LOG = "masked_attempts.json"  # in the kit folder: the attempts this site masked an update for
+
 
 class SiteMasking:
     """Args:
@@ -31,17 +36,26 @@ class SiteMasking:
     site: the site's name (its certificate's).
     required: take part only in a masked federation.
     min_clients: the fewest members an attempt may have for this site to upload to it.
+    instance: the federation's random id, from the server: the key and the record of masked attempts are kept per
+        federation (``<kit>/masking/<instance>/``), so that federations run with the same kits never share masks.
     """
 
-    def __init__(self, kit: SiteKit, site: str, required: bool, min_clients: int) -> None:
+    def __init__(self, kit: SiteKit, site: str, required: bool, min_clients: int, instance: str) -> None:
+        if not re.fullmatch(r"[0-9a-f]{32}", instance):
+            raise FederationError(f"the server names its federation {instance[:40]!r}; expected 32 hex digits")
         self.kit = kit
         self.site = site
         self.required = required
         self.min_clients = min_clients
-        self.federation_id = federation_id(kit.ca_cert, kit.he_fingerprint)
-        self._identity = MaskIdentity.load_or_create(kit.path)
+        self.instance = instance
+        self.federation_id = federation_id(kit.ca_cert, kit.he_fingerprint, instance)
+        self.folder = kit.path / "masking" / instance
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._identity = MaskIdentity.load_or_create(self.folder)
+        self.seeds: dict[str, bytes] = {}  # peer -> pair seed, once accepted: this site's pairwise secrets
         self._masks: PairwiseMasks | None = None
         self._members: tuple[str, ...] = ()
+        self._masked_here: set[tuple[int, int, tuple[str, ...]]] = set()  # by this process
 
     @property
     def active(self) -> bool:
@@ -82,9 +96,9 @@ class SiteMasking:
                 Reason.MISMATCH,
             )
         peers = {site: key for site, key in public.items() if site != self.site}
-        seeds = self._identity.pair_seeds(self.site, peers, self.federation_id)
+        self.seeds = self._identity.pair_seeds(self.site, peers, self.federation_id)
         layout = CiphertextLayout(self.kit.he_context)
-        self._masks = PairwiseMasks(self.site, seeds, layout.q0, layout.n)
+        self._masks = PairwiseMasks(self.site, self.seeds, layout.q0, layout.n)
         self._members = tuple(members)
 
     def mask_for(self, round_number: int, attempt: int, members: Sequence[str]) -> ChunkMask:
@@ -112,9 +126,39 @@ class SiteMasking:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 Reason.MISMATCH,
             )
+        self._claim(round_number, attempt, members)
         masks = self._masks
 
         def mask(index: int, frame: bytes) -> bytes:
             return masks.apply(frame, round_number, attempt, members, index)
 
         return mask
+
+    def _claim(self, round_number: int, attempt: int, members: tuple[str, ...]) -> None:
+        """Records on disk, before anything is sent, that this site masks an update for this attempt; refuses an
+        attempt that an earlier process of this site masked already.
+
+        The masks of an attempt depend on nothing but the attempt, so they must never cover two different
+        ciphertexts: whoever holds the CKKS key would read the difference of the two. A site that restarted
+        encrypts its update anew, so it sits out an attempt it already sent to (the server has that upload, or
+        re-collects without it) instead of masking a second ciphertext with the same masks.
+        """
+        attempt_id = (round_number, attempt, tuple(sorted(members)))
+        if attempt_id in self._masked_here:
+            return  # the same kept bytes again: the same masked bytes
+        path = self.folder / MASKED_LOG
+        try:
+            last = json.loads(path.read_text()) if path.exists() else None
+        except (OSError, ValueError) as err:
+            raise FederationError(f"{path}: unreadable ({err}); it guards against reusing masks, so fix or remove it")
+        entry = [round_number, attempt, list(attempt_id[2])]
+        if isinstance(last, list) and len(last) == 3 and (round_number, attempt) <= (last[0], last[1]):
+            raise RoundClosedError(
+                f"round {round_number} attempt {attempt}: an earlier run of this site masked an update for round "
+                f"{last[0]} attempt {last[1]}; a new encryption under masks already used would expose the difference, "
+                "so this site sits the attempt out"
+            )
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(entry))
+        os.replace(tmp, path)
+        self._masked_here.add(attempt_id)

@@ -43,6 +43,7 @@ class RoundStatus:
     site: str = ""  # who asked, as the server saw it: the site's name, or "operator"
     attempt: int = 0  # masked federations: the open round's attempt
     attempt_members: tuple[str, ...] = ()  # ... and the sites that must upload to it
+    instance: str = ""  # the federation's random id, which the sites bind their mask keys to
 
 
 def round_status(message: pb.RoundStatus) -> RoundStatus:
@@ -63,6 +64,7 @@ def round_status(message: pb.RoundStatus) -> RoundStatus:
         site=message.site,
         attempt=message.attempt,
         attempt_members=tuple(message.attempt_members),
+        instance=message.federation_instance,
     )
 
 

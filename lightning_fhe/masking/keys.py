@@ -70,8 +70,10 @@ class MaskKeyError(ValueError):
     """A mask key, key file or announcement that must not be used; the message names the site (or file) and why."""
 
 
-def federation_id(ca_cert_pem: bytes, he_fingerprint: str) -> bytes:
-    """32 bytes naming one provisioning run: every kit of the run computes the same, the server cannot change it.
+def federation_id(ca_cert_pem: bytes, he_fingerprint: str, instance: str = "") -> bytes:
+    """32 bytes naming one provisioning run: every kit of the run computes the same, the server cannot change it;
+    with ``instance`` (the random id the server draws for each new federation), one federation of that run, so that
+    the masks of one never repeat in another made with the same kits.
 
     >>> from lightning_fhe.provision.certs import make_ca
     >>> ca = make_ca("spleen-fl")
@@ -79,7 +81,7 @@ def federation_id(ca_cert_pem: bytes, he_fingerprint: str) -> bytes:
     (32, False)
     """
     der = x509.load_pem_x509_certificate(ca_cert_pem).public_bytes(serialization.Encoding.DER)
-    return hashlib.sha256(_FEDERATION_LABEL + der + he_fingerprint.encode()).digest()
+    return hashlib.sha256(_FEDERATION_LABEL + der + _lp(he_fingerprint.encode()) + _lp(instance.encode())).digest()
 
 
 def announcement_message(fed_id: bytes, site: str, public_key: bytes, key_fingerprint: str = "") -> bytes:

@@ -49,7 +49,7 @@ from lightning_fhe.client.errors import FederationError
 from lightning_fhe.client.retry import WaitLog
 from lightning_fhe.he.context import HEContext, HEKeyError
 from lightning_fhe.he.layout import TensorLayout
-from lightning_fhe.masking.keys import MaskIdentity, MaskKeyError, federation_id, verify_announcements
+from lightning_fhe.masking.keys import MaskIdentity, MaskKeyError, verify_announcements
 from lightning_fhe.proto import aggregator_pb2 as pb
 from lightning_fhe.proto.reasons import Reason
 from lightning_fhe.proto.sealed_keys import (
@@ -170,6 +170,7 @@ def obtain_site_key(
     members: Sequence[str],
     announcements: Sequence[Any],
     *,
+    fed_id: bytes,
     key_timeout_s: float = 600.0,
     log_every_s: float = 30.0,
     clock: Callable[[], float] = time.monotonic,
@@ -183,6 +184,8 @@ def obtain_site_key(
         identity: this site's X25519 key (the one its announcement carries).
         members: the federation's members, from the join.
         announcements: every member's announcement, from the join (``mask_keys``).
+        fed_id: the federation id the announcements are signed under
+            (:func:`~lightning_fhe.masking.keys.federation_id` of the kit and the server's federation instance).
         key_timeout_s: how long to wait for the first member's copy before giving up.
 
     Raises:
@@ -191,7 +194,6 @@ def obtain_site_key(
         FederationError: the server refused a call.
     """
     site = kit.name
-    fed_id = federation_id(kit.ca_cert, kit.he_fingerprint)
     if not announcements:
         raise SiteKeyError(
             "he.key = sites, but the server relays no mask keys: a member joined without one (masking=False there, "
@@ -253,9 +255,9 @@ def join_and_obtain_site_key(
     kit: SiteKit = client.kit
     if not kit.awaits_site_key:
         return kit
+    from lightning_fhe.client.masking import SiteMasking  # the key the site masks with: the one it seals with
+
     calls = KeyCalls.of(client)
-    identity = MaskIdentity.load_or_create(kit.path)
-    fed_id = federation_id(kit.ca_cert, kit.he_fingerprint)
     request = pb.JoinRequest(
         weight=float(weight),
         encrypted_layout_json=json.dumps(encrypted_layout.to_dict()),
@@ -266,7 +268,13 @@ def join_and_obtain_site_key(
         rounds=rounds,
         require_masking=require_masking,
     )
-    request.mask_key.CopyFrom(mask_key_message(identity.announce(kit.name, kit.cert, kit.key, fed_id)))
+    def announce(instance: str) -> SiteMasking:
+        """This site's signed key for federation ``instance`` (no key fingerprint: it holds no CKKS key yet)."""
+        masking = SiteMasking(kit, kit.name, require_masking, kit.min_clients, instance)
+        request.mask_key.CopyFrom(mask_key_message(masking.announcement()))
+        return masking
+
+    masking = announce(client.status().instance)
     logger.info("he.key = sites: joining to make or fetch the federation's CKKS key")
     while True:
         reply = calls.run(
@@ -274,10 +282,22 @@ def join_and_obtain_site_key(
             lambda: calls.stub.Join(request, timeout=calls.wait_s + calls.timeout_s, metadata=calls.metadata),
             waiting=True,
         )
+        if reply is not None and reply.federation_instance != masking.instance:
+            masking = announce(reply.federation_instance)  # the server restarted afresh: a new federation
+            continue
         if reply is not None and reply.formed:
             break
     announcements = [mask_key_from_message(key) for key in reply.mask_keys]
-    return obtain_site_key(calls, kit, identity, tuple(reply.members), announcements, key_timeout_s=key_timeout_s)
+    identity = MaskIdentity.load_or_create(masking.folder)
+    return obtain_site_key(
+        calls,
+        kit,
+        identity,
+        tuple(reply.members),
+        announcements,
+        fed_id=masking.federation_id,
+        key_timeout_s=key_timeout_s,
+    )
 
 
 # -- internals ---------------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ class MaskAnnouncement(_message.Message):
     def __init__(self, site: _Optional[str] = ..., certificate: _Optional[bytes] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., key_fingerprint: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("formed", "site", "members", "total_weight", "share", "rounds", "current_round", "send_initial_model", "joined", "expected", "masked", "mask_keys")
+    __slots__ = ("formed", "site", "members", "total_weight", "share", "rounds", "current_round", "send_initial_model", "joined", "expected", "masked", "mask_keys", "federation_instance")
     FORMED_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class JoinReply(_message.Message):
     EXPECTED_FIELD_NUMBER: _ClassVar[int]
     MASKED_FIELD_NUMBER: _ClassVar[int]
     MASK_KEYS_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     formed: bool
     site: str
     members: _containers.RepeatedScalarFieldContainer[str]
@@ -69,7 +70,8 @@ class JoinReply(_message.Message):
     expected: int
     masked: bool
     mask_keys: _containers.RepeatedCompositeFieldContainer[MaskAnnouncement]
-    def __init__(self, formed: _Optional[bool] = ..., site: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ..., total_weight: _Optional[float] = ..., share: _Optional[float] = ..., rounds: _Optional[int] = ..., current_round: _Optional[int] = ..., send_initial_model: _Optional[bool] = ..., joined: _Optional[int] = ..., expected: _Optional[int] = ..., masked: _Optional[bool] = ..., mask_keys: _Optional[_Iterable[_Union[MaskAnnouncement, _Mapping]]] = ...) -> None: ...
+    federation_instance: str
+    def __init__(self, formed: _Optional[bool] = ..., site: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ..., total_weight: _Optional[float] = ..., share: _Optional[float] = ..., rounds: _Optional[int] = ..., current_round: _Optional[int] = ..., send_initial_model: _Optional[bool] = ..., joined: _Optional[int] = ..., expected: _Optional[int] = ..., masked: _Optional[bool] = ..., mask_keys: _Optional[_Iterable[_Union[MaskAnnouncement, _Mapping]]] = ..., federation_instance: _Optional[str] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("round", "num_chunks", "plaintext_count", "attempt")
@@ -188,7 +190,7 @@ class MemberActivity(_message.Message):
     def __init__(self, site: _Optional[str] = ..., idle_s: _Optional[float] = ..., last_call: _Optional[str] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("phase", "current_round", "rounds", "last_closed_round", "members", "submitted", "this_site_submitted", "failure", "joined", "seconds_left", "activity", "left", "site", "attempt", "attempt_members")
+    __slots__ = ("phase", "current_round", "rounds", "last_closed_round", "members", "submitted", "this_site_submitted", "failure", "joined", "seconds_left", "activity", "left", "site", "attempt", "attempt_members", "federation_instance")
     class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         PHASE_UNSPECIFIED: _ClassVar[RoundStatus.Phase]
@@ -216,6 +218,7 @@ class RoundStatus(_message.Message):
     SITE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     phase: RoundStatus.Phase
     current_round: int
     rounds: int
@@ -231,7 +234,8 @@ class RoundStatus(_message.Message):
     site: str
     attempt: int
     attempt_members: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, phase: _Optional[_Union[RoundStatus.Phase, str]] = ..., current_round: _Optional[int] = ..., rounds: _Optional[int] = ..., last_closed_round: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., submitted: _Optional[_Iterable[str]] = ..., this_site_submitted: _Optional[bool] = ..., failure: _Optional[str] = ..., joined: _Optional[_Iterable[str]] = ..., seconds_left: _Optional[float] = ..., activity: _Optional[_Iterable[_Union[MemberActivity, _Mapping]]] = ..., left: _Optional[_Iterable[str]] = ..., site: _Optional[str] = ..., attempt: _Optional[int] = ..., attempt_members: _Optional[_Iterable[str]] = ...) -> None: ...
+    federation_instance: str
+    def __init__(self, phase: _Optional[_Union[RoundStatus.Phase, str]] = ..., current_round: _Optional[int] = ..., rounds: _Optional[int] = ..., last_closed_round: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., submitted: _Optional[_Iterable[str]] = ..., this_site_submitted: _Optional[bool] = ..., failure: _Optional[str] = ..., joined: _Optional[_Iterable[str]] = ..., seconds_left: _Optional[float] = ..., activity: _Optional[_Iterable[_Union[MemberActivity, _Mapping]]] = ..., left: _Optional[_Iterable[str]] = ..., site: _Optional[str] = ..., attempt: _Optional[int] = ..., attempt_members: _Optional[_Iterable[str]] = ..., federation_instance: _Optional[str] = ...) -> None: ...
 
 class SealedKey(_message.Message):
     __slots__ = ("sender", "recipient", "ciphertext", "key_fingerprint", "offset", "size")

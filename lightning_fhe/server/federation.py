@@ -15,6 +15,7 @@ recorded as such: restarting the server reopens the failed round, with every ear
 from __future__ import annotations
 
 import logging
+import secrets
 import sys
 import threading
 import time
@@ -102,6 +103,7 @@ class JoinResult:
     send_initial_model: bool = False
     mask_keys: tuple[Announcement, ...] = ()  # every member's signed mask key, when every member sent one
     masked: bool = False  # updates are masked
+    instance: str = ""  # this federation's random id
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ class StatusView:
     left: tuple[str, ...] = ()  # members that left (Leave)
     attempt: int = 0  # masked federations: the open round's attempt
     attempt_members: tuple[str, ...] = ()  # ... and the sites whose masks cancel in it
+    instance: str = ""  # this federation's random id (the sites bind their masks to it)
 
 
 @dataclass
@@ -225,6 +228,9 @@ class Federation:
         store, now = self.store, self._clock()
         store.prepare()
         record = store.load_federation()
+        # A new federation gets a new id, so that the sites' masks of one never repeat in another made with the
+        # same kits; a resumed one keeps its own (or, recorded before ids existed, gets one now).
+        self.instance = record.instance if record is not None and record.instance else secrets.token_hex(16)
         if record is None:
             if store.stored_rounds():
                 raise StateError(
@@ -332,7 +338,9 @@ class Federation:
                 remaining = deadline - self._clock()
                 if remaining <= 0 or not is_active():
                     assert self.formation is not None
-                    return JoinResult(False, site, len(self.formation.joined), len(self.formation.expected))
+                    return JoinResult(
+                        False, site, len(self.formation.joined), len(self.formation.expected), instance=self.instance
+                    )
                 self._cond.wait(min(remaining, _POLL_S))
             self._refuse_if_failed()
             return self._join_result(site)
@@ -494,6 +502,7 @@ class Federation:
             send_initial_model=self.last_closed_round < 0 and membership.initial_model_site == site,
             mask_keys=membership.mask_keys,
             masked=membership.masked,
+            instance=self.instance,
         )
 
     # -- submitting -------------------------------------------------------------------------------------------------
@@ -842,6 +851,7 @@ class Federation:
             left=tuple(m for m in self.membership.members if m in self.left) if self.membership else (),
             attempt=self.round.attempt if self.round is not None and self.round.masked else 0,
             attempt_members=self.round.attempt_members if self.round is not None and self.round.masked else (),
+            instance=self.instance,
         )
 
     def _check_known(self, site: str) -> None:
@@ -1123,6 +1133,7 @@ class Federation:
                 membership=self.membership,
                 rounds=self.config.rounds,
                 last_closed_round=self.last_closed_round,
+                instance=self.instance,
             )
         )
 

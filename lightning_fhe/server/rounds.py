@@ -238,9 +238,8 @@ class RoundState:
         quorum = min(self.rule.min_clients, len(self.members))
         if len(remaining) < quorum and (self.left or self.attempt > 1):
             after = f"after {', '.join(sorted(self.left))} left" if self.left else f"in attempt {self.attempt}"
-            return Decision(
-                Outcome.FAIL, f"{len(remaining)} member(s) remain {after}, fewer than the quorum of {quorum} (min_clients)"
-            )
+            why = f"{len(remaining)} member(s) remain {after}, fewer than the quorum of {quorum} (min_clients)"
+            return Decision(Outcome.FAIL, why)
         # Only the remaining members' arrivals count towards "everyone is here"; one that left after submitting
         # stays in the sum (its share is in total_share) but is not waited for.
         arrivals = [t for site, t in self.submitted.items() if site not in self.left]

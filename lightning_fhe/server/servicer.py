@@ -180,6 +180,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             expected=result.expected,
             masked=result.masked,
             mask_keys=[mask_key_message(key) for key in result.mask_keys],
+            federation_instance=result.instance,
         )
 
     # -- SubmitUpdate -----------------------------------------------------------------------------------------------
@@ -469,4 +470,5 @@ def _status_message(view: StatusView) -> pb.RoundStatus:
         left=view.left,
         attempt=view.attempt,
         attempt_members=view.attempt_members,
+        federation_instance=view.instance,
     )

@@ -73,6 +73,7 @@ class FederationRecord:
     membership: Membership
     rounds: int
     last_closed_round: int  # -1: not even round 0 (the initial model) closed yet
+    instance: str = ""  # random, drawn when this state began: binds the sites' masks to this federation alone
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +84,7 @@ class FederationRecord:
             **self.membership.to_dict(),
             "rounds": self.rounds,
             "last_closed_round": self.last_closed_round,
+            "instance": self.instance,
         }
 
     @classmethod
@@ -94,6 +96,7 @@ class FederationRecord:
             membership=Membership.from_dict(data),
             rounds=int(data["rounds"]),
             last_closed_round=int(data["last_closed_round"]),
+            instance=str(data.get("instance", "")),
         )
 
 
