@@ -14,6 +14,7 @@ hang, and the error names the process and shows the end of its log.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -56,10 +57,13 @@ class SimulationError(RuntimeError):
 
 def threads_per_site(config: Mapping[str, Any], cores: int | None = None) -> int:
     """``trainer.num_threads``, or the machine's cores shared out among the sites: several sites each using every
-    core would slow all of them down (and make timings meaningless)."""
+    core would slow all of them down (and make timings meaningless). On Ray (``backend: ray``) a site's share is
+    the whole CPUs its task holds (``sites.resources.num_cpus``), at least 1."""
     configured = config["trainer"]["num_threads"]
     if configured:
         return int(configured)
+    if config.get("backend") == "ray":
+        return max(1, math.floor(config["sites"]["resources"].get("num_cpus") or 0))
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // config["federation"]["sites"])
@@ -78,14 +82,37 @@ def prepare_data(config: Mapping[str, Any], echo: Echo = print) -> None:
 # ------------------------------------------------------------------------------------------------ processes
 
 
-class ChildProcess:
-    """A process of the federation, writing stdout and stderr to one log file."""
+# `python -c DIE_WITH_PARENT PARENT_PID COMMAND...`: asks Linux to SIGTERM this process when the one that started it
+# dies (PR_SET_PDEATHSIG, which survives exec), then becomes COMMAND. A Ray worker killed by Ray (ray.cancel with
+# force, a node's memory monitor) runs no cleanup, and its site or server must not outlive it.
+DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
+    "sys.exit(1) if os.getppid() != int(sys.argv[1]) else os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
-    def __init__(self, name: str, command: Sequence[str], log_path: Path, cwd: Path, env: Mapping[str, str]) -> None:
+
+class ChildProcess:
+    """A process of the federation, writing stdout and stderr to one log file.
+
+    ``die_with_parent`` (Linux): the process is ended when the one that started it dies, whatever killed it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        command: Sequence[str],
+        log_path: Path,
+        cwd: Path,
+        env: Mapping[str, str],
+        die_with_parent: bool = False,
+    ) -> None:
         self.name = name
         self.log_path = log_path
         self._log: TextIO = log_path.open("w")
         command = list(command)
+        if die_with_parent and sys.platform == "linux":
+            command = [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *command]
         # A session of its own: Ctrl-C in the terminal reaches only the orchestrator, which stops the children
         # in order instead of every process dying at once mid-write.
         self.popen = subprocess.Popen(
@@ -175,9 +202,16 @@ def run_setting(name: str, config: dict[str, Any], out_dir: Path, echo: Echo = p
     ``config`` is the setting's validated config. Logs and the config the sites read go to ``out_dir``; kits and
     the server's state go to a temporary folder, deleted afterwards (they hold a secret key and are useless after).
 
+    With ``backend: ray`` the same processes run inside Ray tasks and an actor
+    (:mod:`~lightning_fhe.simulate.ray_backend`); the results are the same files.
+
     Raises:
         SimulationError: a process failed or the setting ran past ``experiment.timeout_s``.
     """
+    if config.get("backend") == "ray":
+        from lightning_fhe.simulate.ray_backend import run_setting_on_ray
+
+        return run_setting_on_ray(name, config, out_dir, echo)
     started = time.monotonic()
     out_dir = out_dir.resolve()  # the processes run in a temporary folder, where a relative path means nothing
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -308,7 +342,7 @@ def follow(
     """Watches until every site exited 0; raises at the first failure or at the timeout.
 
     ``server`` and ``sites`` are :class:`ChildProcess` or anything with its ``name``, ``log_path``, ``exit_code()``,
-    ``describe_exit()``, ``tail()`` and ``last_line()``."""
+    ``describe_exit()``, ``tail()`` and ``last_line()`` (the Ray backend's tasks and actor)."""
     rounds = config["federation"]["rounds"]
     timeout_s = config["experiment"]["timeout_s"]
     follower = RecordFollower(out_dir / f"{sites[0].name}.jsonl")
@@ -344,8 +378,10 @@ def follow(
 
 
 def failure(setting: str, process: Any, what: str, last_is: str = "") -> SimulationError:
-    """The error for ``process``; its log's last line is usually the exception that ended it."""
+    """The error for ``process``; its log's last line is usually the exception that ended it, unless something
+    else ended the process (``crashed``: its Ray task or actor died)."""
     last = process.last_line()
+    last_is = last_is or ("its log ends" if getattr(process, "crashed", False) else "")
     return SimulationError(
         f"[{setting}] {process.name} {what}" + (f"; {last_is}: {last}" if last_is else f": {last}" if last else ""),
         log_tail=process.tail(),
