@@ -204,7 +204,7 @@ def process_kind(pid: int) -> str:
     for marker, kind in (
         ("lightning_fhe.simulate.site", "site"), ("lightning_fhe.server", "server"),
         ("lightning_fhe.simulate", "simulator"), ("ray::", "ray worker"), ("raylet", "raylet"),
-        ("gcs_server", "ray gcs"), ("ray", "ray other"),
+        ("gcs_server", "ray gcs"), ("/ray/", "ray other"),  # agents and monitors: scripts in the ray package
     ):  # fmt: skip
         if marker in args:
             return kind

@@ -90,6 +90,9 @@ def site_request(resources: Any) -> dict[str, float]:
     """The node resources each site task holds, by Ray's names: ``{num_cpus: 1, num_gpus: 0.25}`` is
     ``{"CPU": 1.0, "GPU": 0.25}``; another key is a custom resource of that name; amounts of 0 are left out.
 
+    >>> site_request({"num_cpus": 0.0625, "num_gpus": 0, "hospital_a": 1})
+    {'CPU': 0.0625, 'hospital_a': 1.0}
+
     Raises:
         ResourceError: not a mapping, a negative or non-numeric amount, an amount finer than Ray's 0.0001, more
             than one GPU that is not a whole number, or ``CPU``/``GPU`` spelled as a custom resource.
@@ -125,7 +128,11 @@ def task_options(request: Mapping[str, float]) -> dict[str, Any]:
 
 def site_slots(nodes: Sequence[Mapping[str, float]], request: Mapping[str, float]) -> int | None:
     """How many site tasks holding ``request`` the nodes (each a mapping of its total resources) run at once; a
-    task runs on one node, so each node counts for itself. None: no limit (the request asks for nothing)."""
+    task runs on one node, so each node counts for itself. None: no limit (the request asks for nothing).
+
+    >>> site_slots([{"CPU": 1.5}, {"CPU": 1.5}], {"CPU": 1.0})  # 3 CPUs, but a task needs one node's
+    2
+    """
     if not request:
         return None
     return sum(min(int(node.get(name, 0) / amount + 1e-9) for name, amount in request.items()) for node in nodes)
