@@ -28,6 +28,8 @@ Measured for each backend:
 Both runs must reach the same global model (site-1's ``global_model.pt``), bit for bit; the bench checks it.
 
     python -m lightning_fhe.bench simulate --sites 32 --rounds 2 --ray-cpus 2
+
+It reads the experiment from the repository's ``configs/`` (run it from a checkout, as ``make test`` installs it).
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     if args.sites < 1 or args.rounds < 1 or args.ray_cpus < 1:
         print("error: --sites, --rounds and --ray-cpus must be at least 1", file=sys.stderr)
+        return 2
+    if not REPO_CONFIG.is_file():
+        print(f"error: {REPO_CONFIG} not found: run the bench from a checkout of the repository", file=sys.stderr)
         return 2
     result = run(args.sites, args.rounds, args.ray_cpus, args.samples, args.sample_s, args.timeout_s, log=log)
     return publish(result, format_table(result), args.json)
