@@ -146,7 +146,8 @@ def test_backend_ray_without_ray_says_how_to_install_it(monkeypatch):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray = pytest.importorskip("ray", reason="backend=ray needs ray: pip install 'lightning_fhe[ray]'")
+    reason = "backend=ray needs ray: pip install 'lightning_fhe[ray]'"
+    ray = pytest.importorskip("ray", reason=reason, exc_type=ImportError)  # not installed, or not importable
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
