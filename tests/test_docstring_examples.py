@@ -24,6 +24,7 @@ MODULES = [
     "lightning_fhe.server.activity",
     "lightning_fhe.server.membership",
     "lightning_fhe.server.rounds",
+    "lightning_fhe.simulate.ray_backend",
     "lightning_fhe.strategies.adaptive",
     "lightning_fhe.strategies.base",
     "lightning_fhe.strategies.config",

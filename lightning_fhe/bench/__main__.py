@@ -1,4 +1,5 @@
-"""``python -m lightning_fhe.bench {codec,server-memory,round} ...``: benchmarks measured as ratios within one run."""
+"""``python -m lightning_fhe.bench {codec,server-memory,round,simulate} ...``: benchmarks measured as ratios within one
+run."""
 
 from __future__ import annotations
 
@@ -33,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     from lightning_fhe.bench import round as round_bench
 
     round_bench.add_arguments(round_)
+    simulate = sub.add_parser(
+        "simulate", help="many simulated sites: the process backend against the Ray backend, wall time and memory"
+    )
+    from lightning_fhe.bench import simulate_backends
+
+    simulate_backends.add_arguments(simulate)
     return parser
 
 
@@ -46,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         from lightning_fhe.bench import round as round_bench
 
         return round_bench.run_from_args(args)
+    if args.bench == "simulate":
+        from lightning_fhe.bench import simulate_backends
+
+        return simulate_backends.run_from_args(args)
     if args.clients < 1:
         _parser().error(f"--clients must be at least 1, got {args.clients}")
     if args.workers is not None and args.workers < 1:

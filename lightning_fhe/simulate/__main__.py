@@ -5,8 +5,9 @@ ran, the metric per round side by side, and writes ``results.json``, ``results.c
 ``metric_per_round.png`` and ``time_per_round.png`` to the output folder (``experiment.output_dir``, default
 ``runs/<name>-<timestamp>/``).
 
-Exit status: 0 when every setting finished; 1 when a process of the federation failed or a setting timed out
-(its error and the end of its log are shown); 2 for an invalid command line or config.
+Exit status: 0 when every setting finished; 1 when a process of the federation (or, with ``backend=ray``, its Ray
+task) failed or a setting timed out (its error and the end of its log are shown), or Ray could not run every site;
+2 for an invalid command line or config.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lightning_fhe.simulate",
         description="Simulate an encrypted federation on this machine: a server and one process per site over "
-        "mutual-TLS loopback, with the seed's results table and plots.",
+        "mutual-TLS loopback (or, with backend=ray, on a Ray cluster), with the seed's results table and plots.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  python -m lightning_fhe.simulate configs/experiments/quickstart.yaml\n"
@@ -115,7 +116,9 @@ def _parser() -> argparse.ArgumentParser:
         "  python -m lightning_fhe.simulate configs/experiments/quickstart.yaml --compare raw he_full he_conv "
         "he_key_layers\n"
         "  python -m lightning_fhe.simulate configs/experiments/noniid_classification.yaml --compare fedavg fedadam "
-        "fedyogi\n\nSee docs/experiments.md for every key.",
+        "fedyogi\n"
+        "  python -m lightning_fhe.simulate configs/experiments/quickstart.yaml backend=ray ray.address=auto\n\n"
+        "See docs/experiments.md for every key.",
     )
     parser.add_argument("config", help="experiment YAML, e.g. configs/experiments/quickstart.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. federation.sites=4")

@@ -23,6 +23,7 @@ with one overlay merged on top, validated like the experiment itself.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import os
 import re
@@ -54,6 +55,7 @@ COMMAND_LINE = "command line"
 # An experiment name becomes a folder name and the provisioned project name (see provision/config.py).
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 ENCRYPT_MODES = ("all", "conv", "key_layers", "none")
+BACKENDS = ("process", "ray")
 
 
 class ConfigError(ValueError):
@@ -193,6 +195,14 @@ SCHEMA: dict[str, Any] = {
     },
     "privacy": FREE,
     "privacy_delta": number(0.0, 1.0, open_low=True, open_high=True),
+    "backend": choice(*BACKENDS),
+    "ray": {
+        "address": optional(string),
+        "num_cpus": optional(integer(1)),
+        "server_port": integer(0),
+        "start_timeout_s": number(0, open_low=True),
+    },
+    "sites": {"resources": FREE},  # checked by _validate_backend: Ray's resource names and amounts
     "compare": FREE,  # name -> overlay; each overlay is checked against SCHEMA without "compare"
 }
 
@@ -416,6 +426,7 @@ def validate(config: dict[str, Any], layers: Sequence[Layer] = (), overlay: str 
     if federation["min_clients"] is not None and federation["min_clients"] > federation["sites"]:
         fail("federation.min_clients", f"{federation['min_clients']} is more than the {federation['sites']} sites")
 
+    _validate_backend(config, fail)
     _validate_he(config, fail)
     _validate_privacy(config, fail)
     _validate_strategy(config, fail)
@@ -430,6 +441,40 @@ def _leaves(values: dict[str, Any], schema: dict[str, Any], prefix: str):
             yield from _leaves(values[key], sub, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", sub, values[key]
+
+
+def _validate_backend(config: dict[str, Any], fail: Callable[[str, str], None]) -> None:
+    """``backend: ray`` needs the ray package (imported only then) and a resource request Ray accepts; the Ray keys
+    mean nothing to the process backend, so setting them there is a mistake worth naming."""
+    ray_config = config["ray"]
+    if config["backend"] == "process":
+        for key in ("address", "num_cpus", "server_port"):
+            if ray_config[key] not in (None, 0):
+                fail(f"ray.{key}", "set, but backend is 'process'; add backend=ray to run the sites on Ray")
+        return
+    address = ray_config["address"]
+    if address is not None and address.startswith("ray://"):
+        fail(
+            "ray.address",
+            f"{address}: Ray Client addresses are not supported: the server runs on the driver's node, which must be "
+            "a node of the cluster; run the simulator on one (ray.address=auto, or the head's HOST:PORT)",
+        )
+    host, _, port = (address or "").rpartition(":")
+    if address not in (None, "auto") and (not host or not port.isdigit()):
+        fail("ray.address", f"expected auto or HOST:PORT (the head's GCS port, 6379 by default), got {address!r}")
+    if ray_config["server_port"] > 65535:
+        fail("ray.server_port", f"expected a TCP port, 0 to 65535 (0: any free port), got {ray_config['server_port']}")
+    if address is not None and ray_config["num_cpus"] is not None:
+        fail("ray.num_cpus", "only for a local Ray started for the run (ray.address: null); a cluster's nodes "
+                             "declare their own CPUs")  # fmt: skip
+    from lightning_fhe.simulate.ray_backend import ResourceError, site_request
+
+    try:
+        site_request(config["sites"]["resources"])
+    except ResourceError as err:
+        fail(err.key, err.reason)
+    if importlib.util.find_spec("ray") is None:
+        fail("backend", "ray needs the ray package, which is not installed: pip install 'lightning_fhe[ray]'")
 
 
 def _validate_he(config: dict[str, Any], fail: Callable[[str, str], None]) -> None:

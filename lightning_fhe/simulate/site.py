@@ -1,6 +1,7 @@
 """One simulated site, in its own process as at a hospital.
 
-``python -m lightning_fhe.simulate.site CONFIG --site-index I --kit DIR --server HOST:PORT --out FILE``
+``python -m lightning_fhe.simulate.site CONFIG --site-index I --kit DIR --server HOST:PORT --out FILE
+[--model-out MODEL]``
 
 CONFIG is one setting's resolved config (written by the orchestrator). The site builds the ``model`` and its
 share of the ``data`` (:mod:`~lightning_fhe.simulate.components`) and trains them with an
@@ -8,6 +9,8 @@ share of the ``data`` (:mod:`~lightning_fhe.simulate.components`) and trains the
 measures the global model. It appends one JSON line per round to FILE as the round ends, which is also how the
 orchestrator follows progress: ``metric`` is its own validation of that round's global model
 (``experiment.metric``), ``global_metrics`` the sites' weighted means for the round before (federated evaluation).
+With ``--model-out`` it saves its model's state dict after the last round, which is the last global model as the
+site loaded it (tensors the federation keeps local, if any, are this site's own), with ``torch.save``.
 
 Seeds: ``experiment.seed`` right before the model is built, so every site starts from the same weights whoever
 joins first (the server takes the first joiner's as round 0), and ``experiment.seed + 1 + site index`` for the
@@ -44,14 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kit", required=True, help="this site's kit folder")
     parser.add_argument("--server", required=True, help="the aggregator's host:port")
     parser.add_argument("--out", required=True, help="JSON lines file: one record per round")
+    parser.add_argument("--model-out", help="where to save the model after the last round (torch.save)")
     args = parser.parse_args(argv)
     config = yaml.safe_load(Path(args.config).read_text())
-    run_site(config, args.site_index, Path(args.kit), args.server, Path(args.out))
+    model_out = Path(args.model_out) if args.model_out else None
+    run_site(config, args.site_index, Path(args.kit), args.server, Path(args.out), model_out)
     return 0
 
 
-def run_site(config: dict[str, Any], site_index: int, kit: Path, server: str, out: Path) -> None:
-    """Trains this site's share in the federation to the last round, recording each round into ``out``."""
+def run_site(
+    config: dict[str, Any], site_index: int, kit: Path, server: str, out: Path, model_out: Path | None = None
+) -> None:
+    """Trains this site's share in the federation to the last round, recording each round into ``out``, and saves
+    the model after the last round (the last global model) to ``model_out`` when given."""
     experiment, federation_config = config["experiment"], config["federation"]
     data, trainer_config = config["data"], config["trainer"]
     if trainer_config["num_threads"]:
@@ -103,6 +111,10 @@ def run_site(config: dict[str, Any], site_index: int, kit: Path, server: str, ou
     trainer.fit(model, datamodule=datamodule)
     if len(recorder.rounds) != federation_config["rounds"]:
         raise RuntimeError(f"training ended after {len(recorder.rounds)} of {federation_config['rounds']} rounds")
+    if model_out is not None:
+        partial = model_out.with_name(model_out.name + ".partial")
+        torch.save({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}, partial)
+        partial.replace(model_out)  # whole or not at all
 
 
 class RoundRecorder(Callback):
