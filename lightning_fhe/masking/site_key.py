@@ -55,12 +55,11 @@ from lightning_fhe.proto.reasons import Reason
 from lightning_fhe.proto.sealed_keys import (
     SealedKeyAssembler,
     SealedKeyError,
-    SealedKeyPiece,
     key_sharer,
     max_sealed_key_bytes,
     split_sealed_key,
 )
-from lightning_fhe.proto.wire import mask_key_from_message, mask_key_message
+from lightning_fhe.proto.wire import mask_key_from_message, mask_key_message, sealed_key_message, sealed_key_piece
 from lightning_fhe.provision.kits import SiteKit, key_fingerprint, save_site_key, stage_site_key, staged_site_key
 
 logger = logging.getLogger("lightning_fhe.client")
@@ -328,14 +327,7 @@ def _make_and_share(
     def messages() -> Iterator[pb.SealedKey]:
         for peer, copy in sealed.items():
             for piece in split_sealed_key(site, peer, fingerprint, copy):
-                yield pb.SealedKey(
-                    sender=piece.sender,
-                    recipient=piece.recipient,
-                    ciphertext=piece.data,
-                    key_fingerprint=piece.key_fingerprint,
-                    offset=piece.offset,
-                    size=piece.size,
-                )
+                yield sealed_key_message(piece)
 
     reply = calls.run(
         "share the CKKS key",
@@ -382,19 +374,13 @@ def _fetch(
         for message in messages:
             if message.recipient != site:
                 raise SealedKeyError(f"the server sent the copy for {message.recipient!r}, not this site's")
-            assembler.add(_piece(message))
+            assembler.add(sealed_key_piece(message))
         share = assembler.finish()
     except SealedKeyError as err:
         raise SiteKeyError(
             f"the server's copy of the CKKS key cannot be one: {err}", grpc.StatusCode.DATA_LOSS, Reason.MISMATCH
         ) from None
     return share.key_fingerprint, share.keys[site]
-
-
-def _piece(message: pb.SealedKey) -> SealedKeyPiece:
-    return SealedKeyPiece(
-        message.sender, message.recipient, message.key_fingerprint, message.offset, message.size, message.ciphertext
-    )
 
 
 def _load_secret(secret: bytes, sharer: str, kit: SiteKit) -> HEContext:

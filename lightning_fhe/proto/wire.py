@@ -10,6 +10,7 @@ from lightning_fhe.he.frames import global_chunk_bytes, upload_chunk_bytes
 from lightning_fhe.he.params import CKKSParams
 from lightning_fhe.masking.announcement import Announcement
 from lightning_fhe.proto import aggregator_pb2 as pb
+from lightning_fhe.proto.sealed_keys import SealedKeyPiece
 
 SERVICE_NAME = "lightning_fhe.v2.Aggregator"
 # Most seeds a global chunk may carry (the server's seeds_up_to); past them the server sends the summed polynomial.
@@ -112,4 +113,26 @@ def mask_key_from_message(message: pb.MaskAnnouncement) -> Announcement:
         public_key=message.public_key,
         signature=message.signature,
         key_fingerprint=message.key_fingerprint,
+    )
+
+
+def sealed_key_message(piece: SealedKeyPiece) -> pb.SealedKey:
+    return pb.SealedKey(
+        sender=piece.sender,
+        recipient=piece.recipient,
+        ciphertext=piece.data,
+        key_fingerprint=piece.key_fingerprint,
+        offset=piece.offset,
+        size=piece.size,
+    )
+
+
+def sealed_key_piece(message: pb.SealedKey) -> SealedKeyPiece:
+    return SealedKeyPiece(
+        sender=message.sender,
+        recipient=message.recipient,
+        key_fingerprint=message.key_fingerprint,
+        offset=message.offset,
+        size=message.size,
+        data=message.ciphertext,
     )

@@ -29,7 +29,6 @@ from lightning_fhe.proto import aggregator_pb2_grpc as pb_grpc
 from lightning_fhe.proto.sealed_keys import (
     SealedKeyAssembler,
     SealedKeyError,
-    SealedKeyPiece,
     max_sealed_key_bytes,
     split_sealed_key,
 )
@@ -41,6 +40,8 @@ from lightning_fhe.proto.wire import (
     block_payload,
     mask_key_from_message,
     mask_key_message,
+    sealed_key_message,
+    sealed_key_piece,
 )
 from lightning_fhe.server.admission import MAX_WAIT_S, OPERATOR, CallLimiter, Method
 from lightning_fhe.server.errors import Reason, Refusal, Status
@@ -279,7 +280,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 assembler = SealedKeyAssembler(caller.name, members, max_sealed_key_bytes(self.federation.params))
                 try:
                     for message in stream:
-                        assembler.add(_sealed_key_piece(message))
+                        assembler.add(sealed_key_piece(message))
                     share = assembler.finish()
                 except SealedKeyError as err:
                     raise Refusal(Status.INVALID_ARGUMENT, Reason.BAD_REQUEST, f"sealed keys: {err}") from None
@@ -301,14 +302,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             except Refusal as refusal:
                 _abort(context, refusal)
             for piece in split_sealed_key(share.sender, caller.name, share.key_fingerprint, sealed):
-                yield pb.SealedKey(
-                    sender=piece.sender,
-                    recipient=piece.recipient,
-                    ciphertext=piece.data,
-                    key_fingerprint=piece.key_fingerprint,
-                    offset=piece.offset,
-                    size=piece.size,
-                )
+                yield sealed_key_message(piece)
 
     # -- GetRoundStatus ---------------------------------------------------------------------------------------------
 
@@ -423,17 +417,6 @@ def _layout(text: str, field: str, max_values: int) -> TensorLayout:
         return TensorLayout.from_json(text, max_values)
     except LayoutError as err:
         raise Refusal(Status.INVALID_ARGUMENT, Reason.BAD_LAYOUT, f"{field}: {err}") from None
-
-
-def _sealed_key_piece(message: pb.SealedKey) -> SealedKeyPiece:
-    return SealedKeyPiece(
-        sender=message.sender,
-        recipient=message.recipient,
-        key_fingerprint=message.key_fingerprint,
-        offset=message.offset,
-        size=message.size,
-        data=message.ciphertext,
-    )
 
 
 def _update_parts(messages: Iterator[pb.UpdatePart]) -> Iterator[UploadPart]:

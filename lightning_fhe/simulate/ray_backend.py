@@ -320,7 +320,28 @@ def write_kit(files: Mapping[str, tuple[bytes, int]], folder: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ the driver
 
 
-class RaySite:
+class _RayProcessView:
+    """What :func:`follow` reads of a process Ray runs: its log, and whether Ray (not the process) ended it."""
+
+    log_path: Path
+    _error: str
+
+    @property
+    def crashed(self) -> bool:
+        """Ended by Ray rather than by its process: the end of its log is not the error."""
+        return bool(self._error)
+
+    def describe_exit(self, code: int) -> str:
+        return self._error or f"exited with status {code}"
+
+    def tail(self, lines: int = TAIL_LINES) -> str:
+        return read_tail(self.log_path, lines)
+
+    def last_line(self) -> str:
+        return last_line(self.tail())
+
+
+class RaySite(_RayProcessView):
     """The driver's view of a site task, shaped like a :class:`ChildProcess` for :func:`follow`."""
 
     def __init__(self, name: str, ref: Any, log_path: Path) -> None:
@@ -347,22 +368,8 @@ class RaySite:
                 self._error = "was called off before the server started" if code is None else ""
         return self._code
 
-    @property
-    def crashed(self) -> bool:
-        """Ended by Ray rather than by its process: the end of its log is not the error."""
-        return bool(self._error)
 
-    def describe_exit(self, code: int) -> str:
-        return self._error or f"exited with status {code}"
-
-    def tail(self, lines: int = TAIL_LINES) -> str:
-        return read_tail(self.log_path, lines)
-
-    def last_line(self) -> str:
-        return last_line(self.tail())
-
-
-class RayServer:
+class RayServer(_RayProcessView):
     """The driver's view of the server actor, shaped like a :class:`ChildProcess` for :func:`follow`."""
 
     name = "server"
@@ -382,19 +389,6 @@ class RayServer:
         except RayError as err:
             self._error = f"failed in its Ray actor ({ray_error(err)})"
             return -1
-
-    @property
-    def crashed(self) -> bool:
-        return bool(self._error)
-
-    def describe_exit(self, code: int) -> str:
-        return self._error or f"exited with status {code}"
-
-    def tail(self, lines: int = TAIL_LINES) -> str:
-        return read_tail(self.log_path, lines)
-
-    def last_line(self) -> str:
-        return last_line(self.tail())
 
     def stop(self) -> None:
         import ray
