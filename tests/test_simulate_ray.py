@@ -29,6 +29,7 @@ from lightning_fhe.simulate.ray_backend import (
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSIFICATION = REPO / "configs" / "experiments" / "noniid_classification.yaml"
+QUICKSTART = REPO / "configs" / "experiments" / "quickstart.yaml"
 
 
 # ------------------------------------------------------------------------------------------------ rules (pure)
@@ -162,14 +163,14 @@ def small(tmp_path: Path, *overrides: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_ray_and_processes_reach_the_same_global_model_bit_for_bit(local_ray, tmp_path, capsys):
+def test_the_quickstart_on_ray_reaches_the_process_backends_global_model_bit_for_bit(local_ray, tmp_path, capsys):
     for backend in ("process", "ray"):
-        overrides = small(tmp_path, f"backend={backend}", f"experiment.output_dir={tmp_path / backend}")
-        code = main([str(CLASSIFICATION), *overrides])
+        overrides = ["federation.rounds=2", f"backend={backend}", f"experiment.output_dir={tmp_path / backend}"]
+        code = main([str(QUICKSTART), *overrides])
         out = capsys.readouterr()
         assert code == 0, out.out[-3000:] + out.err[-3000:]
     assert "2 site tasks hold their Ray slots on 1 node(s)" in out.out and "a Ray actor on this node" in out.out
-    assert "[he_full] round 2/2: val/acc" in out.out
+    assert "[he_full] round 2/2: val/dice" in out.out
     process = torch.load(tmp_path / "process" / "he_full" / GLOBAL_MODEL, weights_only=True)
     on_ray = torch.load(tmp_path / "ray" / "he_full" / GLOBAL_MODEL, weights_only=True)
     assert process.keys() == on_ray.keys() and len(process) > 0
