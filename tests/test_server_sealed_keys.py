@@ -142,7 +142,7 @@ def test_only_the_first_member_in_name_order_shares_once_formed(tmp_path, server
         assert (err.status, err.reason) == (Status.PERMISSION_DENIED, Reason.NOT_SHARER)
         assert "'a', the first member in name order, makes it" in err.message
         assert refusal(fed.share_sealed_keys, site, share_of(site, ["a", "c"])).reason is Reason.NOT_SHARER
-    assert fed.sealed_keys is None
+    assert fed.key_relay.share is None
 
 
 def test_a_share_is_stored_in_state_dir_and_survives_a_restart(tmp_path, server_context, clock):
@@ -152,7 +152,7 @@ def test_a_share_is_stored_in_state_dir_and_survives_a_restart(tmp_path, server_
     path = tmp_path / "state" / SEALED_KEYS_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     restarted = make_federation(tmp_path, server_context, clock)
-    assert restarted.sealed_keys == share
+    assert restarted.key_relay.share == share
     assert restarted.fetch_sealed_key("c") == (share, share.keys["c"])
 
 
@@ -162,17 +162,17 @@ def test_sharing_again_is_idempotent_for_the_same_key_and_refused_for_another(tm
     fed.share_sealed_keys("a", first)
     again = share_of("a", ["b", "c"], size=999)  # the same key sealed again: other nonces, other bytes
     assert fed.share_sealed_keys("a", again) == 2
-    assert fed.sealed_keys == first  # the copies stored first stay: some member may have fetched one
+    assert fed.key_relay.share == first  # the copies stored first stay: some member may have fetched one
     err = refusal(fed.share_sealed_keys, "a", share_of("a", ["b", "c"], fingerprint="e" * 64))
     assert (err.status, err.reason) == (Status.ALREADY_EXISTS, Reason.DUPLICATE)
-    assert "already shared (key fingerprint fff" in err.message and fed.sealed_keys == first
+    assert "already shared (key fingerprint fff" in err.message and fed.key_relay.share == first
 
 
 def test_a_share_must_cover_exactly_the_other_members(tmp_path, server_context, clock):
     fed = formed(tmp_path, server_context, clock)
     for bad in (share_of("a", ["b"]), share_of("a", ["b", "c", "d"]), share_of("a", ["a", "b", "c"])):
         assert refusal(fed.share_sealed_keys, "a", bad).reason is Reason.BAD_REQUEST
-    assert fed.sealed_keys is None and not (tmp_path / "state" / SEALED_KEYS_FILE).exists()
+    assert fed.key_relay.share is None and not (tmp_path / "state" / SEALED_KEYS_FILE).exists()
 
 
 def test_a_damaged_or_foreign_sealed_keys_file_stops_the_server(tmp_path, server_context, clock):

@@ -28,7 +28,7 @@ import torch
 
 from lightning_fhe.he.context import HEContext
 from lightning_fhe.masking.announcement import Announcement
-from lightning_fhe.proto.sealed_keys import SealedKeyShare, key_sharer
+from lightning_fhe.proto.sealed_keys import SealedKeyShare
 from lightning_fhe.proto.update_shape import UpdateShape, update_shape
 from lightning_fhe.server.accumulator import Aggregate, RoundAccumulator, Upload
 from lightning_fhe.server.activity import ActivityLog, MemberActivity
@@ -43,6 +43,7 @@ from lightning_fhe.server.admission import (
 from lightning_fhe.server.config import ServerConfig
 from lightning_fhe.server.errors import Reason, Refusal, Status
 from lightning_fhe.server.initial_model import InitialModelError, flatten_initial_state
+from lightning_fhe.server.key_relay import KeyRelay
 from lightning_fhe.server.membership import Formation, Membership, SiteDeclaration, check_identity
 from lightning_fhe.server.rounds import Decision, Outcome, QuorumRule, RoundState
 from lightning_fhe.server.store import AggregateReader, FederationRecord, StateError, StateStore
@@ -219,7 +220,7 @@ class Federation:
         self._last_close_why = ""
         self._activity = ActivityLog(started_at=clock())
         self._stream_cancels: set[Callable[[Refusal], None]] = set()  # of the uploads reading their stream
-        self.sealed_keys: SealedKeyShare | None = None  # he.key = sites: the CKKS key's sealed copies, once shared
+        self.key_relay = KeyRelay()  # he.key = sites: the CKKS key's sealed copies, once shared
         self._restore()
 
     # -- start-up ---------------------------------------------------------------------------------------------------
@@ -254,13 +255,14 @@ class Federation:
             )
         membership = record.membership
         self.last_closed_round = store.check_resumable(record, self.config.rounds)
-        self.sealed_keys = store.load_sealed_keys()
-        if self.sealed_keys is not None and not _shared_among(self.sealed_keys, membership.members):
+        sealed = store.load_sealed_keys()
+        if sealed is not None and not KeyRelay.fits(sealed, membership.members):
             raise StateError(
-                f"state_dir {store.root}: the sealed keys are from {self.sealed_keys.sender!r} for "
-                f"{', '.join(self.sealed_keys.keys)}, which does not fit the members {', '.join(membership.members)}: "
+                f"state_dir {store.root}: the sealed keys are from {sealed.sender!r} for "
+                f"{', '.join(sealed.keys)}, which does not fit the members {', '.join(membership.members)}: "
                 "the file belongs to another federation; remove it"
             )
+        self.key_relay = KeyRelay(sealed)
         if self.last_closed_round < 0 and self._initial_state is None and membership.initial_model_site is None:
             # Formed with a configured initial model that is no longer configured: a member sends it instead.
             membership = replace(membership, initial_model_site=membership.members[0])
@@ -330,7 +332,7 @@ class Federation:
                 )
                 assert self.membership is not None
                 self.membership.check_rejoin(site, declaration)
-                self._check_key_fingerprint(site, declaration)
+                self.key_relay.check_fingerprint(site, declaration.mask_key)
                 self._renew_mask_key(site, declaration)
                 logger.info("member %s joined again", site)
             deadline = now + max_wait_s
@@ -355,19 +357,6 @@ class Federation:
         self.membership = membership.with_mask_key(key)
         self._save_record()
 
-    def _check_key_fingerprint(self, site: str, declaration: SiteDeclaration) -> None:
-        """Refuses a member that announces another CKKS key than the one the sites made (he.key = sites)."""
-        shared, key = self.sealed_keys, declaration.mask_key
-        if shared is None or key is None or not key.key_fingerprint or key.key_fingerprint == shared.key_fingerprint:
-            return
-        raise Refusal(
-            Status.FAILED_PRECONDITION,
-            Reason.MISMATCH,
-            f"site {site!r} holds another CKKS key (key fingerprint {key.key_fingerprint}) than the one "
-            f"{shared.sender!r} made for the federation ({shared.key_fingerprint}): its he_context.tenseal and "
-            "site.yaml were replaced; restore the site's kit folder from a backup",
-        )
-
     # -- the sites' CKKS key (he.key = sites) -----------------------------------------------------------------------
 
     def check_key_sharer(self, site: str) -> tuple[str, ...]:
@@ -379,49 +368,25 @@ class Federation:
             self._refuse_if_failed()
             self._note_heard(site, "key", now)
             members = self._formed_members("share the CKKS key")
-            sharer = key_sharer(members)
-            if site != sharer:
-                raise Refusal(
-                    Status.PERMISSION_DENIED,
-                    Reason.NOT_SHARER,
-                    f"site {site!r} may not share the CKKS key: {sharer!r}, the first member in name order, makes it",
-                )
+            KeyRelay.check_sharer(site, members)
             return members
 
     def share_sealed_keys(self, site: str, share: SealedKeyShare) -> int:
         """Stores the sealed copies of the CKKS key (one per other member, checked by the caller's
         :class:`~lightning_fhe.proto.sealed_keys.SealedKeyAssembler`) in ``state_dir``; returns how many it holds.
-
-        Once per federation: sharing the same key again (same fingerprint and members) keeps the copies stored first
-        and succeeds; another key is refused (ALREADY_EXISTS), since members that fetched the first would hold a
-        different key than the others.
-        """
+        Once per federation (:meth:`KeyRelay.accept`)."""
         with self._cond:
             members = self.check_key_sharer(site)
-            stored = self.sealed_keys
-            if stored is not None:
-                if stored.same_key(share):
-                    logger.info("site %s shared key %s again; the first copies stay", site, share.key_fingerprint)
-                    return len(stored.keys)
-                raise Refusal(
-                    Status.ALREADY_EXISTS,
-                    Reason.DUPLICATE,
-                    f"the CKKS key was already shared (key fingerprint {stored.key_fingerprint}); {site!r} sends "
-                    f"another ({share.key_fingerprint}): members that fetched the first would hold a different key",
-                )
-            if share.sender != site or not _shared_among(share, members):
-                raise Refusal(
-                    Status.INVALID_ARGUMENT,
-                    Reason.BAD_REQUEST,
-                    f"the sealed keys must come from {site!r} for every other member ({', '.join(members)})",
-                )
+            if not self.key_relay.accept(site, share, members):
+                logger.info("site %s shared key %s again; the first copies stay", site, share.key_fingerprint)
+                return len(share.keys)
             try:
                 self.store.save_sealed_keys(share)
             except OSError as err:
                 raise Refusal(
                     Status.UNAVAILABLE, Reason.BUSY, f"cannot write the sealed keys to state_dir: {err}; try again"
                 ) from None
-            self.sealed_keys = share
+            self.key_relay.share = share
             logger.info(
                 "site %s shared the CKKS key %s, sealed for %s", site, share.key_fingerprint, ", ".join(share.keys)
             )
@@ -440,28 +405,16 @@ class Federation:
             self._refuse_if_failed()
             self._note_heard(site, "key", now)
             members = self._formed_members("fetch the CKKS key")
-            sharer = key_sharer(members)
-            if site == sharer:
-                raise Refusal(
-                    Status.FAILED_PRECONDITION,
-                    Reason.BAD_REQUEST,
-                    f"site {site!r} is the first member in name order: it makes the CKKS key, and has no copy to fetch",
-                )
             deadline = now + max_wait_s
             while True:
-                shared = self.sealed_keys
-                if shared is not None:
-                    if site not in shared.keys:  # every member but the sharer gets one: a damaged state_dir
-                        raise Refusal(Status.NOT_FOUND, Reason.BAD_REQUEST, f"no sealed key for {site!r} is stored")
-                    return shared, shared.keys[site]
+                copy = self.key_relay.copy_for(site, members)
+                if copy is not None:
+                    assert self.key_relay.share is not None
+                    return self.key_relay.share, copy
                 self._refuse_if_failed()
                 remaining = deadline - self._clock()
                 if remaining <= 0 or not is_active():
-                    raise Refusal(
-                        Status.NOT_FOUND,
-                        Reason.KEY_PENDING,
-                        f"{sharer!r}, the first member in name order, has not shared the CKKS key yet; ask again",
-                    )
+                    raise self.key_relay.pending(members)
                 self._cond.wait(min(remaining, _POLL_S))
 
     def _formed_members(self, what: str) -> tuple[str, ...]:
@@ -1137,9 +1090,3 @@ class Federation:
             )
         )
 
-
-def _shared_among(share: SealedKeyShare, members: tuple[str, ...]) -> bool:
-    """Whether ``share`` is what the federation of ``members`` takes: from the first in name order, one sealed copy
-    for every other member."""
-    sharer = key_sharer(members)
-    return share.sender == sharer and set(share.keys) == set(members) - {sharer}
