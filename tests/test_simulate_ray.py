@@ -165,7 +165,11 @@ def small(tmp_path: Path, *overrides: str) -> list[str]:
 @pytest.mark.slow
 def test_the_quickstart_on_ray_reaches_the_process_backends_global_model_bit_for_bit(local_ray, tmp_path, capsys):
     for backend in ("process", "ray"):
-        overrides = ["federation.rounds=2", f"backend={backend}", f"experiment.output_dir={tmp_path / backend}"]
+        overrides = [  # the quickstart's 2 sites and 2 rounds, on smaller synthetic volumes (as test_simulate.py)
+            "federation.rounds=2", "federation.local_epochs=1", "data.init_args.synthetic.num_cases=8",
+            "data.init_args.synthetic.size=[32,32,32]", f"data.init_args.synthetic.cache_dir={tmp_path / 'data'}",
+            f"backend={backend}", f"experiment.output_dir={tmp_path / backend}",
+        ]  # fmt: skip
         code = main([str(QUICKSTART), *overrides])
         out = capsys.readouterr()
         assert code == 0, out.out[-3000:] + out.err[-3000:]
