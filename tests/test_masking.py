@@ -112,9 +112,9 @@ def test_masked_chunks_sum_to_the_unmasked_sum_exactly(masks_for, layout, size):
         for site in members:  # one upload alone: uniform noise modulo q0
             alone, plain = _c0(masked[site], layout), _c0(frames[site], layout)
             assert (alone != plain).mean() > 0.999
-            assert abs(float(np.mean(alone / layout.q0)) - 0.5) < 0.01
+            assert abs(float(np.mean(alone / layout.q0)) - 0.5) < 0.02  # the mean of 8192 uniforms: sd 0.0032, so 6 sd
             mask = (alone.astype(object) - plain.astype(object)) % layout.q0  # the mask itself, also uniform
-            assert abs(float(np.mean(mask / layout.q0)) - 0.5) < 0.01
+            assert abs(float(np.mean(mask / layout.q0)) - 0.5) < 0.02  # the mean of 8192 uniforms: sd 0.0032, so 6 sd
 
 
 def test_a_proper_subset_of_masked_chunks_is_still_masked(masks_for, layout):
