@@ -27,12 +27,12 @@ from lightning_fhe.provision.kits import SiteKit
 
 logger = logging.getLogger("lightning_fhe.client")
 
-MASKED_LOG = "masked_attempts.json"  # in the kit folder: the attempts this site masked an update for
+MASKED_LOG = "masked_attempts.json"  # in the federation's folder: the newest attempt this site masked
 
 
 class SiteMasking:
     """Args:
-    kit: the site's kit; its folder keeps the site's X25519 key (``mask_x25519.key``, 0600).
+    kit: the site's kit; its folder keeps the site's X25519 key (``masking/<instance>/mask_x25519.key``, 0600).
     site: the site's name (its certificate's).
     required: take part only in a masked federation.
     min_clients: the fewest members an attempt may have for this site to upload to it.
