@@ -186,6 +186,10 @@ def test_a_damaged_or_foreign_sealed_keys_file_stops_the_server(tmp_path, server
     StateStore(tmp_path / "state").save_sealed_keys(share_of("b", ["a", "c"]))
     with pytest.raises(StateError, match="does not fit the members b, a, c"):
         make_federation(tmp_path, server_context, clock)
+    for damaged, why in (("[]", "not a JSON object"), ('{"format": 9}', "format 9, this server reads 1")):
+        path.write_text(damaged)
+        with pytest.raises(StateError, match=why):
+            make_federation(tmp_path, server_context, clock)
 
 
 # -- fetching ----------------------------------------------------------------------------------------------------------

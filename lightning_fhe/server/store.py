@@ -39,10 +39,10 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
@@ -57,6 +57,7 @@ STATE_FORMAT = 3
 _MAGIC = b"LFHEAGG3"
 _AGGREGATE = re.compile(r"round-(\d{4,})\.agg")
 _TMP_PREFIX = ".tmp-"
+T = TypeVar("T")
 
 
 class StateError(RuntimeError):
@@ -230,57 +231,57 @@ class StateStore:
     # -- federation record ---------------------------------------------------------------------------------------
 
     def load_federation(self) -> FederationRecord | None:
-        path = self.root / FEDERATION_FILE
+        return self._load_checksummed(
+            FEDERATION_FILE,
+            STATE_FORMAT,
+            FederationRecord.from_dict,
+            restore="restore it, or move state_dir aside to start afresh",
+            afresh="; move state_dir aside to start afresh",
+        )
+
+    def save_federation(self, record: FederationRecord) -> None:
+        self._save_checksummed(FEDERATION_FILE, record.to_dict())
+
+    # -- sealed keys (he.key = sites) ------------------------------------------------------------------------------
+
+    def load_sealed_keys(self) -> SealedKeyShare | None:
+        return self._load_checksummed(
+            SEALED_KEYS_FILE,
+            SEALED_KEYS_FORMAT,
+            SealedKeyShare.from_dict,
+            restore="restore it: without it the sites that have not fetched the CKKS key yet cannot get it",
+        )
+
+    def save_sealed_keys(self, share: SealedKeyShare) -> None:
+        self._save_checksummed(SEALED_KEYS_FILE, {"format": SEALED_KEYS_FORMAT, **share.to_dict()})
+
+    # -- checksummed JSON files ------------------------------------------------------------------------------------
+
+    def _load_checksummed(
+        self, name: str, expected_format: int, parse: Callable[[dict[str, Any]], T], restore: str, afresh: str = ""
+    ) -> T | None:
+        """The file's parsed content, or None when there is none; StateError when it is of another format, fails
+        its checksum or does not parse. ``restore`` says what to do about a failed checksum, ``afresh`` is added to
+        the other errors."""
+        path = self.root / name
         if not path.exists():
             return None
         try:
             data = json.loads(path.read_text())
             if not isinstance(data, dict):
                 raise TypeError("not a JSON object")
-            if data.get("format") != STATE_FORMAT:
-                raise StateError(
-                    f"{path}: format {data.get('format')!r}, this server reads {STATE_FORMAT}; move state_dir aside "
-                    "to start afresh"
-                )
+            if data.get("format") != expected_format:
+                raise StateError(f"{path}: format {data.get('format')!r}, this server reads {expected_format}{afresh}")
             checksum = data.pop("sha256", None)
             if checksum != _canonical_sha256(data):
-                raise StateError(
-                    f"{path}: does not match its checksum; it was edited or is corrupt (restore it, or move state_dir "
-                    "aside to start afresh)"
-                )
-            return FederationRecord.from_dict(data)
+                raise StateError(f"{path}: does not match its checksum; it was edited or is corrupt ({restore})")
+            return parse(data)
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise StateError(f"{path}: cannot resume from it ({err}); move state_dir aside to start afresh") from None
+            raise StateError(f"{path}: cannot resume from it ({err}){afresh}") from None
 
-    def save_federation(self, record: FederationRecord) -> None:
-        data = record.to_dict()
+    def _save_checksummed(self, name: str, data: dict[str, Any]) -> None:
         data["sha256"] = _canonical_sha256(data)
-        self._write_atomically(FEDERATION_FILE, [json.dumps(data, indent=1).encode() + b"\n"])
-
-    # -- sealed keys (he.key = sites) ------------------------------------------------------------------------------
-
-    def load_sealed_keys(self) -> SealedKeyShare | None:
-        path = self.root / SEALED_KEYS_FILE
-        if not path.exists():
-            return None
-        try:
-            data = json.loads(path.read_text())
-            if not isinstance(data, dict) or data.get("format") != SEALED_KEYS_FORMAT:
-                raise StateError(f"{path}: format {data.get('format')!r}, this server reads {SEALED_KEYS_FORMAT}")
-            checksum = data.pop("sha256", None)
-            if checksum != _canonical_sha256(data):
-                raise StateError(
-                    f"{path}: does not match its checksum; it was edited or is corrupt (restore it: without it the "
-                    "sites that have not fetched the CKKS key yet cannot get it)"
-                )
-            return SealedKeyShare.from_dict(data)
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise StateError(f"{path}: cannot resume from it ({err})") from None
-
-    def save_sealed_keys(self, share: SealedKeyShare) -> None:
-        data = {"format": SEALED_KEYS_FORMAT, **share.to_dict()}
-        data["sha256"] = _canonical_sha256(data)
-        self._write_atomically(SEALED_KEYS_FILE, [json.dumps(data, indent=1).encode() + b"\n"])
+        self._write_atomically(name, [json.dumps(data, indent=1).encode() + b"\n"])
 
     # -- aggregates ------------------------------------------------------------------------------------------------
 
