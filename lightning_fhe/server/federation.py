@@ -788,6 +788,7 @@ class Federation:
     def _status_locked(self, site: str, now: float | None = None) -> StatusView:
         now = self._clock() if now is None else now
         submitted = self.round.participants if self.round is not None else ()
+        masked = self.round if self.round is not None and self.round.masked else None
         return StatusView(
             phase=self.phase,
             current_round=self.current_round,
@@ -802,8 +803,8 @@ class Federation:
             seconds_left=self._seconds_left_locked(now),
             activity=self._activity_locked(now),
             left=tuple(m for m in self.membership.members if m in self.left) if self.membership else (),
-            attempt=self.round.attempt if self.round is not None and self.round.masked else 0,
-            attempt_members=self.round.attempt_members if self.round is not None and self.round.masked else (),
+            attempt=masked.attempt if masked else 0,
+            attempt_members=masked.attempt_members if masked else (),
             instance=self.instance,
         )
 
@@ -989,7 +990,10 @@ class Federation:
         self.accumulator = self._new_accumulator(self._update_shape(round_state.number))
         members = round_state.next_attempt(now)
         logger.warning(
-            "round %d: %s; attempt %d waits for %s", round_state.number, decision.why, round_state.attempt,
+            "round %d: %s; attempt %d waits for %s",
+            round_state.number,
+            decision.why,
+            round_state.attempt,
             ", ".join(members),
         )
         self._cond.notify_all()

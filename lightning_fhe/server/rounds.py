@@ -138,8 +138,7 @@ class RoundState:
         """
         if not self.masked:
             raise RuntimeError("only a masked round is re-collected")
-        self.attempt_members = tuple(site for site in self.attempt_members if site in self.submitted)
-        self.attempt_members = tuple(site for site in self.attempt_members if site not in self.left)
+        self.attempt_members = tuple(site for site in self.remaining if site in self.submitted)
         self.attempt += 1
         self.submitted.clear()
         self.opened_at = now
