@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+import grpc
 import pytest
 import torch
 from test_federation_e2e import ROUNDS, federate, federated_names
-from test_server_support import Site, provision_kits, run_sites, start_server
+from test_server_support import ENCRYPTED, PLAINTEXT, Site, provision_kits, run_sites, site_channel, start_server, stub
 
+from lightning_fhe.proto import aggregator_pb2 as pb
 from lightning_fhe.provision import load_site_kit
 
 pytestmark = pytest.mark.slow
@@ -77,5 +80,26 @@ def test_a_server_that_substitutes_a_mask_key_is_caught_by_every_site_before_any
             assert not site.models  # not even the initial model was sent or fetched
         assert federation.last_closed_round == -1 and federation.uploads_in_progress() == {}
         assert federation.round is not None and federation.round.participants == ()
+    finally:
+        server.stop()
+
+
+def test_a_join_with_a_mask_key_of_impossible_form_is_refused_over_grpc(kits, tmp_path):
+    server = start_server(kits, tmp_path / "state", rounds=1)
+    kit = load_site_kit(kits / "site-1")
+    request = pb.JoinRequest(
+        weight=1.0,
+        encrypted_layout_json=json.dumps(ENCRYPTED.to_dict()),
+        plaintext_layout_json=json.dumps(PLAINTEXT.to_dict()),
+        he_fingerprint=kit.he_fingerprint,
+        params_fingerprint=kit.params.fingerprint(),
+        mask_key=pb.MaskAnnouncement(site="site-1", certificate=kit.cert, public_key=bytes(31), signature=bytes(70)),
+    )
+    try:
+        with site_channel(kit, f"127.0.0.1:{server.port}") as channel, pytest.raises(grpc.RpcError) as info:
+            stub(channel).Join(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details() == "site 'site-1': the mask key takes 32 bytes (X25519), got 31"
+        assert server.federation.status("site-1").joined == ()
     finally:
         server.stop()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from lightning_fhe.he.layout import TensorLayout, TensorSpec
+from lightning_fhe.masking.announcement import Announcement
 from lightning_fhe.server.errors import Reason, Refusal, Status
 from lightning_fhe.server.membership import Formation, Membership, SiteDeclaration, layout_difference
 from lightning_fhe.server.rounds import Outcome, QuorumRule, RoundState
@@ -360,3 +363,68 @@ def test_an_unmasked_round_refuses_an_attempt_number():
     assert refused.value.status is Status.INVALID_ARGUMENT
     with pytest.raises(RuntimeError):
         state.next_attempt(now=1.0)
+
+
+# -- mask keys at join: checked for form by the server (for authenticity by every site) -----------------------------
+
+
+def _key(site="a", **fields) -> Announcement:
+    values = {"certificate": b"-----BEGIN CERTIFICATE-----", "public_key": bytes(32), "signature": bytes(70)}
+    return Announcement(site=site, **{**values, **fields})
+
+
+def _masking(key, require=False):
+    return replace(declaration(), mask_key=key, require_masking=require)
+
+
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        (_key(site="b"), "the mask key names site 'b', but the caller is 'a'"),
+        (_key(public_key=bytes(31)), "the mask key takes 32 bytes (X25519), got 31"),
+        (_key(certificate=b""), "a PEM of 1 to 16384 ASCII bytes is expected"),
+        (_key(certificate=b"x" * (16 * 1024 + 1)), "a PEM of 1 to 16384 ASCII bytes is expected"),
+        (_key(certificate="é".encode()), "a PEM of 1 to 16384 ASCII bytes is expected"),
+        (_key(signature=b""), "signature takes 0 bytes; 1 to 80 allowed"),
+        (_key(signature=bytes(81)), "signature takes 81 bytes; 1 to 80 allowed"),
+        (_key(key_fingerprint="f" * 129), "the key fingerprint exceeds 128 characters"),
+    ],
+)
+def test_a_mask_key_of_impossible_form_is_refused_at_join_and_nothing_is_recorded(key, message):
+    forming = formation()
+    with pytest.raises(Refusal) as refused:
+        forming.join("a", _masking(key), now=1.0)
+    assert refused.value.status is Status.INVALID_ARGUMENT and refused.value.reason is Reason.BAD_REQUEST
+    assert message in refused.value.message and "site 'a'" in refused.value.message
+    assert not forming.joined
+
+
+def test_a_federation_masks_when_every_member_sent_a_key_and_there_are_three_or_one_requires_it():
+    def formed(sites, keys, require=()):
+        forming = formation(sites, QuorumRule(len(sites), 0.0, 60.0))
+        for site in sites:
+            forming.join(site, _masking(_key(site) if site in keys else None, site in require), now=1.0)
+        return forming.close(server_has_initial_model=False)
+
+    assert formed(("a", "b", "c"), "abc").masked
+    assert not formed(("a", "b", "c"), "ab").masked  # c does not mask: nobody does
+    assert not formed(("a", "b"), "ab").masked  # two sites: each reads the other from the average anyway
+    membership = formed(("a", "b"), "ab", require="b")
+    assert membership.masked and [k.site for k in membership.mask_keys] == ["a", "b"]
+
+
+def test_a_member_of_a_masked_federation_rejoins_with_the_key_it_formed_with():
+    forming = formation(rule=QuorumRule(3, 0.0, 60.0))
+    for site in "abc":
+        forming.join(site, _masking(_key(site)), now=1.0)
+    membership = forming.close(server_has_initial_model=False)
+    membership.check_rejoin("b", _masking(_key("b")))
+    for key, status, reason, message in (
+        (None, Status.FAILED_PRECONDITION, Reason.MISMATCH, "joined without a mask key"),
+        (_key("b", public_key=bytes([1]) * 32), Status.FAILED_PRECONDITION, Reason.MISMATCH, "another mask key"),
+        (_key("b", public_key=bytes(33)), Status.INVALID_ARGUMENT, Reason.BAD_REQUEST, "takes 32 bytes"),
+    ):
+        with pytest.raises(Refusal) as refused:
+            membership.check_rejoin("b", _masking(key))
+        assert (refused.value.status, refused.value.reason) == (status, reason)
+        assert message in refused.value.message
