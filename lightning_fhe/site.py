@@ -493,6 +493,9 @@ class _TimedConsumer:
         finally:
             self._on_time(time.perf_counter() - start)
 
+    def close(self) -> None:
+        self._consumer.close()
+
 
 def wire_layouts(
     split: TensorSplit, state: Mapping[str, torch.Tensor], federated_metrics: bool = True

@@ -6,6 +6,8 @@ One two-worker pool serves the module: spawning workers (each imports TenSEAL) t
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -122,7 +124,8 @@ def test_decryption_runs_at_most_window_times_workers_batches_ahead(pool1, pool2
     if workers == 1:
         assert max(ahead) == 0  # decrypted as it is added
     else:
-        assert BATCH < max(ahead) < WINDOW * workers * BATCH  # pipelined (so it overlaps), never beyond the window
+        # Pipelined (so it overlaps), never beyond the window's batches in flight and the one being filled.
+        assert BATCH < max(ahead) < (WINDOW * workers + 1) * BATCH
 
 
 def test_bad_settings_are_refused(site_context):
@@ -142,3 +145,37 @@ def test_a_chunk_with_another_number_of_seeds_than_the_header_names_is_refused(p
             decryption.add(frame)
         decryption.finish()
     assert caught.value.reason == "size"
+
+
+def _shared_memory_files() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def test_every_operation_gives_its_shared_memory_back(pool2, global_chunks, update):
+    """Finished, abandoned midway, or failed: no operation leaves its block behind, so a long fit never grows."""
+    before = _shared_memory_files()
+    values, share = update
+    list(pool2.iter_encrypt(values, share))
+    abandoned = pool2.iter_encrypt(values, share)
+    next(abandoned)
+    abandoned.close()  # an upload that stopped reading
+    frames = list(global_chunks)
+    frames[4] = frames[4][:-1]
+    with pytest.raises(CiphertextError):
+        pool2.decrypt(frames, values.size, share)
+    stopped = pool2.decryption(values.size, share, lambda start, values: None)
+    for frame in global_chunks[:5]:
+        stopped.add(frame)
+    stopped.close()  # a download that broke off
+    assert not pool2._blocks
+    assert _shared_memory_files() <= before
+
+
+def test_a_chunk_larger_than_the_sums_chunks_is_refused_in_its_place(pool2, global_chunks, update):
+    """Chunks that do not fit the shared cells (sized by the first batch) are decrypted here, and refused in order."""
+    values, share = update
+    frames = list(global_chunks)
+    frames[5] = frames[5] + bytes(2 * len(frames[5]))
+    with pytest.raises(CiphertextError, match="^chunk 5: .*checksum") as caught:
+        pool2.decrypt(frames, values.size, share)
+    assert caught.value.reason == "corrupt"

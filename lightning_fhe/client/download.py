@@ -28,6 +28,10 @@ class ChunkConsumer(Protocol):
         """All chunks were added (called once, when the stream is complete)."""
         ...
 
+    def close(self) -> None:
+        """Gives back what the consumer holds; called last, whether the download completed or broke off."""
+        ...
+
 
 @dataclass(frozen=True)
 class IncomingGlobalModel:
@@ -75,40 +79,44 @@ def receive_global_model(
     header_at = time.monotonic()
     incoming = IncomingGlobalModel(header.round, header.num_chunks, header.total_share, tuple(header.participants))
     consumer = chunks_into(incoming) if chunks_into is not None else None
-    chunks: list[bytes] = []
-    values = np.empty(header.plaintext_count, dtype=np.float64)
-    filled, received, arrived = 0, 0, 0
-    for part in parts:
-        kind = part.WhichOneof("part")
-        if kind == "chunk":
-            if part.chunk.index != arrived:
-                raise FederationError(f"fetch round {round_number}: chunk {part.chunk.index} arrived out of order")
-            if consumer is not None:
-                consumer.add(part.chunk.data)
-            else:
-                chunks.append(part.chunk.data)
-            arrived += 1
-            received += len(part.chunk.data)
-            if progress is not None:
-                progress(arrived, header.num_chunks)
-        elif kind == "plaintext":
-            data, dtype = block_payload(part.plaintext)
-            block = np.frombuffer(data, dtype=dtype)
-            if part.plaintext.offset != filled or filled + block.size > values.size:
-                raise FederationError(
-                    f"fetch round {round_number}: plaintext block at {part.plaintext.offset} out of order"
-                )
-            values[filled : filled + block.size] = block
-            filled += block.size
-            received += len(data)
-    if arrived != header.num_chunks or filled != header.plaintext_count:
-        raise FederationError(
-            f"fetch round {round_number}: incomplete download ({arrived} of {header.num_chunks} chunks, "
-            f"{filled} of {header.plaintext_count} plaintext values)"
-        )
-    received_at = time.monotonic()
-    if consumer is not None:
-        consumer.finish()
+    try:
+        chunks: list[bytes] = []
+        values = np.empty(header.plaintext_count, dtype=np.float64)
+        filled, received, arrived = 0, 0, 0
+        for part in parts:
+            kind = part.WhichOneof("part")
+            if kind == "chunk":
+                if part.chunk.index != arrived:
+                    raise FederationError(f"fetch round {round_number}: chunk {part.chunk.index} arrived out of order")
+                if consumer is not None:
+                    consumer.add(part.chunk.data)
+                else:
+                    chunks.append(part.chunk.data)
+                arrived += 1
+                received += len(part.chunk.data)
+                if progress is not None:
+                    progress(arrived, header.num_chunks)
+            elif kind == "plaintext":
+                data, dtype = block_payload(part.plaintext)
+                block = np.frombuffer(data, dtype=dtype)
+                if part.plaintext.offset != filled or filled + block.size > values.size:
+                    raise FederationError(
+                        f"fetch round {round_number}: plaintext block at {part.plaintext.offset} out of order"
+                    )
+                values[filled : filled + block.size] = block
+                filled += block.size
+                received += len(data)
+        if arrived != header.num_chunks or filled != header.plaintext_count:
+            raise FederationError(
+                f"fetch round {round_number}: incomplete download ({arrived} of {header.num_chunks} chunks, "
+                f"{filled} of {header.plaintext_count} plaintext values)"
+            )
+        received_at = time.monotonic()
+        if consumer is not None:
+            consumer.finish()
+    finally:
+        if consumer is not None:
+            consumer.close()
     return GlobalModel(
         round=header.round,
         encrypted_chunks=chunks,

@@ -194,7 +194,8 @@ class UpdateCipher:
             raise CiphertextError("format", str(err)) from None
         plaintext = sealapi.Plaintext()
         self._decryptor.decrypt(ciphertext, plaintext)
-        return np.array(self._encoder.decode_complex(plaintext), dtype=np.complex128).view(np.float64)
+        slots = self.params.slots
+        return np.fromiter(self._encoder.decode_complex(plaintext), dtype=np.complex128, count=slots).view(np.float64)
 
     def finish(self, decoded: np.ndarray, total_weight_fraction: float) -> np.ndarray:
         """Decoded sums (in place) back on the fixed-point grid, divided by the participants' total share."""

@@ -5,8 +5,10 @@ once (a site starts its pool when ``fit`` starts) and fed batches of chunks. Bot
 bounded: :meth:`CipherPool.iter_encrypt` yields upload chunks in order while later batches are still being
 encrypted, so an upload that reads it overlaps encryption with the transfer; a :class:`StreamDecryption` takes
 global chunks as a download delivers them and writes each chunk's values where they go. At most ``window`` batches
-per worker are in flight, so memory stays a few batches whatever the model's size. With one worker everything runs
-in the calling process, and nothing is started.
+per worker are in flight, so memory stays a few batches whatever the model's size. The chunks themselves cross
+between the site and its workers through one shared-memory block per upload or download (a slot per batch in
+flight); only the tasks go through pipes. With one worker everything runs in the calling process, and nothing is
+started.
 
 Workers are spawned, not forked: a process that runs gRPC's threads must not fork. A spawned process normally
 imports the parent's ``__main__`` first (a training script: Lightning, torch, the data, some 400 MB and seconds per
@@ -31,15 +33,19 @@ import multiprocessing
 import os
 import sys
 from collections import deque
-from contextlib import contextmanager
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing import shared_memory
 
 import numpy as np
 
 from lightning_fhe.he.codec import CiphertextError, UpdateCipher, ValueSource, num_chunks
 from lightning_fhe.he.context import HEContext
+from lightning_fhe.he.frames import global_chunk_bytes, upload_chunk_bytes
 
 _worker_cipher: UpdateCipher | None = None
+_worker_block: shared_memory.SharedMemory | None = None
 
 
 def _start_worker(context_bytes: bytes) -> None:
@@ -49,15 +55,51 @@ def _start_worker(context_bytes: bytes) -> None:
     _worker_cipher = UpdateCipher(HEContext(ts.context_from(context_bytes)))
 
 
-def _encrypt_batch(prepared: np.ndarray) -> list[bytes]:
-    assert _worker_cipher is not None
-    n = _worker_cipher.params.values_per_ciphertext
-    return [_worker_cipher.encrypt_chunk(prepared[i : i + n]) for i in range(0, prepared.size, n)]
+def _attached(name: str) -> memoryview:
+    """The buffer of the site's block ``name``, attached once per operation (the site makes one per upload or
+    download). Spawned workers share the site's resource tracker, so attaching registers nothing new and only the
+    site unlinks the block."""
+    global _worker_block
+    if _worker_block is None or _worker_block.name != name:
+        if _worker_block is not None:
+            _worker_block.close()
+        _worker_block = None
+        _worker_block = shared_memory.SharedMemory(name=name)
+    return _worker_block.buf
 
 
-def _decrypt_batch(frames: list[bytes], participants: int | None) -> list[np.ndarray | CiphertextError]:
+def _floats(buffer: memoryview, offset: int, count: int) -> np.ndarray:
+    """``count`` float64 values in ``buffer`` at ``offset``, without a copy."""
+    return np.ndarray((count,), dtype=np.float64, buffer=buffer, offset=offset)
+
+
+def _encrypt_batch(block: str, slot: _Slot, count: int) -> int:
+    """Encrypts the ``count`` prepared chunks in ``slot``'s input cells into its output cells."""
     assert _worker_cipher is not None
-    return _decrypt_frames(_worker_cipher, frames, participants)
+    buffer, n = _attached(block), _worker_cipher.params.values_per_ciphertext
+    values = _floats(buffer, slot.inputs, count * n)
+    for i in range(count):
+        frame = _worker_cipher.encrypt_chunk(values[i * n : (i + 1) * n])
+        start = slot.outputs + i * slot.output_bytes
+        buffer[start : start + len(frame)] = frame
+    return count
+
+
+def _decrypt_batch(
+    block: str, slot: _Slot, sizes: list[int], participants: int | None
+) -> tuple[int, CiphertextError] | None:
+    """Decrypts the global chunks in ``slot``'s input cells (``sizes`` bytes each) into its output cells. A bad
+    chunk stops the batch and comes back with its place in the batch; the cells before it hold their values."""
+    assert _worker_cipher is not None
+    buffer, n = _attached(block), _worker_cipher.params.values_per_ciphertext
+    for i, size in enumerate(sizes):
+        start = slot.inputs + i * slot.input_bytes
+        try:
+            values = _worker_cipher.decrypt_chunk(buffer[start : start + size], participants)
+        except CiphertextError as err:
+            return i, err
+        _floats(buffer, slot.outputs + i * slot.output_bytes, n)[:] = values
+    return None
 
 
 def _decrypt_frames(
@@ -72,6 +114,42 @@ def _decrypt_frames(
             decoded.append(err)
             break
     return decoded
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where one batch's cells lie in a block: ``batch`` input cells of ``input_bytes``, then as many outputs."""
+
+    inputs: int
+    input_bytes: int
+    outputs: int
+    output_bytes: int
+
+
+class _Block:
+    """One operation's shared memory: a ring of slots, one per batch in flight, each with a cell per chunk for what
+    goes to a worker and what comes back. Chunks cross between processes by one copy each way, not through pipes
+    (a 64 KiB pipe moves a batch in many context switches, which cost two cores a third of their time)."""
+
+    def __init__(self, slots: int, batch: int, input_bytes: int, output_bytes: int) -> None:
+        self._slot_bytes = batch * (input_bytes + output_bytes)
+        self.slots, self.batch, self.input_bytes = slots, batch, input_bytes
+        self._output_bytes = output_bytes
+        self._memory = shared_memory.SharedMemory(create=True, size=slots * self._slot_bytes)
+        self.name = self._memory.name
+        self.buffer = self._memory.buf
+
+    def slot(self, k: int) -> _Slot:
+        inputs = (k % self.slots) * self._slot_bytes
+        outputs = inputs + self.batch * self.input_bytes
+        return _Slot(inputs, self.input_bytes, outputs, self._output_bytes)
+
+    def close(self) -> None:
+        if self._memory is not None:
+            self.buffer.release()
+            self._memory.close()
+            self._memory.unlink()
+            self._memory = None
 
 
 @contextmanager
@@ -107,7 +185,7 @@ class CipherPool:
     Args:
         context: the site's context, with the secret key (sent to the workers once, through a pipe).
         workers: processes; default: the cores this process may use. 1 runs everything in this process.
-        batch: chunks per task (amortizes the pipe's cost, about 0.05 ms a chunk).
+        batch: chunks per task (amortizes a task's round trip).
         window: batches in flight at most, per worker.
     """
 
@@ -122,6 +200,7 @@ class CipherPool:
         self.batch = batch
         self._in_flight = window * self.workers
         self._pool = None
+        self._blocks: set[_Block] = set()  # the operations' shared memory not yet given back, closed with the pool
         if self.workers > 1:
             spawn = multiprocessing.get_context("spawn")
             with _without_main_module():  # the processes start here, and take what to import from __main__ now
@@ -136,7 +215,7 @@ class CipherPool:
         """
         if self._pool is None:
             return self.cipher.iter_encrypt(values, weight_fraction, where)
-        return self._ordered(_encrypt_batch, self.cipher.iter_prepared(values, weight_fraction, where, self.batch))
+        return self._encrypted(self.cipher.iter_prepared(values, weight_fraction, where, self.batch))
 
     def decryption(
         self,
@@ -159,27 +238,56 @@ class CipherPool:
             out[start : start + values.size] = values
 
         decryption = self.decryption(count, total_weight_fraction, write)
-        for frame in chunks:
-            decryption.add(frame)
-        decryption.finish()
+        try:
+            for frame in chunks:
+                decryption.add(frame)
+            decryption.finish()
+        finally:
+            decryption.close()
         return out
 
-    def _ordered(self, work, tasks: Iterable) -> Iterator:
-        """Results of ``work`` over ``tasks`` in order, flattened, with at most ``window * workers`` in flight."""
-        assert self._pool is not None
+    def _encrypted(self, pieces: Iterator[np.ndarray]) -> Iterator[bytes]:
+        """Upload chunks of the prepared ``pieces`` (a batch each) in order, at most ``window * workers`` batches in
+        flight. The block goes back when the last chunk is out, or when the upload stops reading."""
+        n = self.params.values_per_ciphertext
+        frame_bytes = upload_chunk_bytes(n)
+        block = self._block(self.batch, 8 * n, frame_bytes)
         pending: deque = deque()
-        for task in tasks:
-            pending.append(self._pool.apply_async(work, (task,)))
-            if len(pending) >= self._in_flight:
-                yield from pending.popleft().get()
-        while pending:
-            yield from pending.popleft().get()
+
+        def collected() -> Iterator[bytes]:
+            slot, result = pending.popleft()
+            for i in range(result.get()):
+                start = slot.outputs + i * frame_bytes
+                yield bytes(block.buffer[start : start + frame_bytes])
+
+        try:
+            for k, piece in enumerate(pieces):
+                if len(pending) == block.slots:  # its slot's last batch must be out before this one goes in
+                    yield from collected()
+                slot = block.slot(k)
+                _floats(block.buffer, slot.inputs, piece.size)[:] = piece
+                pending.append((slot, self._pool.apply_async(_encrypt_batch, (block.name, slot, piece.size // n))))
+            while pending:
+                yield from collected()
+        finally:
+            self._give_back(block)
+
+    def _block(self, batch: int, input_bytes: int, output_bytes: int) -> _Block:
+        block = _Block(self._in_flight, batch, input_bytes, output_bytes)
+        self._blocks.add(block)
+        return block
+
+    def _give_back(self, block: _Block) -> None:
+        block.close()
+        self._blocks.discard(block)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.terminate()
             self._pool.join()
             self._pool = None
+        for block in list(self._blocks):
+            self._give_back(block)
 
     def __enter__(self) -> CipherPool:
         return self
@@ -192,6 +300,9 @@ class StreamDecryption:
     """Decrypts global chunks as they are added and hands each chunk's averaged values to ``write(start, values)``,
     in order: a download feeds it while the rest is still in transit, and ``write`` puts the values where they go
     (a model's tensors), so no copy of the whole model is made. At most ``window * workers`` batches are pending.
+
+    :meth:`finish` gives its shared memory back, and so does any error it raises; a download that stops midway
+    calls :meth:`close`.
     """
 
     def __init__(
@@ -209,42 +320,92 @@ class StreamDecryption:
         self._expected = num_chunks(count, pool.params)
         self._batch: list[bytes] = []
         self._pending: deque = deque()
-        self._added = self._written = 0
+        self._block: _Block | None = None
+        self._submitted = self._added = self._written = 0
 
     def add(self, frame: bytes) -> None:
         if self._added >= self._expected:
+            self.close()
             raise CiphertextError("index", f"{self._count} values need {self._expected} chunks, got more")
         self._added += 1
         self._batch.append(frame)
         if len(self._batch) >= (self._pool.batch if self._pool._pool is not None else 1):
-            self._submit()
+            self._closing_on_error(self._submit)
 
     def finish(self) -> None:
         """Waits for the last chunks; raises if fewer arrived than ``count`` values need."""
-        if self._batch:
-            self._submit()
-        while self._pending:
-            self._store(self._pending.popleft())
+        try:
+            if self._batch:
+                self._submit()
+            while self._pending:
+                self._store(self._pending.popleft())
+        finally:
+            self.close()
         if self._written != self._expected:
             raise CiphertextError("index", f"{self._count} values need {self._expected} chunks, got {self._written}")
+
+    def close(self) -> None:
+        """Gives the shared memory back; chunks still pending are dropped."""
+        if self._block is not None:
+            self._pool._give_back(self._block)
+            self._block = None
+
+    def _closing_on_error(self, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except BaseException:
+            self.close()
+            raise
 
     def _submit(self) -> None:
         batch, self._batch = self._batch, []
         if self._pool._pool is None:
             self._store(batch)
             return
-        self._pending.append(self._pool._pool.apply_async(_decrypt_batch, (batch, self._participants)))
-        if len(self._pending) >= self._pool._in_flight:
+        if self._block is None:
+            # Every chunk of one sum has the same size; the block holds it, or the summed form if that is larger.
+            n = self._pool.params.values_per_ciphertext
+            largest = max(max(map(len, batch)), global_chunk_bytes(n, 0, summed=True))
+            self._block = self._pool._block(self._pool.batch, largest, 8 * n)
+        if len(self._pending) == self._block.slots:  # its slot's last batch must be out before this one goes in
             self._store(self._pending.popleft())
+        if max(map(len, batch)) > self._block.input_bytes:  # not one of this sum's chunks: refused here, in order
+            self._pending.append(batch)
+            return
+        slot = self._block.slot(self._submitted)
+        self._submitted += 1
+        for i, frame in enumerate(batch):
+            start = slot.inputs + i * slot.input_bytes
+            self._block.buffer[start : start + len(frame)] = frame
+        sizes = [len(frame) for frame in batch]
+        task = (self._block.name, slot, sizes, self._participants)
+        self._pending.append((slot, len(batch), self._pool._pool.apply_async(_decrypt_batch, task)))
 
     def _store(self, work) -> None:
-        cipher, per_chunk = self._pool.cipher, self._pool.params.values_per_ciphertext
-        decoded = _decrypt_frames(cipher, work, self._participants) if isinstance(work, list) else work.get()
+        if isinstance(work, list):  # decrypted here: no pool, or chunks that are not of this sum's size
+            decoded = _decrypt_frames(self._pool.cipher, work, self._participants)
+        else:
+            decoded = self._collected(*work)
+        per_chunk = self._pool.params.values_per_ciphertext
         for values in decoded:
             if isinstance(values, CiphertextError):
                 raise CiphertextError(values.reason, f"chunk {self._written}: {values}")
             start = self._written * per_chunk
-            averaged = cipher.finish(values, self._share)[: max(0, min(per_chunk, self._count - start))]
+            averaged = self._pool.cipher.finish(values, self._share)[: max(0, min(per_chunk, self._count - start))]
             self._write(start, averaged)
             self._written += 1
 
+    def _collected(self, slot: _Slot, size: int, result) -> list[np.ndarray | CiphertextError]:
+        """A worker's batch: copies of its output cells (``write`` may keep them; the cells are reused), then its
+        error, if a chunk failed."""
+        assert self._block is not None
+        failure = result.get()
+        good = size if failure is None else failure[0]
+        n = self._pool.params.values_per_ciphertext
+        buffer = self._block.buffer
+        decoded: list[np.ndarray | CiphertextError] = [
+            _floats(buffer, slot.outputs + i * slot.output_bytes, n).copy() for i in range(good)
+        ]
+        if failure is not None:
+            decoded.append(failure[1])
+        return decoded

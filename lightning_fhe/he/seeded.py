@@ -21,6 +21,7 @@ loads it without decompressing.
 from __future__ import annotations
 
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 
@@ -96,7 +97,8 @@ class CiphertextLayout:
         (count,) = _COUNT.unpack_from(body, _META.size + _HEADER.size)
         if count != n:
             raise SealFormatError(f"the ciphertext holds {count} coefficients; a seeded one at the lowest level {n}")
-        c0 = np.frombuffer(body, dtype=_U64, count=n, offset=_META.size + _HEADER.size + _COUNT.size).astype(np.uint64)
+        c0 = np.frombuffer(body, dtype=_U64, count=n, offset=_META.size + _HEADER.size + _COUNT.size)
+        c0 = c0.astype(np.uint64, copy=False)
         info = _META.size + array_bytes + _HEADER.size
         return SeededParts(c0, body[info], bytes(body[info + 1 : info + 1 + SEED_BYTES]))
 
@@ -176,6 +178,17 @@ def _seal_header(total: int, compression: int = _NONE) -> bytes:
     return _HEADER.pack(_MAGIC, _HEADER.size, *_VERSION, compression, 0, total)
 
 
+_local = threading.local()
+
+
+def _zstd() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor: making one costs five times what decompressing a ciphertext does."""
+    decompressor = getattr(_local, "zstd", None)
+    if decompressor is None:
+        decompressor = _local.zstd = zstandard.ZstdDecompressor()
+    return decompressor
+
+
 def _body(blob: bytes) -> bytes:
     if len(blob) < _HEADER.size:
         raise SealFormatError(f"{len(blob)} bytes are too few for a SEAL object")
@@ -190,7 +203,7 @@ def _body(blob: bytes) -> bytes:
         if compression == _NONE:
             return payload
         if compression == _ZSTD:
-            return zstandard.ZstdDecompressor().decompress(payload, max_output_size=limit)
+            return _zstd().decompress(payload, max_output_size=limit)
         if compression == _ZLIB:
             inflater = zlib.decompressobj()
             out = inflater.decompress(payload, limit)
