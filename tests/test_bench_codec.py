@@ -51,12 +51,23 @@ def test_the_average_is_the_plaintext_fedavg_on_the_grid(result):
     assert ours["max_abs_error"] <= codec.TARGETS["max_abs_error"]
 
 
+def test_repeated_runs_keep_each_times_shortest_and_the_worst_error(result):
+    slower = {**result, "baseline": {**result["baseline"], "encrypt_s": 99.0}}
+    worse = {**result["lightning_fhe"], "max_abs_error": 1.0, "equals_plaintext_average": False, "encrypt_s": 99.0}
+    best = codec.best_of([slower, {**result, "lightning_fhe": worse}])
+    assert best["repeat"] == 2
+    assert best["baseline"]["encrypt_s"] == result["baseline"]["encrypt_s"]  # each time on its own
+    assert best["lightning_fhe"]["encrypt_s"] == result["lightning_fhe"]["encrypt_s"]
+    assert best["lightning_fhe"]["max_abs_error"] == 1.0 and not best["lightning_fhe"]["equals_plaintext_average"]
+    assert best["lightning_fhe"]["upload_bytes"] == result["lightning_fhe"]["upload_bytes"]
+
+
 def test_the_table_shows_every_target(result):
     table = codec.format_table(result)
     for line in ("upload vs fp32", "download vs fp32, 3 sites", "encrypt speed-up", "decrypt speed-up",
                  "pool speed-up, encrypt", "pool speed-up, decrypt", "aggregation speed-up vs SEAL",
                  "same bits as plaintext FedAvg", "same bits, summed download", "download: summed",
-                 "pairwise masks, one site with 2 peers"):  # fmt: skip
+                 "pairwise masks, one site with 2 peers", "server aggregation per site update: ours ("):  # fmt: skip
         assert line in table
     one_worker = codec.format_table({**result, "workers": 1})
     assert "pool speed-up" not in one_worker  # nothing to compare against

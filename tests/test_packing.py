@@ -1,6 +1,7 @@
 """The numbers of protocol v2: 60-bit packing of coefficients, and their addition and subtraction modulo q0.
 
-Pure numpy, checked against Python's own integers, which cannot overflow.
+Checked against Python's own integers, which cannot overflow: numpy, and the server's compiled addition of packed
+coefficients (lightning_fhe/he/_packed.c) beside numpy's version of it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lightning_fhe.he.modular import add_mod, sub_mod
+from lightning_fhe.he import modular
+from lightning_fhe.he.modular import add_mod, numpy_add_packed_mod, sub_mod
 from lightning_fhe.he.packing import PackingError, pack60, packed_size, unpack60
 
 BELOW_2_60 = st.integers(0, 2**60 - 1)
@@ -126,3 +128,58 @@ def test_many_60_bit_terms_sum_as_python_integers_do():
     for t in reversed(terms):
         sub_mod(total, t, Q0_60_BITS)
     assert not total.any()
+
+
+# -- the server's addition of packed coefficients ---------------------------------------------------------------------
+
+
+def _compiled(total, packed, q, subtract=False):
+    if not modular.COMPILED:
+        pytest.skip("the package was built without a C compiler: the server adds with numpy")
+    return modular.add_packed_mod(total, packed, q, subtract)
+
+
+ADDERS = pytest.mark.parametrize("add_packed", [numpy_add_packed_mod, _compiled], ids=["numpy", "compiled"])
+
+
+@ADDERS
+@given(_operands(max_q=2**60), st.booleans())
+def test_adding_packed_coefficients_is_python_integer_arithmetic_mod_q(add_packed, operands, subtract):
+    q, a, b = operands
+    b = b[: len(b) // 2 * 2]
+    a = a[: len(b)]
+    total = _u64(a)
+    assert add_packed(total, pack60(_u64(b)), q, subtract) is None
+    sign = -1 if subtract else 1
+    assert total.tolist() == [(x + sign * y) % q for x, y in zip(a, b)]
+
+
+@ADDERS
+@given(_operands(max_q=2**60 - 1), st.data())
+def test_a_packed_coefficient_not_below_q_is_named_and_changes_nothing(add_packed, operands, data):
+    q, a, b = operands
+    if len(b) < 2:
+        b, a = [0, 0], [0, 0]
+    b, a = b[: len(b) // 2 * 2], a[: len(b) // 2 * 2]
+    bad = data.draw(st.integers(0, len(b) - 1))
+    b[bad] = data.draw(st.integers(q, 2**60 - 1))
+    for subtract in (False, True):
+        total = _u64(a)
+        assert add_packed(total, pack60(_u64(b)), q, subtract) == bad
+        assert total.tolist() == a  # the pairs before it, added in passing, were taken back out
+
+
+@ADDERS
+def test_a_sum_and_its_packed_chunk_of_the_wrong_sizes_are_refused(add_packed):
+    with pytest.raises((ValueError, PackingError)):
+        add_packed(np.zeros(4, dtype=np.uint64), pack60(np.zeros(2, dtype=np.uint64)), Q0_60_BITS)
+
+
+def test_the_compiled_addition_sums_many_chunks_as_numpy_does():
+    rng = np.random.default_rng(1)
+    chunks = [pack60(rng.integers(0, Q0_60_BITS, size=8192, dtype=np.uint64)) for _ in range(20)]
+    by_numpy, compiled = np.zeros(8192, dtype=np.uint64), np.zeros(8192, dtype=np.uint64)
+    for chunk in chunks:
+        numpy_add_packed_mod(by_numpy, chunk, Q0_60_BITS)
+        _compiled(compiled, chunk, Q0_60_BITS)
+    assert np.array_equal(by_numpy, compiled)

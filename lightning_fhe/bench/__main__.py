@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     codec.add_argument(
         "--workers", type=int, default=None, help="processes that encrypt and decrypt (default: every core it may use)"
     )
+    codec.add_argument(
+        "--repeat", type=int, default=3, help="runs; each time is the shortest of them, for both codecs (default 3)"
+    )
     codec.add_argument("--json", type=Path, help="also write the measurements to this JSON file")
     memory = sub.add_parser("server-memory", help="aggregator peak memory: few against many sites uploading at once")
     from lightning_fhe.bench import server_memory
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error(f"--workers must be at least 1, got {args.workers}")
     from lightning_fhe.bench import codec
 
-    result = codec.run(args.model, args.clients, args.seed, args.workers, log=log)
+    result = codec.run(args.model, args.clients, args.seed, args.workers, log=log, repeat=args.repeat)
     return publish(result, codec.format_table(result), args.json)
 
 

@@ -12,13 +12,17 @@ Besides the JSON keys below, the run measures in the same process, on the same c
 - the pool against one worker (``encrypt_s_one_worker``, ``decrypt_s_one_worker``), so its speed-up is a ratio;
 - the rebuild alone (``rebuild_s``: SEAL expanding the K seeds of every chunk, in one process);
 - the server path protocol v1 had (``baseline.aggregate_s_per_client``): SEAL loads each site's seeded ciphertexts,
-  expanding their seeds, and ``add_inplace`` adds them, against numpy's modular addition of the first polynomials;
+  expanding their seeds, and ``add_inplace`` adds them, against our modular addition of the packed first polynomials
+  (``aggregate_kernel``: compiled, or numpy where the package was built without a C compiler), from the second site
+  on;
 - the other download form (``summed``): the server expands the seeds and sends the summed second polynomial, which
   costs the server ``server_s`` and a site fewer rebuilds, for more bytes while K is small;
 - pairwise masks (:mod:`lightning_fhe.masking`): one site masking all its upload chunks with K-1 peers, in one
   process (``mask_s``), and against its encryption on the pool (``mask_vs_encrypt``).
 
-Both codecs see the same tensors on the same machine, so the ratios hold even where absolute times are noisy.
+Both codecs see the same tensors on the same machine, so the ratios hold even where absolute times are noisy; and
+every time is the shortest of ``--repeat`` runs (default 3) for both alike, as ``timeit`` reports: on a shared
+machine, noise only ever adds time.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import tenseal as ts
 import torch
 from tenseal import sealapi
 
-from lightning_fhe.he import CKKSParams, HEContext
+from lightning_fhe.he import CKKSParams, HEContext, modular
 from lightning_fhe.he.codec import ChunkSum
 from lightning_fhe.he.fixed_point import round_to_grid
 from lightning_fhe.he.frames import decode_global_chunk, decode_upload_chunk
@@ -176,12 +180,47 @@ def _started_pool(context: HEContext, workers: int | None) -> tuple[CipherPool, 
 
 
 def run(
-    model: str = "segresnet-16", clients: int = 2, seed: int = 0, workers: int | None = None, log=print
+    model: str = "segresnet-16",
+    clients: int = 2,
+    seed: int = 0,
+    workers: int | None = None,
+    log=print,
+    repeat: int = 3,
 ) -> dict[str, Any]:
-    """Measures both codecs on ``model`` with ``clients`` sites' updates and returns the JSON record."""
+    """Measures both codecs on ``model`` with ``clients`` sites' updates ``repeat`` times and returns the JSON
+    record of :func:`best_of` them."""
+    if repeat < 1:
+        raise ValueError(f"--repeat must be at least 1, got {repeat}")
     torch.manual_seed(seed)
     state = {k: v for k, v in build_model(model).state_dict().items() if v.is_floating_point()}
-    return measure(state, model, clients, seed, workers, log)
+    records = []
+    for i in range(repeat):
+        log(f"run {i + 1} of {repeat}")
+        records.append(measure(state, model, clients, seed, workers, log))
+    return best_of(records)
+
+
+def best_of(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record of repeated runs: every time its shortest (on a shared machine, noise only ever adds time), the
+    largest error, and the same bits only if they were the same every time. Both codecs get the same treatment."""
+
+    def combined(key: str, values: list[Any]) -> Any:
+        if isinstance(values[0], dict):
+            return {k: combined(k, [v[k] for v in values]) for k in values[0]}
+        if isinstance(values[0], bool):
+            return all(values)
+        if key == "max_abs_error":
+            return max(values)
+        if key.endswith("_s") or "_s_" in key:
+            return min(values)
+        return values[0]
+
+    best = combined("", records)
+    ours = best["lightning_fhe"]
+    ours["mask_vs_encrypt"] = ours["mask_s"] / ours["encrypt_s"]
+    best["repeat"] = len(records)
+    best["load_average"] = max(record["load_average"] for record in records)
+    return best
 
 
 def measure(
@@ -259,6 +298,7 @@ def _measure_ours(state, layout, params, clients, rng, site, server, pool, one_w
     summed_chunks, summed_server_s = _timed(total.chunks, summed=CiphertextLayout(server))
     summed_average, summed_decrypt_s = _timed(_decrypt_model, pool, summed_chunks, layout, total_share)
     return {
+        "aggregate_kernel": "compiled" if modular.COMPILED else "numpy",
         "mask_s": mask_s,
         "mask_vs_encrypt": mask_s / float(np.mean(encrypt_s)),
         "upload_bytes": int(np.mean(upload_bytes)),
@@ -268,8 +308,10 @@ def _measure_ours(state, layout, params, clients, rng, site, server, pool, one_w
         "encrypt_s_one_worker": float(np.mean(encrypt_one_s)),
         "decrypt_s_one_worker": decrypt_one_s,
         "rebuild_s": rebuild_s,
-        "aggregate_s_per_client": float(np.mean(aggregate_s)),
-        "seal_aggregate_s_per_client": float(np.mean(seal_aggregate_s)),
+        # The first site makes the sum (SEAL loads without adding; numpy's first writes fault in its pages): the
+        # figure is adding an update to a sum, from the second site on.
+        "aggregate_s_per_client": float(np.mean(aggregate_s[1:] or aggregate_s)),
+        "seal_aggregate_s_per_client": float(np.mean(seal_aggregate_s[1:] or seal_aggregate_s)),
         "max_abs_error": float(np.max(np.abs(average - exact))),
         "equals_plaintext_average": bool(np.array_equal(average, expected)),
         "summed": {
@@ -333,14 +375,16 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         (
             f"{result['model']}: {result['params']:,} parameters, {raw / 1e6:.1f} MB fp32, {k} sites, "
-            f"{workers} workers, load average {result.get('load_average', float('nan')):.2f}"
+            f"{workers} workers, load average {result.get('load_average', float('nan')):.2f}; each time the "
+            f"shortest of {result.get('repeat', 1)} runs"
         ),
         "",
         *rows,
         "",
         f"rebuild of the sum from {k} seeds (inside decrypt, one process): {ours['rebuild_s']:.2f} s",
         (
-            f"server aggregation per site update: numpy {ours['aggregate_s_per_client']:.3f} s, "
+            f"server aggregation per site update: ours ({ours.get('aggregate_kernel', 'numpy')}) "
+            f"{ours['aggregate_s_per_client']:.3f} s, "
             f"SEAL load+add_inplace {base['aggregate_s_per_client']:.3f} s (keyless both)"
         ),
         f"server expanding the seeds for the summed download: {summed['server_s']:.2f} s",

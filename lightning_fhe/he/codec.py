@@ -26,12 +26,13 @@ from lightning_fhe.he.context import HEContext
 from lightning_fhe.he.fixed_point import round_to_grid
 from lightning_fhe.he.frames import (
     CiphertextError,
+    PackedUploadChunk,
+    add_upload_chunk,
+    check_upload_chunk,
     decode_global_chunk,
-    decode_upload_chunk,
     encode_global_chunk,
     encode_upload_chunk,
 )
-from lightning_fhe.he.modular import add_mod, sub_mod
 from lightning_fhe.he.params import CKKSParams
 from lightning_fhe.he.seal_io import thread_buffer
 from lightning_fhe.he.seeded import CiphertextLayout, SealFormatError
@@ -249,23 +250,23 @@ class ChunkSum:
     def num_chunks(self) -> int:
         return len(self._seeds)
 
-    def _parse(self, index: int, frame: bytes):
+    def _check(self, index: int, frame: bytes) -> PackedUploadChunk:
         if not 0 <= index < self.num_chunks:
             raise CiphertextError("index", f"chunk index {index} is outside 0..{self.num_chunks - 1}")
-        return decode_upload_chunk(frame, self.n, self.q0)
+        return check_upload_chunk(frame, self.n)
 
     def add(self, index: int, frame: bytes) -> None:
         """Adds one upload chunk at ``index``; a bad chunk raises :class:`CiphertextError` and changes nothing."""
-        chunk = self._parse(index, frame)
-        add_mod(self._c0[index], chunk.c0, self.q0)
+        chunk = self._check(index, frame)
+        add_upload_chunk(self._c0[index], chunk, self.q0)
         self._seeds[index].append(chunk.seed_entry)
 
     def subtract(self, index: int, frame: bytes) -> None:
         """Takes back a chunk that :meth:`add` accepted before."""
-        chunk = self._parse(index, frame)
+        chunk = self._check(index, frame)
         if chunk.seed_entry not in self._seeds[index]:
             raise ValueError(f"chunk {index} was never added, so it cannot be subtracted")
-        sub_mod(self._c0[index], chunk.c0, self.q0)
+        add_upload_chunk(self._c0[index], chunk, self.q0, subtract=True)
         self._seeds[index].remove(chunk.seed_entry)
 
     def chunks(self, summed: CiphertextLayout | None = None) -> list[bytes]:

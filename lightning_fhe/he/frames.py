@@ -1,6 +1,7 @@
 """The bytes of one encrypted chunk under protocol v2, up (a site's ciphertext) and down (the sum), and their checks.
 
-Pure numpy: the server parses, checks and adds chunks without SEAL and without any key. A chunk carries ``N``
+No SEAL and no key: the server parses, checks and adds chunks with numpy (and a small C loop for the addition,
+:func:`~lightning_fhe.he.modular.add_packed_mod`). A chunk carries ``N``
 values (``N/2`` complex slots of two reals). Little-endian throughout; ``P(x)`` is
 :func:`~lightning_fhe.he.packing.pack60` of ``N`` coefficients (``15 * N / 2`` bytes, 61,440 for N=8192)::
 
@@ -30,11 +31,16 @@ Example::
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
+try:  # ISA-L's CRC-32 is zlib's checksum at ten times the speed: the largest part of the server's work on a chunk
+    from isal.isal_zlib import crc32
+except ImportError:  # a platform without isal's wheels
+    from zlib import crc32
+
+from lightning_fhe.he.modular import add_packed_mod
 from lightning_fhe.he.packing import PackingError, pack60, packed_size, unpack60
 
 FORMAT = 2
@@ -72,6 +78,21 @@ class UploadChunk:
 
 
 @dataclass(frozen=True)
+class PackedUploadChunk:
+    """An upload chunk whose size, format, checksum and PRNG type were checked; its coefficients still packed, to be
+    added to a sum by :func:`add_upload_chunk` (which checks their range)."""
+
+    packed: memoryview  # pack60 of N coefficients
+    prng: int
+    seed: bytes
+
+    @property
+    def seed_entry(self) -> bytes:
+        """The PRNG type and the seed, as a global chunk lists them."""
+        return bytes([self.prng]) + self.seed
+
+
+@dataclass(frozen=True)
 class GlobalChunk:
     c0: np.ndarray  # uint64: the participants' summed first polynomials
     seeds: tuple[tuple[int, bytes], ...]  # (PRNG type, seed) per participant; empty when ``c1`` is given
@@ -96,8 +117,8 @@ def encode_upload_chunk(c0: np.ndarray, prng: int, seed: bytes) -> bytes:
     return _framed(bytes([prng]) + seed + pack60(c0))
 
 
-def decode_upload_chunk(frame: bytes, n: int, q0: int) -> UploadChunk:
-    """Parses and checks an upload chunk: size, format, checksum, PRNG type, every coefficient below ``q0``."""
+def check_upload_chunk(frame: bytes, n: int) -> PackedUploadChunk:
+    """Checks an upload chunk's size, format, checksum and PRNG type, leaving its coefficients packed."""
     expected = upload_chunk_bytes(n)
     if len(frame) != expected:
         raise CiphertextError("size", f"chunk of {len(frame)} bytes; an upload chunk of N={n} takes {expected}")
@@ -105,7 +126,22 @@ def decode_upload_chunk(frame: bytes, n: int, q0: int) -> UploadChunk:
     prng = body[0]
     if prng not in PRNG_TYPES:
         raise CiphertextError("format", f"chunk names PRNG type {prng}; SEAL's are {PRNG_TYPES}")
-    return UploadChunk(_coefficients(body[SEED_ENTRY_BYTES:], n, q0), prng, bytes(body[1:SEED_ENTRY_BYTES]))
+    return PackedUploadChunk(body[SEED_ENTRY_BYTES:], prng, bytes(body[1:SEED_ENTRY_BYTES]))
+
+
+def decode_upload_chunk(frame: bytes, n: int, q0: int) -> UploadChunk:
+    """Parses and checks an upload chunk: size, format, checksum, PRNG type, every coefficient below ``q0``."""
+    chunk = check_upload_chunk(frame, n)
+    return UploadChunk(_coefficients(chunk.packed, n, q0), chunk.prng, chunk.seed)
+
+
+def add_upload_chunk(total: np.ndarray, chunk: PackedUploadChunk, q0: int, subtract: bool = False) -> None:
+    """``total = (total +/- c0) mod q0`` in place, ``c0`` the chunk's first polynomial: the server's addition. A
+    coefficient not below ``q0`` raises :class:`CiphertextError` and leaves ``total`` as it was."""
+    bad = add_packed_mod(total, chunk.packed, q0, subtract)
+    if bad is not None:
+        pair = unpack60(chunk.packed[bad // 2 * 15 : bad // 2 * 15 + 15], 2)
+        raise _out_of_range(bad, int(pair[bad % 2]), q0)
 
 
 def encode_global_chunk(
@@ -152,7 +188,7 @@ def decode_global_chunk(frame: bytes, n: int, q0: int, participants: int | None 
 
 
 def _framed(body: bytes) -> bytes:
-    return struct.pack("<BI", FORMAT, zlib.crc32(body)) + body
+    return struct.pack("<BI", FORMAT, crc32(body)) + body
 
 
 def _unframed(frame: bytes) -> memoryview:
@@ -160,7 +196,7 @@ def _unframed(frame: bytes) -> memoryview:
     if version != FORMAT:
         raise CiphertextError("format", f"chunk format {version}; this version reads format {FORMAT}")
     body = memoryview(frame)[5:]
-    if zlib.crc32(body) != checksum:
+    if crc32(body) != checksum:
         raise CiphertextError("corrupt", "chunk bytes do not match their checksum: corrupted in transit or storage")
     return body
 
@@ -170,10 +206,11 @@ def _coefficients(data: memoryview, n: int, q0: int) -> np.ndarray:
         values = unpack60(data, n)
     except PackingError as err:
         raise CiphertextError("size", str(err)) from None
-    over = values >= np.uint64(q0)
-    if over.any():
-        i = int(np.argmax(over))
-        raise CiphertextError(
-            "range", f"coefficient {i} is {int(values[i])}, not below the first prime {q0}: not a ciphertext"
-        )
+    if values.size and values.max() >= q0:  # a reduction: no mask of the chunk's size unless one is over
+        i = int(np.argmax(values >= np.uint64(q0)))
+        raise _out_of_range(i, int(values[i]), q0)
     return values
+
+
+def _out_of_range(index: int, value: int, q0: int) -> CiphertextError:
+    return CiphertextError("range", f"coefficient {index} is {value}, not below the first prime {q0}: not a ciphertext")

@@ -34,11 +34,12 @@ from lightning_fhe.he.fixed_point import round_to_grid
 from lightning_fhe.he.frames import (
     SEED_ENTRY_BYTES,
     CiphertextError,
-    decode_upload_chunk,
+    PackedUploadChunk,
+    add_upload_chunk,
+    check_upload_chunk,
     encode_global_chunk,
     upload_chunk_bytes,
 )
-from lightning_fhe.he.modular import add_mod, sub_mod
 from lightning_fhe.he.seeded import CiphertextLayout
 from lightning_fhe.server.errors import Reason, Refusal, Status
 from lightning_fhe.server.scratch import ScratchFile, ScratchRows
@@ -178,12 +179,12 @@ class Upload:
                 f"0..{accumulator.num_chunks - 1}",
             )
         try:
-            chunk = decode_upload_chunk(blob, accumulator.layout.n, accumulator.layout.q0)
+            chunk = check_upload_chunk(blob, accumulator.layout.n)
+            self._undo.write(index, blob)
+            self.seeds.write(index, chunk.seed_entry)
+            accumulator.add_to_sum(index, chunk)  # checks the coefficients' range before it changes the sum
         except CiphertextError as err:
             raise _bad(Reason.BAD_CHUNK, f"chunk {index}: {err}") from None
-        self._undo.write(index, blob)
-        self.seeds.write(index, chunk.seed_entry)
-        accumulator.add_to_sum(index, chunk.c0)
         self._added += 1
         self.bytes_received += len(blob)
 
@@ -226,7 +227,7 @@ class Upload:
         accumulator.active.discard(self)
         layout = accumulator.layout
         for index in reversed(range(self._added)):
-            accumulator.subtract_from_sum(index, decode_upload_chunk(self._undo.read(index), layout.n, layout.q0).c0)
+            accumulator.subtract_from_sum(index, check_upload_chunk(self._undo.read(index), layout.n))
         self._added = 0
         self._undo.close()
         self.seeds.close()
@@ -288,13 +289,13 @@ class RoundAccumulator:
         total = np.frombuffer(self._plaintext_sum.read(8 * start, weighted.nbytes), dtype=_FLOAT64) + weighted
         self._plaintext_sum.write(8 * start, total.tobytes())
 
-    def add_to_sum(self, index: int, c0: np.ndarray) -> None:
-        total = np.frombuffer(self._sum.read(index), dtype=_U64).copy()
-        self._sum.write(index, add_mod(total, c0, self.layout.q0).tobytes())
+    def add_to_sum(self, index: int, chunk: PackedUploadChunk, subtract: bool = False) -> None:
+        row = bytearray(self._sum.read(index))
+        add_upload_chunk(np.frombuffer(row, dtype=_U64), chunk, self.layout.q0, subtract)
+        self._sum.write(index, row)
 
-    def subtract_from_sum(self, index: int, c0: np.ndarray) -> None:
-        total = np.frombuffer(self._sum.read(index), dtype=_U64).copy()
-        self._sum.write(index, sub_mod(total, c0, self.layout.q0).tobytes())
+    def subtract_from_sum(self, index: int, chunk: PackedUploadChunk) -> None:
+        self.add_to_sum(index, chunk, subtract=True)
 
     def begin(self, site: str, share: float) -> Upload:
         if site in self.participants:
