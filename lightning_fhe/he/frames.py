@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-try:  # ISA-L's CRC-32 is zlib's checksum at ten times the speed: the largest part of the server's work on a chunk
+try:  # ISA-L's CRC-32 is zlib's checksum, ten times faster: zlib's was most of the server's work on a chunk
     from isal.isal_zlib import crc32
 except ImportError:  # a platform without isal's wheels
     from zlib import crc32

@@ -63,7 +63,6 @@ def _attached(name: str) -> memoryview:
     if _worker_block is None or _worker_block.name != name:
         if _worker_block is not None:
             _worker_block.close()
-        _worker_block = None
         _worker_block = shared_memory.SharedMemory(name=name)
     return _worker_block.buf
 
@@ -128,8 +127,9 @@ class _Slot:
 
 class _Block:
     """One operation's shared memory: a ring of slots, one per batch in flight, each with a cell per chunk for what
-    goes to a worker and what comes back. Chunks cross between processes by one copy each way, not through pipes
-    (a 64 KiB pipe moves a batch in many context switches, which cost two cores a third of their time)."""
+    goes to a worker and what comes back. Chunks cross between processes by one copy each way, not pickled through
+    pipes: with pipes, bench codec measured 2 workers decrypting 1.0x to 1.7x as fast as 1 on 2 cores; through
+    shared memory, 1.5x to 2.5x."""
 
     def __init__(self, slots: int, batch: int, input_bytes: int, output_bytes: int) -> None:
         self._slot_bytes = batch * (input_bytes + output_bytes)
