@@ -66,8 +66,7 @@ class CiphertextError(ValueError):
 
 
 @dataclass(frozen=True)
-class UploadChunk:
-    c0: np.ndarray  # uint64, N coefficients below q0
+class _SeededChunk:
     prng: int
     seed: bytes
 
@@ -78,18 +77,16 @@ class UploadChunk:
 
 
 @dataclass(frozen=True)
-class PackedUploadChunk:
+class UploadChunk(_SeededChunk):
+    c0: np.ndarray  # uint64, N coefficients below q0
+
+
+@dataclass(frozen=True)
+class PackedUploadChunk(_SeededChunk):
     """An upload chunk whose size, format, checksum and PRNG type were checked; its coefficients still packed, to be
     added to a sum by :func:`add_upload_chunk` (which checks their range)."""
 
     packed: memoryview  # pack60 of N coefficients
-    prng: int
-    seed: bytes
-
-    @property
-    def seed_entry(self) -> bytes:
-        """The PRNG type and the seed, as a global chunk lists them."""
-        return bytes([self.prng]) + self.seed
 
 
 @dataclass(frozen=True)
@@ -126,13 +123,13 @@ def check_upload_chunk(frame: bytes, n: int) -> PackedUploadChunk:
     prng = body[0]
     if prng not in PRNG_TYPES:
         raise CiphertextError("format", f"chunk names PRNG type {prng}; SEAL's are {PRNG_TYPES}")
-    return PackedUploadChunk(body[SEED_ENTRY_BYTES:], prng, bytes(body[1:SEED_ENTRY_BYTES]))
+    return PackedUploadChunk(prng, bytes(body[1:SEED_ENTRY_BYTES]), body[SEED_ENTRY_BYTES:])
 
 
 def decode_upload_chunk(frame: bytes, n: int, q0: int) -> UploadChunk:
     """Parses and checks an upload chunk: size, format, checksum, PRNG type, every coefficient below ``q0``."""
     chunk = check_upload_chunk(frame, n)
-    return UploadChunk(_coefficients(chunk.packed, n, q0), chunk.prng, chunk.seed)
+    return UploadChunk(chunk.prng, chunk.seed, _coefficients(chunk.packed, n, q0))
 
 
 def add_upload_chunk(total: np.ndarray, chunk: PackedUploadChunk, q0: int, subtract: bool = False) -> None:
