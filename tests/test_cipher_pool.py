@@ -6,14 +6,19 @@ One two-worker pool serves the module: spawning workers (each imports TenSEAL) t
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
+import psutil
 import pytest
 
 from lightning_fhe.he.codec import ChunkSum, CiphertextError
 from lightning_fhe.he.fixed_point import round_to_grid
-from lightning_fhe.he.pool import CipherPool
+from lightning_fhe.he.pool import CipherPool, CipherWorkerError
 
 BATCH, WINDOW = 2, 2
 
@@ -179,3 +184,57 @@ def test_a_chunk_larger_than_the_sums_chunks_is_refused_in_its_place(pool2, glob
     with pytest.raises(CiphertextError, match="^chunk 5: .*checksum") as caught:
         pool2.decrypt(frames, values.size, share)
     assert caught.value.reason == "corrupt"
+
+
+def test_a_worker_that_dies_fails_the_upload_with_a_clear_error_and_the_next_one_works(site_context, update):
+    """A worker killed mid-upload (the kernel's OOM killer, say) must not leave the site waiting forever."""
+    values, share = update
+    before = set(psutil.Process().children())
+    with CipherPool(site_context, workers=2, batch=1, window=1) as pool:
+        workers = [p for p in set(psutil.Process().children()) - before if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        chunks = pool.iter_encrypt(np.tile(values, 20), share)  # 180 chunks: the worker dies midway
+        next(chunks)
+        victim = workers[0]
+        victim.kill()
+        victim.wait(10)
+        with pytest.raises(CipherWorkerError, match="cipher worker process died"):
+            list(chunks)
+        assert not pool._blocks  # its shared memory went back
+        frames = list(pool.iter_encrypt(values, share))  # new workers
+        total = ChunkSum.for_context(site_context, len(frames))
+        for i, frame in enumerate(frames):
+            total.add(i, frame)
+        assert np.array_equal(pool.decrypt(total.chunks(), values.size, share), _on_grid(values, share, pool))
+
+
+_SITE = """
+import json, sys, time
+import numpy as np
+from lightning_fhe.he import CKKSParams, HEContext
+from lightning_fhe.he.pool import CipherPool
+pool = CipherPool(HEContext.generate(CKKSParams()), workers=2)
+chunks = pool.iter_encrypt(np.zeros(8192 * 50))
+next(chunks)
+print(json.dumps(os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []), flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_site_leaves_no_worker_and_no_shared_memory_behind(tmp_path):
+    site = subprocess.Popen([sys.executable, "-c", "import os\n" + _SITE], stdout=subprocess.PIPE, text=True)
+    try:
+        during = set(json.loads(site.stdout.readline()))
+        workers = [p for p in psutil.Process(site.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        blocks = {name for name in during if name.startswith("psm_")}
+        assert blocks  # the upload's block
+    finally:
+        site.kill()
+        site.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
+    deadline = time.monotonic() + 10  # the resource tracker removes the block once it sees the site gone
+    while blocks & _shared_memory_files() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not blocks & _shared_memory_files()

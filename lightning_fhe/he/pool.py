@@ -8,7 +8,9 @@ global chunks as a download delivers them and writes each chunk's values where t
 per worker are in flight, so memory stays a few batches whatever the model's size. The chunks themselves cross
 between the site and its workers through one shared-memory block per upload or download (a slot per batch in
 flight); only the tasks go through pipes. With one worker everything runs in the calling process, and nothing is
-started.
+started. A worker that dies (killed; out of memory, for one) fails the upload or download it served with
+:class:`CipherWorkerError` rather than leaving it waiting, and new workers take over; workers end with the site's
+process, however it ends.
 
 Workers are spawned, not forked: a process that runs gRPC's threads must not fork. A spawned process normally
 imports the parent's ``__main__`` first (a training script: Lightning, torch, the data, some 400 MB and seconds per
@@ -32,8 +34,11 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -53,6 +58,15 @@ def _start_worker(context_bytes: bytes) -> None:
     import tenseal as ts
 
     _worker_cipher = UpdateCipher(HEContext(ts.context_from(context_bytes)))
+    _exit_with_parent()
+
+
+def _exit_with_parent() -> None:
+    """Ends this worker when the site's process ends, however it ends (killed included): an executor's workers would
+    otherwise wait for tasks forever, holding the key and the site's standard output."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=lambda: (parent.join(), os._exit(0)), name="exit-with-site", daemon=True).start()
 
 
 def _attached(name: str) -> memoryview:
@@ -179,6 +193,11 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+class CipherWorkerError(RuntimeError):
+    """A worker process died (killed; out of memory, for one) while it held chunks: the upload or download it was
+    serving cannot finish. The pool starts new workers for the next one."""
+
+
 class CipherPool:
     """An :class:`UpdateCipher` whose chunks are encrypted and decrypted on ``workers`` processes.
 
@@ -199,12 +218,45 @@ class CipherPool:
             raise ValueError(f"batch and window must be at least 1, got {batch} and {window}")
         self.batch = batch
         self._in_flight = window * self.workers
-        self._pool = None
+        self._pool: ProcessPoolExecutor | None = None
         self._blocks: set[_Block] = set()  # the operations' shared memory not yet given back, closed with the pool
         if self.workers > 1:
-            spawn = multiprocessing.get_context("spawn")
-            with _without_main_module():  # the processes start here, and take what to import from __main__ now
-                self._pool = spawn.Pool(self.workers, _start_worker, (context.serialize(with_secret_key=True),))
+            self._context_bytes = context.serialize(with_secret_key=True)
+            self._start()
+
+    def _start(self) -> None:
+        """Starts the workers. An executor, not ``multiprocessing.Pool``: a worker that dies fails its tasks (which
+        a Pool would wait for forever) and is not replaced behind our back, by a process importing ``__main__``."""
+        spawn = multiprocessing.get_context("spawn")
+        with _without_main_module():  # the processes start here, and take what to import from __main__ now
+            self._pool = ProcessPoolExecutor(self.workers, spawn, _start_worker, (self._context_bytes,))
+            # A worker is spawned for each task that finds none idle: as many tasks as workers start them all now.
+            started = [self._pool.submit(os.getpid) for _ in range(self.workers)]
+        for future in started:
+            self._result(future)
+
+    def _submit(self, work: Callable, *args) -> Future:
+        assert self._pool is not None
+        try:
+            return self._pool.submit(work, *args)
+        except BrokenProcessPool:
+            raise self._restarted() from None
+
+    def _result(self, future: Future):
+        """A task's result; a dead worker raises :class:`CipherWorkerError`, after new workers have started."""
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise self._restarted() from None
+
+    def _restarted(self) -> CipherWorkerError:
+        assert self._pool is not None
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._start()
+        return CipherWorkerError(
+            "a cipher worker process died while it held chunks (killed, or out of memory?): this upload or download "
+            "cannot finish; new workers were started for the next one"
+        )
 
     def iter_encrypt(
         self, values: np.ndarray | ValueSource, weight_fraction: float = 1.0, where: Callable[[int], str] | None = None
@@ -256,7 +308,7 @@ class CipherPool:
 
         def collected() -> Iterator[bytes]:
             slot, result = pending.popleft()
-            for i in range(result.get()):
+            for i in range(self._result(result)):
                 start = slot.outputs + i * frame_bytes
                 yield bytes(block.buffer[start : start + frame_bytes])
 
@@ -266,7 +318,7 @@ class CipherPool:
                     yield from collected()
                 slot = block.slot(k)
                 _floats(block.buffer, slot.inputs, piece.size)[:] = piece
-                pending.append((slot, self._pool.apply_async(_encrypt_batch, (block.name, slot, piece.size // n))))
+                pending.append((slot, self._submit(_encrypt_batch, block.name, slot, piece.size // n)))
             while pending:
                 yield from collected()
         finally:
@@ -283,8 +335,7 @@ class CipherPool:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.shutdown(wait=True, cancel_futures=True)  # a batch at most still running on each worker
             self._pool = None
         for block in list(self._blocks):
             self._give_back(block)
@@ -378,8 +429,8 @@ class StreamDecryption:
             start = slot.inputs + i * slot.input_bytes
             self._block.buffer[start : start + len(frame)] = frame
         sizes = [len(frame) for frame in batch]
-        task = (self._block.name, slot, sizes, self._participants)
-        self._pending.append((slot, len(batch), self._pool._pool.apply_async(_decrypt_batch, task)))
+        task = self._pool._submit(_decrypt_batch, self._block.name, slot, sizes, self._participants)
+        self._pending.append((slot, len(batch), task))
 
     def _store(self, work) -> None:
         if isinstance(work, list):  # decrypted here: no pool, or chunks that are not of this sum's size
@@ -399,7 +450,7 @@ class StreamDecryption:
         """A worker's batch: copies of its output cells (``write`` may keep them; the cells are reused), then its
         error, if a chunk failed."""
         assert self._block is not None
-        failure = result.get()
+        failure = self._pool._result(result)
         good = size if failure is None else failure[0]
         n = self._pool.params.values_per_ciphertext
         buffer = self._block.buffer
