@@ -238,3 +238,9 @@ def test_a_killed_site_leaves_no_worker_and_no_shared_memory_behind(tmp_path):
     while blocks & _shared_memory_files() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not blocks & _shared_memory_files()
+
+
+def test_workers_that_cannot_start_are_refused_once_not_restarted_forever(site_context, monkeypatch):
+    monkeypatch.setattr(type(site_context), "serialize", lambda self, **kwargs: b"not a context")
+    with pytest.raises(CipherWorkerError, match="could not start"):
+        CipherPool(site_context, workers=2)

@@ -232,8 +232,13 @@ class CipherPool:
             self._pool = ProcessPoolExecutor(self.workers, spawn, _start_worker, (self._context_bytes,))
             # A worker is spawned for each task that finds none idle: as many tasks as workers start them all now.
             started = [self._pool.submit(os.getpid) for _ in range(self.workers)]
-        for future in started:
-            self._result(future)
+        try:
+            for future in started:
+                future.result()
+        except BrokenProcessPool:  # not _result's restart: workers that cannot start would be started forever
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            raise CipherWorkerError("the cipher worker processes could not start; their error is above") from None
 
     def _submit(self, work: Callable, *args) -> Future:
         assert self._pool is not None
