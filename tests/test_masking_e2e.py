@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -10,7 +9,15 @@ import grpc
 import pytest
 import torch
 from test_federation_e2e import ROUNDS, federate, federated_names
-from test_server_support import ENCRYPTED, PLAINTEXT, Site, provision_kits, run_sites, site_channel, start_server, stub
+from test_server_support import (
+    Site,
+    join_request_for,
+    provision_kits,
+    run_sites,
+    site_channel,
+    start_server,
+    stub,
+)
 
 from lightning_fhe.proto import aggregator_pb2 as pb
 from lightning_fhe.provision import load_site_kit
@@ -87,12 +94,8 @@ def test_a_server_that_substitutes_a_mask_key_is_caught_by_every_site_before_any
 def test_a_join_with_a_mask_key_of_impossible_form_is_refused_over_grpc(kits, tmp_path):
     server = start_server(kits, tmp_path / "state", rounds=1)
     kit = load_site_kit(kits / "site-1")
-    request = pb.JoinRequest(
-        weight=1.0,
-        encrypted_layout_json=json.dumps(ENCRYPTED.to_dict()),
-        plaintext_layout_json=json.dumps(PLAINTEXT.to_dict()),
-        he_fingerprint=kit.he_fingerprint,
-        params_fingerprint=kit.params.fingerprint(),
+    request = join_request_for(
+        kit,
         mask_key=pb.MaskAnnouncement(site="site-1", certificate=kit.cert, public_key=bytes(31), signature=bytes(70)),
     )
     try:

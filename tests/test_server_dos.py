@@ -6,7 +6,6 @@ other members finish their rounds with exact averages, in flat memory.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
@@ -23,12 +22,12 @@ from lightning_fhe.proto.wire import REFUSAL_REASON_METADATA
 from lightning_fhe.provision import CertificateAuthority, issue_client_cert, load_server_kit, load_site_kit
 from lightning_fhe.server.federation import Phase
 from test_server_support import (
-    ENCRYPTED,
     MODEL_STATE,
     PLAINTEXT,
     WEIGHTS,
     ServerProcess,
     Site,
+    join_request_for,
     provision_kits,
     run_sites,
     site_channel,
@@ -61,14 +60,7 @@ def mallory_credentials(kits):
 
 
 def join_request(kit, max_wait_s: float) -> pb.JoinRequest:
-    return pb.JoinRequest(
-        weight=WEIGHTS[kit.name],
-        encrypted_layout_json=json.dumps(ENCRYPTED.to_dict()),
-        plaintext_layout_json=json.dumps(PLAINTEXT.to_dict()),
-        he_fingerprint=kit.he_fingerprint,
-        params_fingerprint=kit.params.fingerprint(),
-        max_wait_s=max_wait_s,
-    )
+    return join_request_for(kit, weight=WEIGHTS[kit.name], max_wait_s=max_wait_s)
 
 
 def never_sends(stop: threading.Event):

@@ -33,6 +33,7 @@ from test_server_support import (
     PLAINTEXT,
     WEIGHTS,
     Site,
+    join_request_for,
     provision_kits,
     site_channel,
     start_server,
@@ -306,15 +307,7 @@ def test_an_unknown_site_name_with_a_certificate_from_our_ca(fed):
 
 
 def join_request(fed, **fields):
-    kit = fed.sites["site-2"].kit
-    request = dict(
-        weight=WEIGHTS["site-2"],
-        encrypted_layout_json=json.dumps(ENCRYPTED.to_dict()),
-        plaintext_layout_json=json.dumps(PLAINTEXT.to_dict()),
-        he_fingerprint=kit.he_fingerprint,
-        params_fingerprint=kit.params.fingerprint(),
-    )
-    return pb.JoinRequest(**{**request, **fields})
+    return join_request_for(fed.sites["site-2"].kit, **{"weight": WEIGHTS["site-2"], **fields})
 
 
 def refused_join(fed, request) -> grpc.RpcError:

@@ -42,10 +42,10 @@ from test_server_federation import (  # noqa: F401 - cipher is a fixture
 )
 from test_server_support import (
     ENCRYPTED,
-    PLAINTEXT,
     WEIGHTS,
     ServerProcess,
     Site,
+    join_request_for,
     provision_kits,
     run_sites,
     site_channel,
@@ -221,13 +221,7 @@ def test_weights_that_overflow_are_refused_over_grpc(tmp_path):
         results = {}
         for name in ("site-1", "site-2"):
             kit = load_site_kit(kits / name)
-            request = pb.JoinRequest(
-                weight=1e308,
-                encrypted_layout_json=json.dumps(ENCRYPTED.to_dict()),
-                plaintext_layout_json=json.dumps(PLAINTEXT.to_dict()),
-                he_fingerprint=kit.he_fingerprint,
-                params_fingerprint=kit.params.fingerprint(),
-            )
+            request = join_request_for(kit, weight=1e308)
             with site_channel(kit, address) as channel:
                 try:
                     results[name] = stub(channel).Join(request, timeout=30)

@@ -6,6 +6,7 @@ Everything is real: kits from the provisioning tool, gRPC over loopback with mut
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -150,6 +151,18 @@ def run_sites(sites: list[Site], timeout: float = 120.0, **run_options) -> None:
 
 def stub(channel: grpc.Channel) -> pb_grpc.AggregatorStub:
     return pb_grpc.AggregatorStub(channel)
+
+
+def join_request_for(kit: SiteKit, **fields) -> pb.JoinRequest:
+    """A raw JoinRequest with the test layouts and ``kit``'s fingerprints; ``fields`` add to it or replace them."""
+    request = dict(
+        weight=1.0,
+        encrypted_layout_json=json.dumps(ENCRYPTED.to_dict()),
+        plaintext_layout_json=json.dumps(PLAINTEXT.to_dict()),
+        he_fingerprint=kit.he_fingerprint,
+        params_fingerprint=kit.params.fingerprint(),
+    )
+    return pb.JoinRequest(**{**request, **fields})
 
 
 def site_channel(

@@ -7,7 +7,6 @@ Real kits (``he.key: sites``), a real server over loopback gRPC with mutual TLS,
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import replace
@@ -22,6 +21,7 @@ from test_server_support import (
     PLAINTEXT,
     WEIGHTS,
     Site,
+    join_request_for,
     site_channel,
     start_server,
     status_of,
@@ -146,14 +146,7 @@ def fed_id_of(kit, address: str) -> bytes:
 
 
 def join_request(kit, identity: MaskIdentity, fed_id: bytes, key_fingerprint: str = "", max_wait_s: float = 30.0):
-    request = pb.JoinRequest(
-        weight=WEIGHTS[kit.name],
-        encrypted_layout_json=json.dumps(ENCRYPTED.to_dict()),
-        plaintext_layout_json=json.dumps(PLAINTEXT.to_dict()),
-        he_fingerprint=kit.he_fingerprint,
-        params_fingerprint=kit.params.fingerprint(),
-        max_wait_s=max_wait_s,
-    )
+    request = join_request_for(kit, weight=WEIGHTS[kit.name], max_wait_s=max_wait_s)
     key = identity.announce(kit.name, kit.cert, kit.key, fed_id, key_fingerprint)
     request.mask_key.CopyFrom(mask_key_message(key))
     return request
