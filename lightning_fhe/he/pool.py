@@ -418,14 +418,15 @@ class StreamDecryption:
         if self._pool._pool is None:
             self._store(batch)
             return
+        largest = max(map(len, batch))
         if self._block is None:
             # Every chunk of one sum has the same size; the block holds it, or the summed form if that is larger.
             n = self._pool.params.values_per_ciphertext
-            largest = max(max(map(len, batch)), global_chunk_bytes(n, 0, summed=True))
-            self._block = self._pool._block(self._pool.batch, largest, 8 * n)
+            cell = max(largest, global_chunk_bytes(n, 0, summed=True))
+            self._block = self._pool._block(self._pool.batch, cell, 8 * n)
         if len(self._pending) == self._block.slots:  # its slot's last batch must be out before this one goes in
             self._store(self._pending.popleft())
-        if max(map(len, batch)) > self._block.input_bytes:  # not one of this sum's chunks: refused here, in order
+        if largest > self._block.input_bytes:  # not one of this sum's chunks: refused here, in order
             self._pending.append(batch)
             return
         slot = self._block.slot(self._submitted)
