@@ -133,13 +133,26 @@ def test_many_60_bit_terms_sum_as_python_integers_do():
 # -- the server's addition of packed coefficients ---------------------------------------------------------------------
 
 
-def _compiled(total, packed, q, subtract=False):
+def _compiled(total, packed, q, subtract=False, vector=True):
     if not modular.COMPILED:
         pytest.skip("the package was built without a C compiler: the server adds with numpy")
-    return modular.add_packed_mod(total, packed, q, subtract)
+    from lightning_fhe.he import _packed
+
+    bad = _packed.add_packed(total, packed, q, subtract, vector)
+    return None if bad < 0 else bad
 
 
-ADDERS = pytest.mark.parametrize("add_packed", [numpy_add_packed_mod, _compiled], ids=["numpy", "compiled"])
+def _compiled_scalar(total, packed, q, subtract=False):
+    return _compiled(total, packed, q, subtract, vector=False)
+
+
+# The compiled addition runs its AVX-512 loop where the CPU has one (_packed.KERNEL) and its scalar loop for the last
+# pairs of every chunk; vector=False runs the scalar loop alone.
+ADDERS = pytest.mark.parametrize(
+    "add_packed",
+    [numpy_add_packed_mod, _compiled, _compiled_scalar],
+    ids=["numpy", "compiled", "compiled-scalar"],
+)
 
 
 @ADDERS
@@ -178,8 +191,10 @@ def test_a_sum_and_its_packed_chunk_of_the_wrong_sizes_are_refused(add_packed):
 def test_the_compiled_addition_sums_many_chunks_as_numpy_does():
     rng = np.random.default_rng(1)
     chunks = [pack60(rng.integers(0, Q0_60_BITS, size=8192, dtype=np.uint64)) for _ in range(20)]
-    by_numpy, compiled = np.zeros(8192, dtype=np.uint64), np.zeros(8192, dtype=np.uint64)
+    by_numpy, compiled, scalar = (np.zeros(8192, dtype=np.uint64) for _ in range(3))
     for chunk in chunks:
         numpy_add_packed_mod(by_numpy, chunk, Q0_60_BITS)
         _compiled(compiled, chunk, Q0_60_BITS)
+        _compiled_scalar(scalar, chunk, Q0_60_BITS)
     assert np.array_equal(by_numpy, compiled)
+    assert np.array_equal(by_numpy, scalar)

@@ -65,27 +65,33 @@ class CiphertextError(ValueError):
         return type(self), (self.reason, str(self))
 
 
-@dataclass(frozen=True)
 class _SeededChunk:
-    prng: int
-    seed: bytes
+    """A site's chunk names its second polynomial by a seed entry: SEAL's PRNG type and the 64-byte seed."""
+
+    __slots__ = ()
+    seed_entry: bytes  # as a global chunk lists it
 
     @property
-    def seed_entry(self) -> bytes:
-        """The PRNG type and the seed, as a global chunk lists them."""
-        return bytes([self.prng]) + self.seed
+    def prng(self) -> int:
+        return self.seed_entry[0]
+
+    @property
+    def seed(self) -> bytes:
+        return self.seed_entry[1:]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UploadChunk(_SeededChunk):
+    seed_entry: bytes
     c0: np.ndarray  # uint64, N coefficients below q0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PackedUploadChunk(_SeededChunk):
     """An upload chunk whose size, format, checksum and PRNG type were checked; its coefficients still packed, to be
     added to a sum by :func:`add_upload_chunk` (which checks their range)."""
 
+    seed_entry: bytes
     packed: memoryview  # pack60 of N coefficients
 
 
@@ -120,16 +126,15 @@ def check_upload_chunk(frame: bytes, n: int) -> PackedUploadChunk:
     if len(frame) != expected:
         raise CiphertextError("size", f"chunk of {len(frame)} bytes; an upload chunk of N={n} takes {expected}")
     body = _unframed(frame)
-    prng = body[0]
-    if prng not in PRNG_TYPES:
-        raise CiphertextError("format", f"chunk names PRNG type {prng}; SEAL's are {PRNG_TYPES}")
-    return PackedUploadChunk(prng, bytes(body[1:SEED_ENTRY_BYTES]), body[SEED_ENTRY_BYTES:])
+    if body[0] not in PRNG_TYPES:
+        raise CiphertextError("format", f"chunk names PRNG type {body[0]}; SEAL's are {PRNG_TYPES}")
+    return PackedUploadChunk(bytes(body[:SEED_ENTRY_BYTES]), body[SEED_ENTRY_BYTES:])
 
 
 def decode_upload_chunk(frame: bytes, n: int, q0: int) -> UploadChunk:
     """Parses and checks an upload chunk: size, format, checksum, PRNG type, every coefficient below ``q0``."""
     chunk = check_upload_chunk(frame, n)
-    return UploadChunk(chunk.prng, chunk.seed, _coefficients(chunk.packed, n, q0))
+    return UploadChunk(chunk.seed_entry, _coefficients(chunk.packed, n, q0))
 
 
 def add_upload_chunk(total: np.ndarray, chunk: PackedUploadChunk, q0: int, subtract: bool = False) -> None:
