@@ -13,8 +13,8 @@ Besides the JSON keys below, the run measures in the same process, on the same c
 - the rebuild alone (``rebuild_s``: SEAL expanding the K seeds of every chunk, in one process);
 - the server path protocol v1 had (``baseline.aggregate_s_per_client``): SEAL loads each site's seeded ciphertexts,
   expanding their seeds, and ``add_inplace`` adds them, against our modular addition of the packed first polynomials
-  (``aggregate_kernel``: compiled, or numpy where the package was built without a C compiler), from the second site
-  on;
+  (``aggregate_kernel``: ``avx512`` or ``scalar``, the compiled loop the CPU runs, or ``numpy`` where the package
+  was built without a C compiler), from the second site on;
 - the other download form (``summed``): the server expands the seeds and sends the summed second polynomial, which
   costs the server ``server_s`` and a site fewer rebuilds, for more bytes while K is small;
 - pairwise masks (:mod:`lightning_fhe.masking`): one site masking all its upload chunks with K-1 peers, in one
@@ -298,7 +298,7 @@ def _measure_ours(state, layout, params, clients, rng, site, server, pool, one_w
     summed_chunks, summed_server_s = _timed(total.chunks, summed=CiphertextLayout(server))
     summed_average, summed_decrypt_s = _timed(_decrypt_model, pool, summed_chunks, layout, total_share)
     return {
-        "aggregate_kernel": "compiled" if modular.COMPILED else "numpy",
+        "aggregate_kernel": modular.KERNEL,
         "mask_s": mask_s,
         "mask_vs_encrypt": mask_s / float(np.mean(encrypt_s)),
         "upload_bytes": int(np.mean(upload_bytes)),

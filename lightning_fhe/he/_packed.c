@@ -4,7 +4,8 @@
  * tests compare the two). Packing (lightning_fhe.he.packing): coefficients a, b become the 120-bit little-endian
  * integer a | b << 60, written as 15 bytes. A coefficient not below q stops the addition, and what was added before
  * it is taken back out, so a refused chunk changes nothing. The GIL is released while the loop runs: the server
- * adds on many threads.
+ * adds on many threads. Where the CPU has AVX-512 (F, BW and VBMI, looked up when the module loads; KERNEL says
+ * which loop runs), eight coefficients go at a time, and the scalar loop does the rest of a chunk.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
