@@ -27,12 +27,17 @@ from lightning_fhe.he.fixed_point import round_to_grid
 from lightning_fhe.he.frames import (
     CiphertextError,
     PackedUploadChunk,
+    UploadChunk,
     add_upload_chunk,
     check_upload_chunk,
     decode_global_chunk,
+    decode_upload_chunk,
     encode_global_chunk,
     encode_upload_chunk,
+    upload_chunk_bytes,
 )
+from lightning_fhe.he.modular import sub_mod
+from lightning_fhe.he.own_share import OwnShare
 from lightning_fhe.he.params import CKKSParams
 from lightning_fhe.he.seal_io import thread_buffer
 from lightning_fhe.he.seeded import CiphertextLayout, SealFormatError
@@ -169,34 +174,60 @@ class UpdateCipher:
         return encode_upload_chunk(parts.c0, parts.prng, parts.seed)
 
     def iter_encrypt(
-        self, values: np.ndarray | ValueSource, weight_fraction: float = 1.0, where: Callable[[int], str] | None = None
+        self,
+        values: np.ndarray | ValueSource,
+        weight_fraction: float = 1.0,
+        where: Callable[[int], str] | None = None,
+        keep: OwnShare | None = None,
     ) -> Iterator[bytes]:
-        """Yields upload chunks of ``values * weight_fraction`` on the fixed-point grid, one per ``N`` values."""
-        return (self.encrypt_chunk(piece) for piece in self.iter_prepared(values, weight_fraction, where))
+        """Yields upload chunks of ``values * weight_fraction`` on the fixed-point grid, one per ``N`` values;
+        ``keep`` keeps this site's share of the sum for its decryption (:mod:`~lightning_fhe.he.own_share`)."""
+        pieces = self.iter_prepared(values, weight_fraction, where)
+
+        def encrypt(pieces: Iterator[np.ndarray]) -> Iterator[bytes]:
+            return (self.encrypt_chunk(piece) for piece in pieces)
+
+        return encrypt(pieces) if keep is None else keep.kept(pieces, encrypt)
 
     def encrypt(
-        self, values: np.ndarray, weight_fraction: float = 1.0, where: Callable[[int], str] | None = None
+        self,
+        values: np.ndarray,
+        weight_fraction: float = 1.0,
+        where: Callable[[int], str] | None = None,
+        keep: OwnShare | None = None,
     ) -> list[bytes]:
-        return list(self.iter_encrypt(values, weight_fraction, where))
+        return list(self.iter_encrypt(values, weight_fraction, where, keep))
 
-    def decrypt_chunk(self, frame: bytes, participants: int | None = None) -> np.ndarray:
+    def decrypt_chunk(self, frame: bytes, participants: int | None = None, own: bytes | None = None) -> np.ndarray:
         """The ``N`` raw decoded values of one global chunk (the share-weighted sum, before rounding to the grid).
 
         Rebuilds the ciphertext of the sum from the summed first polynomial and the participants' seeds (or the
-        summed second polynomial), then decrypts it.
+        summed second polynomial), then decrypts it. ``own``: this site's :meth:`OwnShare.record
+        <lightning_fhe.he.own_share.OwnShare.record>` of the chunk; where the chunk's seeds name it, its ciphertext is
+        taken out of the sum before the rebuild and its values are added back after decryption (one seed fewer).
         """
-        chunk = decode_global_chunk(frame, self.layout.n, self.layout.q0, participants)
+        n, q0 = self.layout.n, self.layout.q0
+        chunk = decode_global_chunk(frame, n, q0, participants)
+        c0, seeds, mine = chunk.c0, list(chunk.seeds), None
+        if own is not None and chunk.c1 is None:
+            kept = _own_chunk(own, n, q0)
+            if kept is not None and (kept.prng, kept.seed) in seeds:
+                seeds.remove((kept.prng, kept.seed))
+                c0, mine = sub_mod(c0.copy(), kept.c0, q0), np.frombuffer(own, np.float64, n, upload_chunk_bytes(n))
+        if mine is not None and not seeds:  # the sum is this site's update alone
+            return mine.copy()
         try:
             if chunk.c1 is not None:
-                ciphertext = self.layout.load(self.layout.full_bytes(chunk.c0, chunk.c1))
+                ciphertext = self.layout.load(self.layout.full_bytes(c0, chunk.c1))
             else:
-                ciphertext = self.layout.rebuild(chunk.c0, list(chunk.seeds))
+                ciphertext = self.layout.rebuild(c0, seeds)
         except SealFormatError as err:
             raise CiphertextError("format", str(err)) from None
         plaintext = sealapi.Plaintext()
         self._decryptor.decrypt(ciphertext, plaintext)
-        slots = self.params.slots
-        return np.fromiter(self._encoder.decode_complex(plaintext), dtype=np.complex128, count=slots).view(np.float64)
+        slots = self._encoder.decode_complex(plaintext)
+        decoded = np.fromiter(slots, dtype=np.complex128, count=self.params.slots).view(np.float64)
+        return decoded if mine is None else np.add(decoded, mine, out=decoded)
 
     def finish(self, decoded: np.ndarray, total_weight_fraction: float) -> np.ndarray:
         """Decoded sums (in place) back on the fixed-point grid, divided by the participants' total share."""
@@ -207,12 +238,18 @@ class UpdateCipher:
         return decoded
 
     def decrypt(
-        self, chunks: Sequence[bytes], count: int, total_weight_fraction: float = 1.0, participants: int | None = None
+        self,
+        chunks: Sequence[bytes],
+        count: int,
+        total_weight_fraction: float = 1.0,
+        participants: int | None = None,
+        own: OwnShare | None = None,
     ) -> np.ndarray:
         """Decrypts a sum of updates, rounds it to the fixed-point grid and divides it by ``total_weight_fraction``:
         the same ``count`` values as the plaintext sum of those updates, divided the same way.
 
-        ``total_weight_fraction`` is the summed share of the sites that took part (1.0 when all did).
+        ``total_weight_fraction`` is the summed share of the sites that took part (1.0 when all did); ``own``, this
+        site's share of the sum, kept when it encrypted its update.
         """
         expected = num_chunks(count, self.params)
         if len(chunks) != expected:
@@ -221,10 +258,20 @@ class UpdateCipher:
         out = np.empty(expected * per_chunk, dtype=np.float64)
         for i, frame in enumerate(chunks):
             try:
-                out[i * per_chunk : (i + 1) * per_chunk] = self.decrypt_chunk(frame, participants)
+                record = None if own is None else own.record(i)
+                out[i * per_chunk : (i + 1) * per_chunk] = self.decrypt_chunk(frame, participants, record)
             except CiphertextError as err:
                 raise CiphertextError(err.reason, f"chunk {i}: {err}") from None
         return self.finish(out, total_weight_fraction)[:count]
+
+
+def _own_chunk(record: bytes, n: int, q0: int) -> UploadChunk | None:
+    """The site's own upload chunk in its kept record; None if the record is damaged (the sum then decrypts from all
+    of its seeds, which is always right)."""
+    try:
+        return decode_upload_chunk(record[: upload_chunk_bytes(n)], n, q0)
+    except CiphertextError:
+        return None
 
 
 class ChunkSum:

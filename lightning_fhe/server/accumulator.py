@@ -4,7 +4,7 @@ Protocol v2: an upload chunk is a ciphertext's first polynomial and the seed of 
 (:mod:`lightning_fhe.he.frames`). The server checks it (size, format, checksum, every coefficient below the first
 prime ``q0``), adds the first polynomial to the round's sum modulo ``q0`` with numpy, and keeps the seed: no SEAL,
 no key. The sum, each stream's undo record and each participant's seeds are rows of scratch files in ``state_dir``
-(:mod:`lightning_fhe.server.scratch`), so the server's memory stays a few chunks whatever the model's size. A stream
+(:mod:`lightning_fhe.scratch`), so the server's memory stays a few chunks whatever the model's size. A stream
 that breaks midway is taken back out by modular subtraction, which is exact: the sum ends bit for bit as if the
 stream had never been sent.
 
@@ -42,7 +42,7 @@ from lightning_fhe.he.frames import (
 )
 from lightning_fhe.he.seeded import CiphertextLayout
 from lightning_fhe.server.errors import Reason, Refusal, Status
-from lightning_fhe.server.scratch import ScratchFile, ScratchRows
+from lightning_fhe.scratch import ScratchFile, ScratchRows
 
 _U64 = np.dtype("<u8")
 # Participants up to which a global chunk carries the seeds rather than the summed second polynomial (server option).
