@@ -20,7 +20,7 @@ from lightning_fhe.proto import aggregator_pb2 as pb
 from lightning_fhe.proto.reasons import Reason
 from lightning_fhe.proto.wire import REFUSAL_REASON_METADATA
 from lightning_fhe.provision import CertificateAuthority, issue_client_cert, load_server_kit, load_site_kit
-from lightning_fhe.server.federation import Phase
+from lightning_fhe.server.messages import Phase
 from test_server_support import (
     MODEL_STATE,
     PLAINTEXT,

@@ -13,15 +13,9 @@ from lightning_fhe.he.codec import UpdateCipher
 from lightning_fhe.he.layout import TensorLayout, TensorSpec
 from lightning_fhe.server.config import ServerConfig
 from lightning_fhe.server.errors import Reason, Refusal, Status
-from lightning_fhe.server.federation import (
-    ChunkPart,
-    Federation,
-    Phase,
-    PlaintextPart,
-    StatusView,
-    UploadHeader,
-)
+from lightning_fhe.server.federation import Federation
 from lightning_fhe.server.membership import SiteDeclaration
+from lightning_fhe.server.messages import ChunkPart, Phase, PlaintextPart, StatusView, UploadHeader
 from lightning_fhe.server.store import StateError, StateStore
 
 ENCRYPTED = TensorLayout((TensorSpec("w", (100, 100), "float32"),))  # 10,000 values: 2 chunks

@@ -25,7 +25,7 @@ from lightning_fhe.he.params import CKKSParams
 from lightning_fhe.server.membership import Membership
 from lightning_fhe.server.rounds import QuorumRule, RoundState
 from lightning_fhe.server.errors import Reason, Refusal, Status
-from lightning_fhe.server.federation import Phase, PlaintextPart, UploadHeader
+from lightning_fhe.server.messages import Phase, PlaintextPart, UploadHeader
 from lightning_fhe.server.servicer import IdleDeadlineStream
 from test_server_federation import (  # noqa: F401 - fixtures
     FakeClock,

@@ -31,8 +31,9 @@ from lightning_fhe.proto.wire import mask_key_message
 from lightning_fhe.provision import load_server_kit, load_site_kit
 from lightning_fhe.server.config import ServerConfig
 from lightning_fhe.server.errors import Reason, Refusal, Status
-from lightning_fhe.server.federation import Federation, Phase
+from lightning_fhe.server.federation import Federation
 from lightning_fhe.server.membership import Membership, SiteDeclaration
+from lightning_fhe.server.messages import Phase
 from lightning_fhe.server.store import SEALED_KEYS_FILE, StateError, StateStore
 
 ENCRYPTED = TensorLayout((TensorSpec("w", (10,), "float32"),))

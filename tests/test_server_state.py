@@ -24,8 +24,8 @@ from lightning_fhe.proto.wire import REFUSAL_REASON_METADATA
 from lightning_fhe.provision import load_site_kit
 from lightning_fhe.server.accumulator import Aggregate
 from lightning_fhe.server.errors import Reason, Refusal, Status
-from lightning_fhe.server.federation import Phase
 from lightning_fhe.server.membership import Formation, SiteDeclaration, check_identity
+from lightning_fhe.server.messages import Phase
 from lightning_fhe.server.rounds import QuorumRule
 from lightning_fhe.server.store import StateError, StateStore
 from test_server_federation import ENCRYPTED as ENCRYPTED_F

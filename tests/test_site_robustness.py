@@ -40,7 +40,7 @@ from lightning_fhe.he.codec import UpdateCipher
 from lightning_fhe.federation import FederationSetupError
 from lightning_fhe.provision import load_provision_config, load_site_kit, provision
 from lightning_fhe.server.errors import Reason, Status
-from lightning_fhe.server.federation import Phase, PlaintextPart, UploadHeader
+from lightning_fhe.server.messages import Phase, PlaintextPart, UploadHeader
 
 REPO = Path(__file__).resolve().parents[1]
 SITE = REPO / "tests" / "sites" / "boring_site.py"

@@ -27,8 +27,10 @@ from lightning_fhe.provision.config import grpc_address
 from lightning_fhe.provision.kits import ServerKit
 from lightning_fhe.server.admission import worker_threads
 from lightning_fhe.server.config import ServerConfig
-from lightning_fhe.server.federation import Federation, Phase, peak_rss_bytes
+from lightning_fhe.server.federation import Federation
 from lightning_fhe.server.initial_model import load_initial_state
+from lightning_fhe.server.messages import Phase
+from lightning_fhe.server.peak_memory import peak_rss_bytes
 from lightning_fhe.server.servicer import AggregatorServicer
 from lightning_fhe.server.store import StateStore
 

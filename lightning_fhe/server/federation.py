@@ -3,9 +3,10 @@
 This is where the pure pieces meet: :class:`~lightning_fhe.server.membership.Formation` and
 :class:`~lightning_fhe.server.rounds.RoundState` decide, :class:`~lightning_fhe.server.accumulator.RoundAccumulator`
 sums, :class:`~lightning_fhe.server.store.StateStore` persists. It adds one lock, the clock, and waiting (a Join
-until the federation forms, a download until its round closes). It knows nothing of gRPC: requests come in as the
-small dataclasses below and refusals leave as :class:`~lightning_fhe.server.errors.Refusal`, which the servicer
-translates. Tests drive it directly with a fake clock.
+until the federation forms, a download until its round closes). It knows nothing of gRPC: requests come in and
+answers leave as the dataclasses of :mod:`~lightning_fhe.server.messages`, refusals as
+:class:`~lightning_fhe.server.errors.Refusal`, which the servicer translates. Tests drive it directly with a fake
+clock.
 
 Life cycle: FORMING (sites join) -> OPEN (round 0 when a site sends the initial model, then rounds 1..rounds)
 -> FINISHED, or FAILED when formation or a round misses its quorum at the timeout. A failed federation is not
@@ -16,18 +17,15 @@ from __future__ import annotations
 
 import logging
 import secrets
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from enum import Enum
 
 import numpy as np
 import torch
 
 from lightning_fhe.he.context import HEContext
-from lightning_fhe.masking.announcement import Announcement
 from lightning_fhe.proto.sealed_keys import SealedKeyShare
 from lightning_fhe.proto.update_shape import UpdateShape, update_shape
 from lightning_fhe.server.accumulator import Aggregate, RoundAccumulator, Upload
@@ -45,6 +43,17 @@ from lightning_fhe.server.errors import Reason, Refusal, Status
 from lightning_fhe.server.initial_model import InitialModelError, flatten_initial_state
 from lightning_fhe.server.key_relay import KeyRelay
 from lightning_fhe.server.membership import Formation, Membership, SiteDeclaration, check_identity
+from lightning_fhe.server.messages import (
+    ChunkPart,
+    JoinResult,
+    Phase,
+    PlaintextPart,
+    StatusView,
+    SubmitResult,
+    UploadHeader,
+    UploadPart,
+)
+from lightning_fhe.server.peak_memory import peak_rss_bytes
 from lightning_fhe.server.rounds import Decision, Outcome, QuorumRule, RoundState
 from lightning_fhe.server.store import AggregateReader, FederationRecord, StateError, StateStore
 
@@ -52,87 +61,6 @@ logger = logging.getLogger("lightning_fhe.server")
 
 # How often a waiting call looks up whether its caller is still there.
 _POLL_S = 0.25
-
-
-class Phase(Enum):
-    FORMING = "forming"
-    OPEN = "open"
-    FINISHED = "finished"
-    FAILED = "failed"
-
-
-# -- requests and answers, free of gRPC ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UploadHeader:
-    """First message of an update: its round and sizes, checked against the layout before anything is read."""
-
-    round: int
-    num_chunks: int
-    plaintext_count: int
-    attempt: int = 0  # masked federations: the attempt the update's masks were made for
-
-
-@dataclass(frozen=True)
-class ChunkPart:
-    index: int
-    data: bytes
-
-
-@dataclass(frozen=True)
-class PlaintextPart:
-    offset: int  # in values
-    data: bytes  # little-endian values of ``dtype``
-    dtype: np.dtype = np.dtype("<f8")
-
-
-UploadPart = UploadHeader | ChunkPart | PlaintextPart
-
-
-@dataclass(frozen=True)
-class JoinResult:
-    formed: bool  # False: still forming when the wait ended; join again
-    site: str
-    joined: int
-    expected: int
-    members: tuple[str, ...] = ()
-    total_weight: float = 0.0
-    share: float = 0.0
-    rounds: int = 0
-    current_round: int = 0
-    send_initial_model: bool = False
-    mask_keys: tuple[Announcement, ...] = ()  # every member's signed mask key, when every member sent one
-    masked: bool = False  # updates are masked
-    instance: str = ""  # this federation's random id
-
-
-@dataclass(frozen=True)
-class SubmitResult:
-    round: int
-    bytes_received: int
-    submitted: int  # updates recorded in this round so far, this one included
-    members: int
-
-
-@dataclass(frozen=True)
-class StatusView:
-    phase: Phase
-    current_round: int  # the round open for submissions; rounds + 1 once finished
-    rounds: int
-    last_closed_round: int  # -1 when none
-    members: tuple[str, ...]
-    submitted: tuple[str, ...]  # whose update for current_round is recorded
-    this_site_submitted: bool
-    failure: str
-    joined: tuple[str, ...] = ()  # while forming
-    site: str = ""  # who asked: a site's name, or "operator"
-    seconds_left: float = 0.0  # until formation or the open round fails or closes at the latest; 0 when none is
-    activity: tuple[MemberActivity, ...] = ()  # the members (the joined sites while forming), when last heard from
-    left: tuple[str, ...] = ()  # members that left (Leave)
-    attempt: int = 0  # masked federations: the open round's attempt
-    attempt_members: tuple[str, ...] = ()  # ... and the sites whose masks cancel in it
-    instance: str = ""  # this federation's random id (the sites bind their masks to it)
 
 
 @dataclass
@@ -144,27 +72,6 @@ class _RoundStats:
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (its high-water mark), for the round summaries.
-
-    Linux: ``VmHWM`` from ``/proc/self/status``. Not ``getrusage``: its ``ru_maxrss`` survives ``exec``, so a server
-    started by a big process (a test runner, a benchmark) would report its parent's peak.
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import resource
-    except ImportError:  # not on Unix
-        return 0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux kibibytes
 
 
 class Federation:

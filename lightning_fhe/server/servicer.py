@@ -45,16 +45,9 @@ from lightning_fhe.proto.wire import (
 )
 from lightning_fhe.server.admission import MAX_WAIT_S, OPERATOR, CallLimiter, Method
 from lightning_fhe.server.errors import Reason, Refusal, Status
-from lightning_fhe.server.federation import (
-    ChunkPart,
-    Federation,
-    Phase,
-    PlaintextPart,
-    StatusView,
-    UploadHeader,
-    UploadPart,
-)
+from lightning_fhe.server.federation import Federation
 from lightning_fhe.server.membership import SiteDeclaration
+from lightning_fhe.server.messages import ChunkPart, Phase, PlaintextPart, StatusView, UploadHeader, UploadPart
 from lightning_fhe.server.store import StateError
 
 logger = logging.getLogger("lightning_fhe.server")
