@@ -2,9 +2,9 @@
 
 A global chunk of K sites holds ``C0 = sum of c0_i`` and the K seeds. Take the site's own ``c0`` and seed out, and
 what is left is the sum of the other K-1 sites' ciphertexts: it decrypts to their values, and the site adds its own
-back, which it had before it encrypted them. SEAL then expands K-1 seeds instead of K, a third of a chunk's
-decryption at 2 sites. The result is the same, bit for bit, once rounded to the fixed-point grid: the site's own
-values lie on the grid exactly, and the others' noise is what it was.
+back, which it had before it encrypted them. SEAL then expands K-1 seeds instead of K: at 2 sites decryption took
+about 18% less time (measured in one process and with 2 workers). The result is the same, bit for bit, once rounded
+to the fixed-point grid: the site's own values lie on the grid exactly, and the others' noise is what it was.
 
 Per chunk, the site keeps its upload frame as the pool made it (before any pairwise mask: the masks of a round's
 participants cancel in ``C0`` whoever takes what out of it) and the ``N`` values it encrypted, in an anonymous
