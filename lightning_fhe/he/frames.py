@@ -40,7 +40,7 @@ try:  # ISA-L's CRC-32 is zlib's checksum, ten times faster: zlib's was most of 
 except ImportError:  # a platform without isal's wheels
     from zlib import crc32
 
-from lightning_fhe.he.modular import add_packed_mod
+from lightning_fhe.he.modular import add_packed_mod, first_not_below
 from lightning_fhe.he.packing import PackingError, pack60, packed_size, unpack60
 
 FORMAT = 2
@@ -208,9 +208,9 @@ def _coefficients(data: memoryview, n: int, q0: int) -> np.ndarray:
         values = unpack60(data, n)
     except PackingError as err:
         raise CiphertextError("size", str(err)) from None
-    if values.size and values.max() >= q0:  # a reduction: no mask of the chunk's size unless one is over
-        i = int(np.argmax(values >= np.uint64(q0)))
-        raise _out_of_range(i, int(values[i]), q0)
+    bad = first_not_below(values, q0)
+    if bad is not None:
+        raise _out_of_range(bad, int(values[bad]), q0)
     return values
 
 

@@ -61,8 +61,8 @@ def add_packed_mod(total: np.ndarray, packed: bytes | memoryview, q: int, subtra
     ``total`` is left as it was and that coefficient's index comes back (None when all were added).
 
     ``total`` is a contiguous uint64 array whose entries are below ``q < 2**63``; ``packed`` holds ``total.size``
-    coefficients as :func:`~lightning_fhe.he.packing.pack60` writes them. The server's work on a chunk: one pass to
-    check, one to add, in C where the package was built with it (:data:`COMPILED`), else numpy's same arithmetic.
+    coefficients as :func:`~lightning_fhe.he.packing.pack60` writes them. The server's work on a chunk: one pass that
+    checks and adds, in C where the package was built with it (:data:`COMPILED`), else numpy's same arithmetic.
     """
     if _compiled_add_packed is not None:
         bad = _compiled_add_packed(total, packed, q, subtract)
@@ -73,7 +73,14 @@ def add_packed_mod(total: np.ndarray, packed: bytes | memoryview, q: int, subtra
 def numpy_add_packed_mod(total: np.ndarray, packed: bytes | memoryview, q: int, subtract: bool = False) -> int | None:
     """:func:`add_packed_mod` in numpy: the reference the compiled version is tested against."""
     values = unpack60(packed, total.size)
+    bad = first_not_below(values, q)
+    if bad is None:
+        (sub_mod if subtract else add_mod)(total, values, q)
+    return bad
+
+
+def first_not_below(values: np.ndarray, q: int) -> int | None:
+    """The index of the first of ``values`` (uint64) that is not below ``q``, or None when all are."""
     if values.size and values.max() >= q:  # a reduction: no mask of the chunk's size unless one is over
         return int(np.argmax(values >= np.uint64(q)))
-    (sub_mod if subtract else add_mod)(total, values, q)
     return None
