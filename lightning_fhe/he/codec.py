@@ -208,12 +208,12 @@ class UpdateCipher:
         """
         n, q0 = self.layout.n, self.layout.q0
         chunk = decode_global_chunk(frame, n, q0, participants)
-        c0, seeds, mine = chunk.c0, list(chunk.seeds), None
+        c0, seeds, mine = chunk.c0, list(chunk.seeds), None  # c0 is this call's own array (unpacked anew)
         if own is not None and chunk.c1 is None:
             kept = _own_chunk(own, n, q0)
             if kept is not None and (kept.prng, kept.seed) in seeds:
                 seeds.remove((kept.prng, kept.seed))
-                c0, mine = sub_mod(c0.copy(), kept.c0, q0), np.frombuffer(own, np.float64, n, upload_chunk_bytes(n))
+                c0, mine = sub_mod(c0, kept.c0, q0), np.frombuffer(own, np.float64, n, upload_chunk_bytes(n))
         if mine is not None and not seeds:  # the sum is this site's update alone
             return mine.copy()
         try:
