@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 import tenseal.sealapi as sealapi
 
+from lightning_fhe.he import rlwe
 from lightning_fhe.he.context import HEContext
 from lightning_fhe.he.fixed_point import round_to_grid
 from lightning_fhe.he.frames import (
@@ -96,7 +97,9 @@ class UpdateCipher:
         array([ 0.25, -1.5 ,  3.  ])
     """
 
-    def __init__(self, context: HEContext) -> None:
+    def __init__(self, context: HEContext, through_seal: bool = False) -> None:
+        """``through_seal`` encrypts with SEAL's encoder and encryptor even where :mod:`~lightning_fhe.he.rlwe`
+        (the same ciphertexts, about three times faster) was built."""
         self.context = context
         self.params = context.params
         self.layout = CiphertextLayout(context)
@@ -104,6 +107,7 @@ class UpdateCipher:
         key = context.secret_key()
         self._encoder = sealapi.CKKSEncoder(seal_context)
         self._encryptor = sealapi.Encryptor(seal_context, key)
+        self._seeded = None if through_seal or not rlwe.AVAILABLE else rlwe.SeededEncryptor(self.layout)
         self._decryptor = sealapi.Decryptor(seal_context, key)
         self._parms_id = seal_context.last_parms_id()
 
@@ -167,11 +171,19 @@ class UpdateCipher:
 
     def encrypt_chunk(self, values: np.ndarray) -> bytes:
         """One upload chunk (:mod:`~lightning_fhe.he.frames`) of ``N`` prepared values."""
-        plaintext = sealapi.Plaintext()
-        # A list converts to SEAL's vector faster than pybind11 walks a numpy array.
-        self._encoder.encode(values.view(np.complex128).tolist(), self._parms_id, self.params.scale, plaintext)
-        parts = self.layout.split_seeded(thread_buffer().dump(self._encryptor.encrypt_symmetric(plaintext)))
+        if self._seeded is not None:
+            parts = self._seeded.encrypt(values)
+        else:
+            plaintext = sealapi.Plaintext()
+            # A list converts to SEAL's vector faster than pybind11 walks a numpy array.
+            self._encoder.encode(values.view(np.complex128).tolist(), self._parms_id, self.params.scale, plaintext)
+            parts = self.layout.split_seeded(thread_buffer().dump(self._encryptor.encrypt_symmetric(plaintext)))
         return encode_upload_chunk(parts.c0, parts.prng, parts.seed)
+
+    @property
+    def encryptor(self) -> str:
+        """Which code encrypts: ``"rlwe"`` (:mod:`~lightning_fhe.he.rlwe`) or ``"seal"``."""
+        return "seal" if self._seeded is None else "rlwe"
 
     def iter_encrypt(
         self,

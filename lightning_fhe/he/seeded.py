@@ -37,6 +37,7 @@ _HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, version major, minor,
 _MAGIC = 0xA15E
 _META = struct.Struct("<4QB3QdQ")
 _COUNT = struct.Struct("<Q")
+_PLAIN_META = 48  # a plaintext's parms_id (4 x u64), coefficient count (u64), scale (f64)
 _NONE, _ZLIB, _ZSTD = 0, 1, 2
 _VERSION = (sealapi.Serialization.SEALHeader().version_major, sealapi.Serialization.SEALHeader().version_minor)
 _U64 = np.dtype("<u8")
@@ -172,6 +173,19 @@ class CiphertextLayout:
         """``sum of PRG(seed) mod q0`` as numbers, for a server that sends the summed second polynomial."""
         total = self.rebuild(np.zeros(self.n, dtype=np.uint64), seeds)
         return self.split_full(thread_buffer().dump(total))[1]
+
+
+def plaintext_data(blob: bytes) -> np.ndarray:
+    """The coefficients of a SEAL plaintext, or of a secret key (a plaintext inside), as SEAL saved it: 48 bytes of
+    parms_id, coefficient count and scale, then a DynArray of u64."""
+    body = _body(blob)
+    offset = _PLAIN_META + _HEADER.size
+    if len(body) < offset + _COUNT.size:
+        raise SealFormatError(f"{len(body)} bytes are too few for a SEAL plaintext")
+    (count,) = _COUNT.unpack_from(body, offset)
+    if len(body) != offset + _COUNT.size + 8 * count:
+        raise SealFormatError(f"the plaintext declares {count} coefficients but holds {len(body) - offset - 8} bytes")
+    return np.frombuffer(body, dtype=_U64, count=count, offset=offset + _COUNT.size).astype(np.uint64)
 
 
 def _seal_header(total: int, compression: int = _NONE) -> bytes:
