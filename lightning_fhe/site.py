@@ -13,7 +13,6 @@ tensors instead, for a caller that needs no replica (``bench round``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -37,7 +36,6 @@ from lightning_fhe.federated_metrics import METRICS_SPEC, carried_names, decode_
 from lightning_fhe.he.codec import ValueSource
 from lightning_fhe.he.context import HEContext
 from lightning_fhe.he.layout import TensorLayout
-from lightning_fhe.he.own_share import OwnShare
 from lightning_fhe.he.pool import CipherPool
 from lightning_fhe.privacy import UpdateMechanism
 from lightning_fhe.proto.update_shape import INITIAL_MODEL_ROUND, UpdateShape, update_shape
@@ -285,21 +283,18 @@ class FederatedSite:
         names = carried_names(metrics or {})
         encrypted, plaintext = self._wire(values, metrics)
         del values
-        with contextlib.closing(OwnShare(self.params.values_per_ciphertext, shape.num_chunks)) as own:
-            try:
-                sent = send_encrypted(
-                    self.client, self.pool, shape, encrypted, plaintext, self.info.share, _bind(progress, "upload"), own
-                )
-                receipt, encrypt_s, ciphertext_bytes = sent.receipt, sent.encrypt_s, sent.ciphertext_bytes
-            except RoundClosedError as err:
-                # Too slow for this round: it closed at quorum without us. Our local work is dropped, and we carry
-                # on from the global model like everyone else.
-                log.warning(
-                    "round %d closed before this site's update arrived (%s); loading its global model", round, err
-                )
-                receipt, encrypt_s, ciphertext_bytes = SubmitReceipt(round=round, bytes_sent=0, seconds=0.0), 0.0, 0
-            del encrypted
-            received = fetch_flat(self.client, self.pool, shape, _bind(progress, "download"), own)
+        try:
+            sent = send_encrypted(
+                self.client, self.pool, shape, encrypted, plaintext, self.info.share, _bind(progress, "upload")
+            )
+            receipt, encrypt_s, ciphertext_bytes = sent.receipt, sent.encrypt_s, sent.ciphertext_bytes
+        except RoundClosedError as err:
+            # Too slow for this round: it closed at quorum without us. Our local work is dropped, and we carry on
+            # from the global model like everyone else.
+            log.warning("round %d closed before this site's update arrived (%s); loading its global model", round, err)
+            receipt, encrypt_s, ciphertext_bytes = SubmitReceipt(round=round, bytes_sent=0, seconds=0.0), 0.0, 0
+        del encrypted
+        received = fetch_flat(self.client, self.pool, shape, _bind(progress, "download"))
         average, carried = self._decode(received)
         tensors = self._unflatten(self.replica.advance(round, average))
         model = received.model
@@ -371,18 +366,16 @@ def send_encrypted(
     plaintext: np.ndarray,
     share: float,
     progress: Callable[[int, int], None] | None = None,
-    keep: OwnShare | None = None,
 ) -> SentUpdate:
     """Submits round ``shape.round``'s update; the pool encrypts ``encrypted`` (weighted by ``share``) while the
-    upload streams it, a few batches ahead, in order. ``keep``: where the site keeps its own share of the sum, for
-    :func:`fetch_decrypted` (one seed fewer to expand per chunk).
+    upload streams it, a few batches ahead, in order.
 
     Raises:
         HeadroomError: a value cannot be encrypted (checked before anything is sent).
         RoundClosedError, FederationError: as :meth:`~lightning_fhe.client.AggregatorClient.submit`.
     """
     started = time.perf_counter()
-    chunks = pool.iter_encrypt(encrypted, share, shape.encrypted_layout.locate, keep)  # checks every value first
+    chunks = pool.iter_encrypt(encrypted, share, where=shape.encrypted_layout.locate)  # checks every value first
     timed = _TimedChunks(chunks, time.perf_counter() - started)
     receipt = client.submit(shape.round, timed, plaintext, progress=progress)
     return SentUpdate(receipt, timed.seconds, timed.bytes)
@@ -407,18 +400,16 @@ def fetch_decrypted(
     pool: CipherPool,
     shape: UpdateShape,
     progress: Callable[[int, int], None] | None = None,
-    own: OwnShare | None = None,
 ) -> ReceivedModel:
     """Fetches round ``shape.round``'s global model; its chunks are decrypted as they arrive, each chunk's
-    average written straight into the encrypted layout's tensors, in their own dtypes. ``own``: this site's share
-    of the sum, kept by :func:`send_encrypted`."""
+    average written straight into the encrypted layout's tensors, in their own dtypes."""
     layout = shape.encrypted_layout
 
     def new_tensors() -> tuple[dict[str, torch.Tensor], Callable[[int, np.ndarray], None]]:
         tensors = layout.empty()
         return tensors, lambda start, values: layout.write(tensors, start, values)
 
-    model, tensors, decrypt_s = _fetch(client, pool, shape, progress, new_tensors, own)
+    model, tensors, decrypt_s = _fetch(client, pool, shape, progress, new_tensors)
     return ReceivedModel(model, tensors if tensors is not None else {}, decrypt_s)
 
 
@@ -427,7 +418,6 @@ def fetch_flat(
     pool: CipherPool,
     shape: UpdateShape,
     progress: Callable[[int, int], None] | None = None,
-    own: OwnShare | None = None,
 ) -> ReceivedFlat:
     """As :func:`fetch_decrypted`, into one float64 array of the encrypted layout's values (what a strategy needs)."""
 
@@ -439,11 +429,11 @@ def fetch_flat(
 
         return flat, write
 
-    model, flat, decrypt_s = _fetch(client, pool, shape, progress, new_array, own)
+    model, flat, decrypt_s = _fetch(client, pool, shape, progress, new_array)
     return ReceivedFlat(model, flat if flat is not None else np.zeros(0), decrypt_s)
 
 
-def _fetch(client, pool, shape, progress, new_output, own=None):
+def _fetch(client, pool, shape, progress, new_output):
     """The global model, its encrypted part decrypted while it arrives into ``new_output()``'s first item (a new
     one per download attempt: a retried download starts over), and the time spent waiting for decryption."""
     layout = shape.encrypted_layout
@@ -452,7 +442,7 @@ def _fetch(client, pool, shape, progress, new_output, own=None):
 
     def chunks_into(incoming: IncomingGlobalModel) -> ChunkConsumer:
         attempt["output"], write = new_output()
-        decryption = pool.decryption(layout.numel, incoming.total_share, write, len(incoming.participants), own)
+        decryption = pool.decryption(layout.numel, incoming.total_share, write, len(incoming.participants))
         return _TimedConsumer(decryption, on_time)
 
     def on_time(seconds: float) -> None:

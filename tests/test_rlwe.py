@@ -33,8 +33,8 @@ def layout(site_context) -> CiphertextLayout:
 
 
 @pytest.fixture(scope="module")
-def encryptor(layout) -> rlwe.SeededEncryptor:
-    return rlwe.SeededEncryptor(layout)
+def encryptor(layout) -> rlwe.SeededCipher:
+    return rlwe.SeededCipher(layout)
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +92,20 @@ def test_uniform_redraws_values_above_the_largest_multiple_as_seal_does():
     assert ours.tolist() == expected
 
 
-def test_ntt_evaluates_at_the_odd_powers_of_psi_in_bit_reversed_order():
+def test_ntt_evaluates_at_the_odd_powers_of_psi_in_bit_reversed_order_and_intt_undoes_it():
     q, n = 7681, 16  # 7681 = 1 + 15 * 2**9: has 32nd roots of unity
-    roots, roots_shoup = rlwe.ntt_tables(q, n)
+    forward, inverse = rlwe.ntt_tables(q, n)
     psi = rlwe.minimal_primitive_root(2 * n, q)
-    assert pow(psi, n, q) == q - 1 and all(pow(r, 2 * n, q) != 1 or r >= psi for r in range(2, psi))
+    assert pow(psi, n, q) == q - 1 and all(pow(r, n, q) != q - 1 for r in range(2, psi))
     poly = np.random.default_rng(1).integers(0, q, n).astype(np.uint64)
     transformed = poly.copy()
-    _rlwe.ntt(transformed, q, roots, roots_shoup)
+    _rlwe.ntt(transformed, q, forward)
     bits = n.bit_length() - 1
     for k in range(n):
         point = pow(psi, 2 * int(format(k, f"0{bits}b")[::-1], 2) + 1, q)
         assert int(transformed[k]) == sum(int(c) * pow(point, j, q) for j, c in enumerate(poly)) % q
+    _rlwe.intt(transformed, q, inverse)
+    np.testing.assert_array_equal(transformed, poly)
 
 
 def _seal_inverse_ntt(layout, values: np.ndarray) -> np.ndarray:
@@ -126,8 +128,10 @@ def test_ntt_is_seals_and_encoding_is_seals_encoder_to_the_last_unit(layout, enc
         seals_ntt = plaintext_data(thread_buffer().dump(plaintext))
         seals = _seal_inverse_ntt(layout, seals_ntt)
         transformed = seals.copy()
-        _rlwe.ntt(transformed, q, *rlwe.ntt_tables(q, N))
+        _rlwe.ntt(transformed, q, rlwe.ntt_tables(q, N)[0])
         np.testing.assert_array_equal(transformed, seals_ntt)  # the NTT: integers, so always bit for bit
+        _rlwe.intt(transformed, q, rlwe.ntt_tables(q, N)[1])
+        np.testing.assert_array_equal(transformed, seals)
         seals_signed = np.where(seals > q // 2, seals.astype(object) - q, seals.astype(object)).astype(np.int64)
         ours = encryptor._encoding.encode(values)
         # the encoding: two FFTs in floating point, so a coefficient may round the other way; never by more than 1
@@ -149,7 +153,7 @@ def test_ciphertext_is_seals_construction_with_cbd_noise_from_the_bootstrap_stre
     noise = weights[:, :3].sum(axis=1) - weights[:, 3:].sum(axis=1)
     assert noise.min() >= -21 and noise.max() <= 21 and abs(noise.mean()) < 0.15 and 9.8 < noise.var() < 11.2
     expected = np.array([(int(m) + int(e)) % q for m, e in zip(encryptor._encoding.encode(values), noise)], np.uint64)
-    _rlwe.ntt(expected, q, *rlwe.ntt_tables(q, N))
+    _rlwe.ntt(expected, q, rlwe.ntt_tables(q, N)[0])
     a = np.empty(N, dtype=np.uint64)
     _rlwe.uniform(a, parts.seed, q)
     s = rlwe.secret_key_ntt(layout)
@@ -187,6 +191,25 @@ def test_sites_encrypting_through_seal_and_through_rlwe_sum_to_the_plaintext_ave
     np.testing.assert_array_equal(ours.decrypt(total.chunks(), a.size), expected)
 
 
+def test_second_polynomial_of_many_seeds_is_seals_rebuilt_sum(layout):
+    seeds = [(1, np.random.default_rng(k).bytes(64)) for k in range(5)]
+    seals = layout.split_full(thread_buffer().dump(layout.rebuild(np.zeros(N, np.uint64), seeds)))[1]
+    np.testing.assert_array_equal(layout.second_polynomial(seeds), seals)
+
+
+def test_decrypts_seals_ciphertexts_and_sums_as_seals_decryptor_does(layout, encryptor, seal, site_context):
+    through_seal = UpdateCipher(site_context, through_seal=True)
+    rng = np.random.default_rng(7)
+    blobs = [through_seal.encrypt(rng.normal(0, 0.1, N))[0] for _ in range(3)]
+    total = ChunkSum.for_context(site_context, 1)
+    for blob in blobs:
+        total.add(0, blob)
+    for frame in (total.chunks()[0], total.chunks(summed=layout)[0]):
+        np.testing.assert_allclose(
+            UpdateCipher(site_context).decrypt_chunk(frame), through_seal.decrypt_chunk(frame), rtol=0, atol=1e-12
+        )
+
+
 def test_bad_arguments_are_refused_with_what_was_wrong(layout, encryptor):
     q = layout.q0
     with pytest.raises(ValueError, match="a chunk holds 8192 values"):
@@ -195,10 +218,17 @@ def test_bad_arguments_are_refused_with_what_was_wrong(layout, encryptor):
         _rlwe.uniform(np.empty(N, np.uint64), bytes(63), q)
     with pytest.raises(ValueError, match="odd prime below 2\\*\\*62"):
         _rlwe.uniform(np.empty(N, np.uint64), bytes(64), 1 << 62)
-    with pytest.raises(ValueError, match="power of two"):
-        _rlwe.ntt(np.zeros(12, np.uint64), q, np.zeros(12, np.uint64), np.zeros(12, np.uint64))
-    with pytest.raises(ValueError, match="roots holds"):
-        _rlwe.ntt(np.zeros(16, np.uint64), q, np.zeros(8, np.uint64), np.zeros(16, np.uint64))
+    with pytest.raises(ValueError, match="poly must hold a power of two of 8-byte coefficients, got 96 bytes"):
+        _rlwe.ntt(np.zeros(12, np.uint64), q, np.zeros((2, 12), np.uint64))
+    with pytest.raises(ValueError, match="the table holds 128 bytes, expected 256"):
+        _rlwe.ntt(np.zeros(16, np.uint64), q, np.zeros((2, 8), np.uint64))
+    with pytest.raises(ValueError, match="coefficient 3 is not below q"):
+        _rlwe.intt(np.array([0, 0, 0, q, 0, 0, 0, 0], np.uint64), q, np.zeros((2, 8), np.uint64))
+    c0, c1, key = np.zeros(N, np.uint64), np.full(N, q, np.uint64), encryptor._key
+    with pytest.raises(ValueError, match="coefficient 0 of the ciphertext is not below q"):
+        _rlwe.decrypt(np.empty(N, np.int64), c0, c1, key, q, rlwe.ntt_tables(q, N)[1])
+    with pytest.raises(ValueError, match="the seeds must be one or more of 64 bytes, got 65 bytes"):
+        _rlwe.uniform_sum(np.empty(N, np.uint64), bytes(65), q)
     with pytest.raises(ValueError, match="not 1 modulo"):
         rlwe.minimal_primitive_root(1024, 7681)
     with pytest.raises(BufferError, match="not writable"):
@@ -207,14 +237,14 @@ def test_bad_arguments_are_refused_with_what_was_wrong(layout, encryptor):
 
 def test_needs_the_secret_key(site_context):
     with pytest.raises(Exception, match="secret key"):
-        rlwe.SeededEncryptor(CiphertextLayout(site_context.without_keys()))
+        rlwe.SeededCipher(CiphertextLayout(site_context.without_keys()))
 
 
 def test_a_larger_ring():
     context = HEContext.generate(CKKSParams(poly_modulus_degree=16384, coeff_mod_bit_sizes=(60, 40, 40, 60)))
     layout = CiphertextLayout(context)
     values = np.random.default_rng(6).normal(0, 1, 16384)
-    parts = rlwe.SeededEncryptor(layout).encrypt(values)
+    parts = rlwe.SeededCipher(layout).encrypt(values)
     encoder = sealapi.CKKSEncoder(context.seal_context)
     plaintext = sealapi.Plaintext()
     sealapi.Decryptor(context.seal_context, context.secret_key()).decrypt(

@@ -10,10 +10,7 @@ sum's second polynomial from the sites' seeds.
 Besides the JSON keys below, the run measures in the same process, on the same ciphertexts:
 
 - the pool against one worker (``encrypt_s_one_worker``, ``decrypt_s_one_worker``), so its speed-up is a ratio;
-- a site decrypting the sum takes its own update out of it first (:mod:`lightning_fhe.he.own_share`: every site keeps
-  it as it encrypts, in the times above), so it expands K-1 seeds; ``all_seeds`` is a site whose update is not in
-  the sum, which expands all K;
-- the rebuild alone (``rebuild_s``: SEAL expanding the K seeds of every chunk, in one process);
+- the rebuild alone (``rebuild_s``: expanding the K seeds of every chunk, in one process);
 - the server path protocol v1 had (``baseline.aggregate_s_per_client``): SEAL loads each site's seeded ciphertexts,
   expanding their seeds, and ``add_inplace`` adds them, against our modular addition of the packed first polynomials
   (``aggregate_kernel``: ``avx512`` or ``scalar``, the compiled loop the CPU runs, or ``numpy`` where the package
@@ -43,11 +40,10 @@ import torch
 from tenseal import sealapi
 
 from lightning_fhe.he import CKKSParams, HEContext, modular
-from lightning_fhe.he.codec import ChunkSum, num_chunks
+from lightning_fhe.he.codec import ChunkSum
 from lightning_fhe.he.fixed_point import round_to_grid
 from lightning_fhe.he.frames import decode_global_chunk, decode_upload_chunk
 from lightning_fhe.he.layout import TensorLayout
-from lightning_fhe.he.own_share import OwnShare
 from lightning_fhe.he.pool import CipherPool
 from lightning_fhe.he.seeded import CiphertextLayout
 from lightning_fhe.masking import PairwiseMasks
@@ -144,11 +140,12 @@ def _add_site(total: ChunkSum, frames: list[bytes]) -> None:
 
 
 def _rebuild_s(layout: CiphertextLayout, global_chunks: list[bytes]) -> float:
-    """Seconds to rebuild every chunk's ciphertext from the seeds, in one process (the chunks parsed beforehand)."""
+    """Seconds to rebuild every chunk's second polynomial from the seeds, in one process, as a site's decryption
+    does (the chunks parsed beforehand)."""
     parsed = [decode_global_chunk(frame, layout.n, layout.q0) for frame in global_chunks]
     start = time.perf_counter()
     for chunk in parsed:
-        layout.rebuild(chunk.c0, list(chunk.seeds))
+        layout.second_polynomial(list(chunk.seeds))
     return time.perf_counter() - start
 
 
@@ -167,11 +164,9 @@ def _mask_s(layout: CiphertextLayout, frames: list[bytes], clients: int, rng: np
     return time.perf_counter() - start
 
 
-def _decrypt_model(
-    pool: CipherPool, chunks: list[bytes], layout: TensorLayout, total_share: float, own: OwnShare | None
-) -> np.ndarray:
+def _decrypt_model(pool: CipherPool, chunks: list[bytes], layout: TensorLayout, total_share: float) -> np.ndarray:
     """A site's whole decryption: the average of the encrypted tensors, back in the model's tensors."""
-    average = pool.decrypt(chunks, layout.numel, total_share, own)
+    average = pool.decrypt(chunks, layout.numel, total_share)
     layout.unflatten(average)
     return average
 
@@ -273,19 +268,13 @@ def _measure_ours(state, layout, params, clients, rng, site, server, pool, one_w
     exact, on_grid = np.zeros(layout.numel), np.zeros(layout.numel)  # the true average; what plaintext FedAvg sums
     total, seal_sum = None, SealSum(server)
     encrypt_s, encrypt_one_s, aggregate_s, seal_aggregate_s, upload_bytes = [], [], [], [], []
-    chunks, per_chunk = num_chunks(layout.numel, params), params.values_per_ciphertext
-    own = OwnShare(per_chunk, chunks)  # site 1's, which decrypts; every site keeps its own as it encrypts, as sites do
     for k in range(clients):
         log(f"lightning_fhe: site {k + 1}/{clients} encrypts ...")
         values = layout.flatten({n: t + 0.01 * torch.randn_like(t) for n, t in state.items()})
         if k == 0:  # once is enough for the ratio, and keeps 30 sites affordable
-            with contextlib.closing(OwnShare(per_chunk, chunks)) as kept:
-                _, seconds = _timed(
-                    lambda v=values, w=shares[k]: list(one_worker.iter_encrypt(v, w, layout.locate, kept))
-                )
+            _, seconds = _timed(lambda v=values, w=shares[k]: list(one_worker.iter_encrypt(v, w, where=layout.locate)))
             encrypt_one_s.append(seconds)
-        with contextlib.closing(OwnShare(per_chunk, chunks)) if k else contextlib.nullcontext(own) as kept:
-            frames, seconds = _timed(lambda v=values, w=shares[k]: list(pool.iter_encrypt(v, w, layout.locate, kept)))
+        frames, seconds = _timed(lambda v=values, w=shares[k]: list(pool.iter_encrypt(v, w, where=layout.locate)))
         encrypt_s.append(seconds)
         if k == 0:
             log(f"lightning_fhe: site 1 masks its chunks with {clients - 1} peers ...")
@@ -302,15 +291,13 @@ def _measure_ours(state, layout, params, clients, rng, site, server, pool, one_w
 
     log("lightning_fhe: a site rebuilds and decrypts the sum ...")
     global_chunks = total.chunks()
-    with contextlib.closing(own):
-        average, decrypt_s = _timed(_decrypt_model, pool, global_chunks, layout, total_share, own)
-        _, decrypt_one_s = _timed(_decrypt_model, one_worker, global_chunks, layout, total_share, own)
-        all_seeds_average, all_seeds_decrypt_s = _timed(_decrypt_model, pool, global_chunks, layout, total_share, None)
-        rebuild_s = _rebuild_s(CiphertextLayout(site), global_chunks)
+    average, decrypt_s = _timed(_decrypt_model, pool, global_chunks, layout, total_share)
+    _, decrypt_one_s = _timed(_decrypt_model, one_worker, global_chunks, layout, total_share)
+    rebuild_s = _rebuild_s(CiphertextLayout(site), global_chunks)
 
-        log("lightning_fhe: the server sends the summed second polynomial instead ...")
-        summed_chunks, summed_server_s = _timed(total.chunks, summed=CiphertextLayout(server))
-        summed_average, summed_decrypt_s = _timed(_decrypt_model, pool, summed_chunks, layout, total_share, own)
+    log("lightning_fhe: the server sends the summed second polynomial instead ...")
+    summed_chunks, summed_server_s = _timed(total.chunks, summed=CiphertextLayout(server))
+    summed_average, summed_decrypt_s = _timed(_decrypt_model, pool, summed_chunks, layout, total_share)
     return {
         "aggregate_kernel": modular.KERNEL,
         "mask_s": mask_s,
@@ -328,10 +315,6 @@ def _measure_ours(state, layout, params, clients, rng, site, server, pool, one_w
         "seal_aggregate_s_per_client": float(np.mean(seal_aggregate_s[1:] or seal_aggregate_s)),
         "max_abs_error": float(np.max(np.abs(average - exact))),
         "equals_plaintext_average": bool(np.array_equal(average, expected)),
-        "all_seeds": {  # a site whose own update is not in the sum expands every seed
-            "decrypt_s": all_seeds_decrypt_s,
-            "equals_plaintext_average": bool(np.array_equal(all_seeds_average, expected)),
-        },
         "summed": {
             "download_bytes": sum(map(len, summed_chunks)),
             "decrypt_s": summed_decrypt_s,
@@ -382,8 +365,6 @@ def format_table(result: dict[str, Any]) -> str:
              f"{ours['encrypt_s']:.2f}", f"{ours['decrypt_s']:.2f}"),
         _row("lightning_fhe, 1 worker", ours["upload_bytes"], ours["download_bytes"], raw,
              f"{ours['encrypt_s_one_worker']:.2f}", f"{ours['decrypt_s_one_worker']:.2f}"),
-        _row(f"lightning_fhe, {workers} workers (download: {k} seeds, none its own)", ours["upload_bytes"],
-             ours["download_bytes"], raw, f"{ours['encrypt_s']:.2f}", f"{ours['all_seeds']['decrypt_s']:.2f}"),
         _row(f"lightning_fhe, {workers} workers (download: summed)", ours["upload_bytes"], summed["download_bytes"],
              raw,
              f"{ours['encrypt_s']:.2f}", f"{summed['decrypt_s']:.2f}"),
@@ -416,7 +397,6 @@ def format_table(result: dict[str, Any]) -> str:
         ok = value <= target if op == "<=" else value >= target
         lines.append(f"{name:<34} {value:10.3g}   target {op} {target:g}   {'ok' if ok else 'MISSED'}")
     for name, same in (("same bits as plaintext FedAvg", ours["equals_plaintext_average"]),
-                       ("same bits, every seed expanded", ours["all_seeds"]["equals_plaintext_average"]),
                        ("same bits, summed download", summed["equals_plaintext_average"])):
         lines.append(f"{name:<34} {'yes' if same else 'no':>10}   target yes   {'ok' if same else 'MISSED'}")
     return "\n".join(lines)

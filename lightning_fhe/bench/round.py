@@ -122,7 +122,6 @@ def _site_process(spec: dict[str, Any]) -> None:
 def _run_site(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from lightning_fhe.he.own_share import OwnShare
     from lightning_fhe.he.pool import CipherPool
     from lightning_fhe.proto.update_shape import update_shape
     from lightning_fhe.site import LayoutValues, fetch_decrypted, send_encrypted
@@ -153,15 +152,12 @@ def _run_site(spec: dict[str, Any]) -> dict[str, Any]:
             train_locally(model, base, index, r)
             shape = update_shape(r, *layouts, kit.params)
             started = time.perf_counter()
-            own = OwnShare(kit.params.values_per_ciphertext, shape.num_chunks)  # as FederatedSite keeps its share
             if encrypted:
-                values = LayoutValues(layout, model)
-                sent = send_encrypted(client, pool, shape, values, np.zeros(0), info.share, keep=own)
+                sent = send_encrypted(client, pool, shape, LayoutValues(layout, model), np.zeros(0), info.share)
             else:  # as FederatedSite sends its plaintext layout
-                sent = send_encrypted(client, pool, shape, np.zeros(0), layout.flatten(model), info.share, keep=own)
+                sent = send_encrypted(client, pool, shape, np.zeros(0), layout.flatten(model), info.share)
             uploaded = time.perf_counter()
-            received = fetch_decrypted(client, pool, shape, own=own)
-            own.close()
+            received = fetch_decrypted(client, pool, shape)
             unflatten_start = time.perf_counter()
             global_model = {**layouts[1].unflatten(received.model.plaintext), **received.encrypted}
             done = time.perf_counter()

@@ -252,12 +252,17 @@ static inline uint64_t mul_shoup_lazy(uint64_t x, uint64_t w, uint64_t w_shoup, 
     return x * w - mulhi(x, w_shoup) * q;
 }
 
-/* SEAL's ntt_negacyclic_harvey: input in [0, q), output in [0, q), bit-reversed order. roots[k] is psi**bitrev(k). */
-static void ntt_forward(uint64_t *a, Py_ssize_t n, uint64_t q, const uint64_t *roots, const uint64_t *roots_shoup) {
+/* A table of n factors and their Shoup factors, one after the other: (2, n) uint64 on the Python side. */
+typedef struct {
+    const uint64_t *w, *shoup;
+} Table;
+
+/* SEAL's ntt_negacyclic_harvey: input in [0, q), output in [0, q), bit-reversed order; roots.w[k] = psi**bitrev(k). */
+static void ntt_forward(uint64_t *a, Py_ssize_t n, uint64_t q, Table roots) {
     const uint64_t two_q = 2 * q;
     for (Py_ssize_t m = 1, t = n >> 1; m < n; m <<= 1, t >>= 1) {
         for (Py_ssize_t i = 0; i < m; i++) {
-            const uint64_t w = roots[m + i], ws = roots_shoup[m + i];
+            const uint64_t w = roots.w[m + i], ws = roots.shoup[m + i];
             uint64_t *x = a + 2 * i * t, *y = x + t;
             for (Py_ssize_t j = 0; j < t; j++) {
                 uint64_t u = x[j];
@@ -273,6 +278,100 @@ static void ntt_forward(uint64_t *a, Py_ssize_t n, uint64_t q, const uint64_t *r
         u -= u >= two_q ? two_q : 0;
         a[j] = u >= q ? u - q : u;
     }
+}
+
+/* Its inverse (Gentleman-Sande butterflies): input in [0, q), bit-reversed; output in [0, q). inverse.w[k] is
+ * psi**-bitrev(k) for k >= 1; inverse.w[0], which no butterfly uses, holds 1/n mod q. */
+static void ntt_inverse(uint64_t *a, Py_ssize_t n, uint64_t q, Table inverse) {
+    const uint64_t two_q = 2 * q;
+    for (Py_ssize_t m = n, t = 1; m > 1; m >>= 1, t <<= 1) {
+        const Py_ssize_t h = m >> 1;
+        for (Py_ssize_t i = 0; i < h; i++) {
+            const uint64_t w = inverse.w[h + i], ws = inverse.shoup[h + i];
+            uint64_t *x = a + 2 * i * t, *y = x + t;
+            for (Py_ssize_t j = 0; j < t; j++) {
+                uint64_t u = x[j], v = y[j];  /* both in [0, 2q) */
+                uint64_t sum = u + v;
+                x[j] = sum >= two_q ? sum - two_q : sum;
+                y[j] = mul_shoup_lazy(u - v + two_q, w, ws, q);
+            }
+        }
+    }
+    for (Py_ssize_t j = 0; j < n; j++) {
+        uint64_t u = mul_shoup_lazy(a[j], inverse.w[0], inverse.shoup[0], q);
+        a[j] = u >= q ? u - q : u;
+    }
+}
+
+/* c mod q for a signed coefficient; the encoded plaintext's are below q in magnitude, so rarely a division. */
+static inline uint64_t reduce_signed(int64_t c, uint64_t q) {
+    if (c >= 0) return (uint64_t)c < q ? (uint64_t)c : (uint64_t)c % q;
+    uint64_t magnitude = (uint64_t)(-(c + 1)) + 1;  /* |c|, INT64_MIN included */
+    magnitude = magnitude < q ? magnitude : magnitude % q;
+    return magnitude ? q - magnitude : 0;
+}
+
+/* SEAL's sample_poly_cbd for one coefficient: 21 bits' weight minus 21 bits' weight, from 6 bytes of the stream. */
+static inline int cbd(const uint8_t x[6]) {
+    uint32_t plus = (uint32_t)x[0] | (uint32_t)x[1] << 8 | (uint32_t)(x[2] & 0x1F) << 16;
+    uint32_t minus = (uint32_t)x[3] | (uint32_t)x[4] << 8 | (uint32_t)(x[5] & 0x1F) << 16;
+    return __builtin_popcount(plus) - __builtin_popcount(minus);
+}
+
+static inline uint64_t mul_mod(uint64_t x, Table key, Py_ssize_t i, uint64_t q) {
+    uint64_t r = mul_shoup_lazy(x, key.w[i], key.shoup[i], q);
+    return r >= q ? r - q : r;
+}
+
+/* SEAL's encrypt_zero_symmetric plus the plaintext, with the bootstrap PRNG's seed given: the public seed is the
+ * bootstrap stream's first 64 bytes and the noise its next 6 bytes a coefficient, as in SEAL. a is scratch. */
+static void encrypt(uint64_t *out, uint8_t public_seed[64], const int64_t *m, const uint8_t bootstrap_seed[64],
+                    Table key, Py_ssize_t n, uint64_t q, Table roots, uint64_t *a) {
+    Stream bootstrap;
+    stream_init(&bootstrap, bootstrap_seed, use_vector);
+    stream_read(&bootstrap, public_seed, 64);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint8_t x[6];
+        stream_read(&bootstrap, x, 6);
+        int e = cbd(x);
+        uint64_t r = reduce_signed(m[i], q);
+        r = e < 0 ? (r >= (uint64_t)(-e) ? r - (uint64_t)(-e) : r + q - (uint64_t)(-e)) : r + (uint64_t)e;
+        out[i] = r >= q ? r - q : r;  /* m + e: NTT is linear, so one transform gives NTT(m) + NTT(e) */
+    }
+    memset(bootstrap.buffer, 0, sizeof bootstrap.buffer);
+    ntt_forward(out, n, q, roots);
+    sample_uniform(a, n, public_seed, q, use_vector);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t as = mul_mod(a[i], key, i, q);
+        out[i] = out[i] >= as ? out[i] - as : out[i] + q - as;
+    }
+}
+
+/* out = sum of uniform(seed) over the seeds, modulo q: the second polynomial of a sum of seeded ciphertexts. */
+static void uniform_sum(uint64_t *out, Py_ssize_t n, const uint8_t *seeds, Py_ssize_t count, uint64_t q,
+                        uint64_t *a) {
+    sample_uniform(out, n, seeds, q, use_vector);
+    for (Py_ssize_t k = 1; k < count; k++) {
+        sample_uniform(a, n, seeds + 64 * k, q, use_vector);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint64_t t = out[i] + a[i];
+            out[i] = t >= q ? t - q : t;
+        }
+    }
+}
+
+/* The plaintext of (c0, c1) as signed coefficients: INTT(c0 + c1*s), centred around 0, as SEAL's decrypt and the
+ * CKKS decoder's first step do. work is scratch. */
+static void decrypt(int64_t *out, const uint64_t *c0, const uint64_t *c1, Table key, Py_ssize_t n, uint64_t q,
+                    Table inverse, uint64_t *work) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t t = c0[i] + mul_mod(c1[i], key, i, q);
+        work[i] = t >= q ? t - q : t;
+    }
+    ntt_inverse(work, n, q, inverse);
+    const uint64_t half = q >> 1;
+    for (Py_ssize_t i = 0; i < n; i++) out[i] = work[i] > half ? -(int64_t)(q - work[i]) : (int64_t)work[i];
+    memset(work, 0, 8 * n);
 }
 
 /* ---- Python ------------------------------------------------------------------------------------------------------ */
@@ -300,6 +399,15 @@ static void *take(Views *v, PyObject *obj, Py_ssize_t bytes, int writable, const
     return view->buf;
 }
 
+/* A (2, n) table: n factors, then their n Shoup factors. */
+static int take_table(Views *v, PyObject *obj, Py_ssize_t n, const char *name, Table *table) {
+    const uint64_t *data = take(v, obj, 16 * n, 0, name);
+    if (!data) return 0;
+    table->w = data;
+    table->shoup = data + n;
+    return 1;
+}
+
 static int check_q(unsigned long long q) {
     if (q < 3 || q >= (UINT64_C(1) << 62) || !(q & 1)) {
         PyErr_Format(PyExc_ValueError, "q must be an odd prime below 2**62, got %llu", q);
@@ -308,126 +416,165 @@ static int check_q(unsigned long long q) {
     return 1;
 }
 
-static int check_n(Py_ssize_t n) {
-    if (n < 2 || (n & (n - 1))) {
-        PyErr_Format(PyExc_ValueError, "the ring dimension must be a power of two, got %zd", n);
+/* The ring dimension of a writable uint64 polynomial `out`, the first view taken; 0 with an error set if wrong. */
+static Py_ssize_t ring(Views *v, PyObject *obj, const char *name) {
+    if (!take(v, obj, -1, 1, name)) return 0;
+    Py_ssize_t bytes = v->views[v->count - 1].len, n = bytes / 8;
+    if (bytes % 8 || n < 2 || (n & (n - 1))) {
+        PyErr_Format(PyExc_ValueError, "%s must hold a power of two of 8-byte coefficients, got %zd bytes", name,
+                     bytes);
         return 0;
     }
-    return 1;
+    return n;
 }
 
 static PyObject *py_uniform(PyObject *self, PyObject *args) {
     PyObject *out_obj, *seed_obj;
     unsigned long long q;
     int vector = 1;
+    (void)self;
     if (!PyArg_ParseTuple(args, "OOK|p", &out_obj, &seed_obj, &q, &vector) || !check_q(q)) return NULL;
     Views v = {.count = 0};
-    uint64_t *out = take(&v, out_obj, -1, 1, "out");
-    const uint8_t *seed = out ? take(&v, seed_obj, 64, 0, "the seed") : NULL;
-    if (!seed || !check_n(v.views[0].len / 8) || v.views[0].len % 8) {
-        if (seed) PyErr_SetString(PyExc_ValueError, "out must hold a power of two of uint64 coefficients");
+    Py_ssize_t n = ring(&v, out_obj, "out");
+    const uint8_t *seed = n ? take(&v, seed_obj, 64, 0, "the seed") : NULL;
+    if (!seed) {
         release(&v);
         return NULL;
     }
+    uint64_t *out = v.views[0].buf;
     Py_BEGIN_ALLOW_THREADS
-    sample_uniform(out, v.views[0].len / 8, seed, q, use_vector && vector);
+    sample_uniform(out, n, seed, q, use_vector && vector);
+    Py_END_ALLOW_THREADS
+    release(&v);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_uniform_sum(PyObject *self, PyObject *args) {
+    PyObject *out_obj, *seeds_obj;
+    unsigned long long q;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOK", &out_obj, &seeds_obj, &q) || !check_q(q)) return NULL;
+    Views v = {.count = 0};
+    Py_ssize_t n = ring(&v, out_obj, "out");
+    const uint8_t *seeds = n ? take(&v, seeds_obj, -1, 0, "the seeds") : NULL;
+    Py_ssize_t count = seeds ? v.views[1].len / 64 : 0;
+    if (seeds && (count == 0 || v.views[1].len % 64)) {
+        PyErr_Format(PyExc_ValueError, "the seeds must be one or more of 64 bytes, got %zd bytes", v.views[1].len);
+        seeds = NULL;
+    }
+    uint64_t *a = seeds ? PyMem_RawMalloc(8 * n) : NULL;
+    if (!a) {
+        release(&v);
+        return seeds ? PyErr_NoMemory() : NULL;
+    }
+    uint64_t *out = v.views[0].buf;
+    Py_BEGIN_ALLOW_THREADS
+    uniform_sum(out, n, seeds, count, q, a);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(a);
+    release(&v);
+    Py_RETURN_NONE;
+}
+
+static PyObject *transform(PyObject *args, int inverse) {
+    PyObject *poly_obj, *table_obj;
+    unsigned long long q;
+    if (!PyArg_ParseTuple(args, "OKO", &poly_obj, &q, &table_obj) || !check_q(q)) return NULL;
+    Views v = {.count = 0};
+    Table table;
+    Py_ssize_t n = ring(&v, poly_obj, "poly");
+    if (!n || !take_table(&v, table_obj, n, "the table", &table)) {
+        release(&v);
+        return NULL;
+    }
+    uint64_t *poly = v.views[0].buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (poly[i] >= q) {
+            release(&v);
+            return PyErr_Format(PyExc_ValueError, "coefficient %zd is not below q", i);
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (inverse) {
+        ntt_inverse(poly, n, q, table);
+    } else {
+        ntt_forward(poly, n, q, table);
+    }
     Py_END_ALLOW_THREADS
     release(&v);
     Py_RETURN_NONE;
 }
 
 static PyObject *py_ntt(PyObject *self, PyObject *args) {
-    PyObject *poly_obj, *roots_obj, *shoup_obj;
+    (void)self;
+    return transform(args, 0);
+}
+
+static PyObject *py_intt(PyObject *self, PyObject *args) {
+    (void)self;
+    return transform(args, 1);
+}
+
+static PyObject *py_encrypt(PyObject *self, PyObject *args) {
+    PyObject *out_obj, *seed_obj, *m_obj, *boot_obj, *key_obj, *roots_obj;
     unsigned long long q;
-    if (!PyArg_ParseTuple(args, "OKOO", &poly_obj, &q, &roots_obj, &shoup_obj) || !check_q(q)) return NULL;
-    Views v = {.count = 0};
-    uint64_t *poly = take(&v, poly_obj, -1, 1, "poly");
-    Py_ssize_t n = poly ? v.views[0].len / 8 : 0;
-    const uint64_t *roots = poly ? take(&v, roots_obj, 8 * n, 0, "roots") : NULL;
-    const uint64_t *shoup = roots ? take(&v, shoup_obj, 8 * n, 0, "roots_shoup") : NULL;
-    if (!shoup || !check_n(n)) {
-        release(&v);
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    ntt_forward(poly, n, q, roots, shoup);
-    Py_END_ALLOW_THREADS
-    release(&v);
-    Py_RETURN_NONE;
-}
-
-/* c mod q for a signed coefficient; the encoded plaintext's are below q in magnitude, so rarely a division. */
-static inline uint64_t reduce_signed(int64_t c, uint64_t q) {
-    if (c >= 0) return (uint64_t)c < q ? (uint64_t)c : (uint64_t)c % q;
-    uint64_t magnitude = (uint64_t)(-(c + 1)) + 1;  /* |c|, INT64_MIN included */
-    magnitude = magnitude < q ? magnitude : magnitude % q;
-    return magnitude ? q - magnitude : 0;
-}
-
-/* SEAL's sample_poly_cbd for one coefficient: 21 bits' weight minus 21 bits' weight, from 6 bytes of the stream. */
-static inline int cbd(const uint8_t x[6]) {
-    uint32_t plus = (uint32_t)x[0] | (uint32_t)x[1] << 8 | (uint32_t)(x[2] & 0x1F) << 16;
-    uint32_t minus = (uint32_t)x[3] | (uint32_t)x[4] << 8 | (uint32_t)(x[5] & 0x1F) << 16;
-    return __builtin_popcount(plus) - __builtin_popcount(minus);
-}
-
-/* SEAL's encrypt_zero_symmetric plus the plaintext, with the bootstrap PRNG's seed given: the public seed is the
- * bootstrap stream's first 64 bytes and the noise its next 6 bytes a coefficient, as in SEAL. */
-static void encrypt(uint64_t *out, uint8_t public_seed[64], const int64_t *m, const uint8_t bootstrap_seed[64],
-                    const uint64_t *s, const uint64_t *s_shoup, Py_ssize_t n, uint64_t q, const uint64_t *roots,
-                    const uint64_t *roots_shoup, uint64_t *a) {
-    Stream bootstrap;
-    stream_init(&bootstrap, bootstrap_seed, use_vector);
-    stream_read(&bootstrap, public_seed, 64);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint8_t x[6];
-        stream_read(&bootstrap, x, 6);
-        int e = cbd(x);
-        uint64_t r = reduce_signed(m[i], q);
-        r = e < 0 ? (r >= (uint64_t)(-e) ? r - (uint64_t)(-e) : r + q - (uint64_t)(-e)) : r + (uint64_t)e;
-        out[i] = r >= q ? r - q : r;  /* m + e: NTT is linear, so one transform gives NTT(m) + NTT(e) */
-    }
-    memset(bootstrap.buffer, 0, sizeof bootstrap.buffer);
-    ntt_forward(out, n, q, roots, roots_shoup);
-    sample_uniform(a, n, public_seed, q, use_vector);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t as = mul_shoup_lazy(a[i], s[i], s_shoup[i], q);
-        as = as >= q ? as - q : as;
-        out[i] = out[i] >= as ? out[i] - as : out[i] + q - as;
-    }
-}
-
-static PyObject *py_encrypt_c0(PyObject *self, PyObject *args) {
-    PyObject *out_obj, *seed_obj, *m_obj, *boot_obj, *s_obj, *ss_obj, *roots_obj, *rs_obj;
-    unsigned long long q;
-    if (!PyArg_ParseTuple(args, "OOOOOOKOO", &out_obj, &seed_obj, &m_obj, &boot_obj, &s_obj, &ss_obj, &q,
-                          &roots_obj, &rs_obj) ||
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOOOKO", &out_obj, &seed_obj, &m_obj, &boot_obj, &key_obj, &q, &roots_obj) ||
         !check_q(q)) {
         return NULL;
     }
     Views v = {.count = 0};
-    uint64_t *out = take(&v, out_obj, -1, 1, "out");
-    Py_ssize_t n = out ? v.views[0].len / 8 : 0;
-    uint8_t *public_seed = out ? take(&v, seed_obj, 64, 1, "the public seed") : NULL;
-    const int64_t *m = public_seed ? take(&v, m_obj, 8 * n, 0, "coefficients") : NULL;
+    Table key, roots;
+    Py_ssize_t n = ring(&v, out_obj, "out");
+    uint8_t *public_seed = n ? take(&v, seed_obj, 64, 1, "the public seed") : NULL;
+    const int64_t *m = public_seed ? take(&v, m_obj, 8 * n, 0, "the coefficients") : NULL;
     const uint8_t *boot = m ? take(&v, boot_obj, 64, 0, "the bootstrap seed") : NULL;
-    const uint64_t *s = boot ? take(&v, s_obj, 8 * n, 0, "the secret key") : NULL;
-    const uint64_t *ss = s ? take(&v, ss_obj, 8 * n, 0, "the secret key's Shoup factors") : NULL;
-    const uint64_t *roots = ss ? take(&v, roots_obj, 8 * n, 0, "roots") : NULL;
-    const uint64_t *rs = roots ? take(&v, rs_obj, 8 * n, 0, "roots_shoup") : NULL;
-    if (!rs || !check_n(n)) {
-        release(&v);
-        return NULL;
-    }
-    uint64_t *a = PyMem_RawMalloc(8 * n);
+    int ok = boot && take_table(&v, key_obj, n, "the secret key", &key) && take_table(&v, roots_obj, n, "roots", &roots);
+    uint64_t *a = ok ? PyMem_RawMalloc(8 * n) : NULL;
     if (!a) {
         release(&v);
-        return PyErr_NoMemory();
+        return ok ? PyErr_NoMemory() : NULL;
     }
+    uint64_t *out = v.views[0].buf;
     Py_BEGIN_ALLOW_THREADS
-    encrypt(out, public_seed, m, boot, s, ss, n, q, roots, rs, a);
+    encrypt(out, public_seed, m, boot, key, n, q, roots, a);
+    memset(a, 0, 8 * n);
     Py_END_ALLOW_THREADS
     PyMem_RawFree(a);
+    release(&v);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_decrypt(PyObject *self, PyObject *args) {
+    PyObject *out_obj, *c0_obj, *c1_obj, *key_obj, *inverse_obj;
+    unsigned long long q;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOOKO", &out_obj, &c0_obj, &c1_obj, &key_obj, &q, &inverse_obj) || !check_q(q)) {
+        return NULL;
+    }
+    Views v = {.count = 0};
+    Table key, inverse;
+    Py_ssize_t n = ring(&v, out_obj, "out");
+    const uint64_t *c0 = n ? take(&v, c0_obj, 8 * n, 0, "c0") : NULL;
+    const uint64_t *c1 = c0 ? take(&v, c1_obj, 8 * n, 0, "c1") : NULL;
+    int ok = c1 && take_table(&v, key_obj, n, "the secret key", &key) &&
+             take_table(&v, inverse_obj, n, "the inverse table", &inverse);
+    for (Py_ssize_t i = 0; ok && i < n; i++) {
+        if (c0[i] >= q || c1[i] >= q) {
+            PyErr_Format(PyExc_ValueError, "coefficient %zd of the ciphertext is not below q", i);
+            ok = 0;
+        }
+    }
+    uint64_t *work = ok ? PyMem_RawMalloc(8 * n) : NULL;
+    if (!work) {
+        release(&v);
+        return ok ? PyErr_NoMemory() : NULL;
+    }
+    int64_t *out = v.views[0].buf;
+    Py_BEGIN_ALLOW_THREADS
+    decrypt(out, c0, c1, key, n, q, inverse, work);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(work);
     release(&v);
     Py_RETURN_NONE;
 }
@@ -436,13 +583,19 @@ static PyMethodDef methods[] = {
     {"uniform", py_uniform, METH_VARARGS,
      "uniform(out, seed, q, vector=True): SEAL's uniform polynomial of a 64-byte BLAKE2Xb seed modulo q, into out "
      "(uint64); vector=False forces the scalar BLAKE2b."},
-    {"ntt", py_ntt, METH_VARARGS, "ntt(poly, q, roots, roots_shoup): SEAL's forward negacyclic NTT, in place."},
-    {"encrypt_c0", py_encrypt_c0, METH_VARARGS,
-     "encrypt_c0(out, public_seed, coefficients, bootstrap_seed, s, s_shoup, q, roots, roots_shoup): the first "
-     "polynomial and the seed of SEAL's secret-key encryption of the plaintext with these int64 coefficients."},
+    {"uniform_sum", py_uniform_sum, METH_VARARGS,
+     "uniform_sum(out, seeds, q): the sum modulo q of the uniform polynomials of the concatenated 64-byte seeds."},
+    {"ntt", py_ntt, METH_VARARGS, "ntt(poly, q, roots): SEAL's forward negacyclic NTT, in place."},
+    {"intt", py_intt, METH_VARARGS, "intt(poly, q, inverse): its inverse, in place."},
+    {"encrypt", py_encrypt, METH_VARARGS,
+     "encrypt(out, public_seed, coefficients, bootstrap_seed, key, q, roots): the first polynomial (into out) and "
+     "the public seed (into public_seed) of SEAL's secret-key encryption of the plaintext with these int64 "
+     "coefficients."},
+    {"decrypt", py_decrypt, METH_VARARGS,
+     "decrypt(out, c0, c1, key, q, inverse): the plaintext's coefficients of (c0, c1), centred, into out (int64)."},
     {NULL, NULL, 0, NULL}};
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_rlwe", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_rlwe", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__rlwe(void) {
 #if HAVE_VECTOR

@@ -28,17 +28,12 @@ from lightning_fhe.he.fixed_point import round_to_grid
 from lightning_fhe.he.frames import (
     CiphertextError,
     PackedUploadChunk,
-    UploadChunk,
     add_upload_chunk,
     check_upload_chunk,
     decode_global_chunk,
-    decode_upload_chunk,
     encode_global_chunk,
     encode_upload_chunk,
-    upload_chunk_bytes,
 )
-from lightning_fhe.he.modular import sub_mod
-from lightning_fhe.he.own_share import OwnShare
 from lightning_fhe.he.params import CKKSParams
 from lightning_fhe.he.seal_io import thread_buffer
 from lightning_fhe.he.seeded import CiphertextLayout, SealFormatError
@@ -98,8 +93,8 @@ class UpdateCipher:
     """
 
     def __init__(self, context: HEContext, through_seal: bool = False) -> None:
-        """``through_seal`` encrypts with SEAL's encoder and encryptor even where :mod:`~lightning_fhe.he.rlwe`
-        (the same ciphertexts, about three times faster) was built."""
+        """``through_seal`` encrypts and decrypts with SEAL's encoder, encryptor and decryptor even where
+        :mod:`~lightning_fhe.he.rlwe` (the same arithmetic, several times faster) was built."""
         self.context = context
         self.params = context.params
         self.layout = CiphertextLayout(context)
@@ -107,7 +102,7 @@ class UpdateCipher:
         key = context.secret_key()
         self._encoder = sealapi.CKKSEncoder(seal_context)
         self._encryptor = sealapi.Encryptor(seal_context, key)
-        self._seeded = None if through_seal or not rlwe.AVAILABLE else rlwe.SeededEncryptor(self.layout)
+        self._seeded = None if through_seal or not rlwe.AVAILABLE else rlwe.SeededCipher(self.layout)
         self._decryptor = sealapi.Decryptor(seal_context, key)
         self._parms_id = seal_context.last_parms_id()
 
@@ -163,8 +158,10 @@ class UpdateCipher:
         def prepared() -> Iterator[np.ndarray]:
             for start in pieces:
                 piece = source.read(start, min(start + step, source.size))
-                padded = np.zeros(num_chunks(piece.size, self.params) * self.params.values_per_ciphertext)
+                # empty, not zeros: calloc's fresh pages cost more than the multiply (bench codec's site process)
+                padded = np.empty(num_chunks(piece.size, self.params) * self.params.values_per_ciphertext)
                 np.multiply(piece, weight_fraction, out=padded[: piece.size])
+                padded[piece.size :] = 0.0
                 yield round_to_grid(padded, self.params.grid_bits)
 
         return prepared()
@@ -182,7 +179,7 @@ class UpdateCipher:
 
     @property
     def encryptor(self) -> str:
-        """Which code encrypts: ``"rlwe"`` (:mod:`~lightning_fhe.he.rlwe`) or ``"seal"``."""
+        """Which code encrypts and decrypts: ``"rlwe"`` (:mod:`~lightning_fhe.he.rlwe`) or ``"seal"``."""
         return "seal" if self._seeded is None else "rlwe"
 
     def iter_encrypt(
@@ -190,47 +187,37 @@ class UpdateCipher:
         values: np.ndarray | ValueSource,
         weight_fraction: float = 1.0,
         where: Callable[[int], str] | None = None,
-        keep: OwnShare | None = None,
     ) -> Iterator[bytes]:
-        """Yields upload chunks of ``values * weight_fraction`` on the fixed-point grid, one per ``N`` values;
-        ``keep`` keeps this site's share of the sum for its decryption (:mod:`~lightning_fhe.he.own_share`)."""
-        pieces = self.iter_prepared(values, weight_fraction, where)
-
-        def encrypt(pieces: Iterator[np.ndarray]) -> Iterator[bytes]:
-            return (self.encrypt_chunk(piece) for piece in pieces)
-
-        return encrypt(pieces) if keep is None else keep.kept(pieces, encrypt)
+        """Yields upload chunks of ``values * weight_fraction`` on the fixed-point grid, one per ``N`` values."""
+        return (self.encrypt_chunk(piece) for piece in self.iter_prepared(values, weight_fraction, where))
 
     def encrypt(
         self,
         values: np.ndarray,
         weight_fraction: float = 1.0,
         where: Callable[[int], str] | None = None,
-        keep: OwnShare | None = None,
     ) -> list[bytes]:
-        return list(self.iter_encrypt(values, weight_fraction, where, keep))
+        return list(self.iter_encrypt(values, weight_fraction, where))
 
-    def decrypt_chunk(self, frame: bytes, participants: int | None = None, own: bytes | None = None) -> np.ndarray:
+    def decrypt_chunk(self, frame: bytes, participants: int | None = None) -> np.ndarray:
         """The ``N`` raw decoded values of one global chunk (the share-weighted sum, before rounding to the grid).
 
-        Rebuilds the ciphertext of the sum from the summed first polynomial and the participants' seeds (or the
-        summed second polynomial), then decrypts it. ``own``: this site's :meth:`OwnShare.record
-        <lightning_fhe.he.own_share.OwnShare.record>` of the chunk; where the chunk's seeds name it, its ciphertext is
-        taken out of the sum before the rebuild and its values are added back after decryption (one seed fewer).
+        Rebuilds the ciphertext of the sum from the summed first polynomial and the participants' seeds (or takes
+        the summed second polynomial), then decrypts it.
         """
-        n, q0 = self.layout.n, self.layout.q0
-        chunk = decode_global_chunk(frame, n, q0, participants)
-        c0, seeds, mine = chunk.c0, list(chunk.seeds), None  # c0 is this call's own array (unpacked anew)
-        if own is not None and chunk.c1 is None:
-            kept = _own_chunk(own, n, q0)
-            if kept is not None and (kept.prng, kept.seed) in seeds:
-                seeds.remove((kept.prng, kept.seed))
-                c0, mine = sub_mod(c0, kept.c0, q0), np.frombuffer(own, np.float64, n, upload_chunk_bytes(n))
-        if mine is not None and not seeds:  # the sum is this site's update alone
-            return mine.copy()
+        chunk = decode_global_chunk(frame, self.layout.n, self.layout.q0, participants)
+        if self._seeded is None:
+            return self._seal_decrypt(chunk.c0, chunk.c1, list(chunk.seeds))
         try:
-            if chunk.c1 is not None:
-                ciphertext = self.layout.load(self.layout.full_bytes(c0, chunk.c1))
+            c1 = chunk.c1 if chunk.c1 is not None else self.layout.second_polynomial(list(chunk.seeds))
+        except SealFormatError as err:
+            raise CiphertextError("format", str(err)) from None
+        return self._seeded.decrypt(chunk.c0, c1)
+
+    def _seal_decrypt(self, c0: np.ndarray, c1: np.ndarray | None, seeds: list[tuple[int, bytes]]) -> np.ndarray:
+        try:
+            if c1 is not None:
+                ciphertext = self.layout.load(self.layout.full_bytes(c0, c1))
             else:
                 ciphertext = self.layout.rebuild(c0, seeds)
         except SealFormatError as err:
@@ -238,8 +225,7 @@ class UpdateCipher:
         plaintext = sealapi.Plaintext()
         self._decryptor.decrypt(ciphertext, plaintext)
         slots = self._encoder.decode_complex(plaintext)
-        decoded = np.fromiter(slots, dtype=np.complex128, count=self.params.slots).view(np.float64)
-        return decoded if mine is None else np.add(decoded, mine, out=decoded)
+        return np.fromiter(slots, dtype=np.complex128, count=self.params.slots).view(np.float64)
 
     def finish(self, decoded: np.ndarray, total_weight_fraction: float) -> np.ndarray:
         """Decoded sums (in place) back on the fixed-point grid, divided by the participants' total share."""
@@ -255,13 +241,11 @@ class UpdateCipher:
         count: int,
         total_weight_fraction: float = 1.0,
         participants: int | None = None,
-        own: OwnShare | None = None,
     ) -> np.ndarray:
         """Decrypts a sum of updates, rounds it to the fixed-point grid and divides it by ``total_weight_fraction``:
         the same ``count`` values as the plaintext sum of those updates, divided the same way.
 
-        ``total_weight_fraction`` is the summed share of the sites that took part (1.0 when all did); ``own``, this
-        site's share of the sum, kept when it encrypted its update.
+        ``total_weight_fraction`` is the summed share of the sites that took part (1.0 when all did).
         """
         expected = num_chunks(count, self.params)
         if len(chunks) != expected:
@@ -270,20 +254,10 @@ class UpdateCipher:
         out = np.empty(expected * per_chunk, dtype=np.float64)
         for i, frame in enumerate(chunks):
             try:
-                record = None if own is None else own.record(i)
-                out[i * per_chunk : (i + 1) * per_chunk] = self.decrypt_chunk(frame, participants, record)
+                out[i * per_chunk : (i + 1) * per_chunk] = self.decrypt_chunk(frame, participants)
             except CiphertextError as err:
                 raise CiphertextError(err.reason, f"chunk {i}: {err}") from None
         return self.finish(out, total_weight_fraction)[:count]
-
-
-def _own_chunk(record: bytes, n: int, q0: int) -> UploadChunk | None:
-    """The site's own upload chunk in its kept record; None if the record is damaged (the sum then decrypts from all
-    of its seeds, which is always right)."""
-    try:
-        return decode_upload_chunk(record[: upload_chunk_bytes(n)], n, q0)
-    except CiphertextError:
-        return None
 
 
 class ChunkSum:

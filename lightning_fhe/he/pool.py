@@ -48,7 +48,6 @@ import numpy as np
 from lightning_fhe.he.codec import CiphertextError, UpdateCipher, ValueSource, num_chunks
 from lightning_fhe.he.context import HEContext
 from lightning_fhe.he.frames import global_chunk_bytes, upload_chunk_bytes
-from lightning_fhe.he.own_share import OwnShare
 
 _worker_cipher: UpdateCipher | None = None
 _worker_block: shared_memory.SharedMemory | None = None
@@ -100,33 +99,31 @@ def _encrypt_batch(block: str, slot: _Slot, count: int) -> int:
 
 
 def _decrypt_batch(
-    block: str, slot: _Slot, sizes: list[tuple[int, int]], participants: int | None
+    block: str, slot: _Slot, sizes: list[int], participants: int | None, share: float
 ) -> tuple[int, CiphertextError] | None:
-    """Decrypts the global chunks in ``slot``'s input cells into its output cells; ``sizes``: per cell, the bytes of
-    the global chunk and of the site's own record after it (0: none). A bad chunk stops the batch and comes back
-    with its place in the batch; the cells before it hold their values."""
+    """Decrypts the global chunks in ``slot``'s input cells (``sizes``: their bytes) into its output cells, averaged
+    (:meth:`UpdateCipher.finish`: here, not in the site's process, which the pool's speed-up hinges on). A bad
+    chunk stops the batch and comes back with its place in the batch; the cells before it hold their values."""
     assert _worker_cipher is not None
     buffer, n = _attached(block), _worker_cipher.params.values_per_ciphertext
-    for i, (size, own_size) in enumerate(sizes):
+    for i, size in enumerate(sizes):
         start = slot.inputs + i * slot.input_bytes
-        own = buffer[start + size : start + size + own_size] if own_size else None
         try:
-            values = _worker_cipher.decrypt_chunk(buffer[start : start + size], participants, own)
+            values = _worker_cipher.decrypt_chunk(buffer[start : start + size], participants)
         except CiphertextError as err:
             return i, err
-        _floats(buffer, slot.outputs + i * slot.output_bytes, n)[:] = values
+        _floats(buffer, slot.outputs + i * slot.output_bytes, n)[:] = _worker_cipher.finish(values, share)
     return None
 
 
 def _decrypt_frames(
-    cipher: UpdateCipher, frames: list[tuple[bytes, bytes | None]], participants: int | None
+    cipher: UpdateCipher, frames: list[bytes], participants: int | None, share: float
 ) -> list[np.ndarray | CiphertextError]:
-    """The decoded chunks (each a global chunk and the site's own record of it, or None); a bad one ends the list
-    as its error, so the caller can name the chunk."""
+    """The averaged chunks; a bad one ends the list as its error, so the caller can name the chunk."""
     decoded: list[np.ndarray | CiphertextError] = []
-    for frame, own in frames:
+    for frame in frames:
         try:
-            decoded.append(cipher.decrypt_chunk(frame, participants, own))
+            decoded.append(cipher.finish(cipher.decrypt_chunk(frame, participants), share))
         except CiphertextError as err:
             decoded.append(err)
             break
@@ -272,17 +269,14 @@ class CipherPool:
         values: np.ndarray | ValueSource,
         weight_fraction: float = 1.0,
         where: Callable[[int], str] | None = None,
-        keep: OwnShare | None = None,
     ) -> Iterator[bytes]:
-        """Upload chunks of ``values * weight_fraction`` on the grid, in order, as :meth:`UpdateCipher.iter_encrypt`
-        (``keep``: this site's share of the sum, kept for its decryption).
+        """Upload chunks of ``values * weight_fraction`` on the grid, in order, as :meth:`UpdateCipher.iter_encrypt`.
 
         The checks (finite, headroom, share) run before the first chunk is yielded.
         """
         if self._pool is None:
-            return self.cipher.iter_encrypt(values, weight_fraction, where, keep)
-        pieces = self.cipher.iter_prepared(values, weight_fraction, where, self.batch)
-        return self._encrypted(pieces) if keep is None else keep.kept(pieces, self._encrypted)
+            return self.cipher.iter_encrypt(values, weight_fraction, where)
+        return self._encrypted(self.cipher.iter_prepared(values, weight_fraction, where, self.batch))
 
     def decryption(
         self,
@@ -290,24 +284,21 @@ class CipherPool:
         total_weight_fraction: float,
         write: Callable[[int, np.ndarray], None],
         participants: int | None = None,
-        own: OwnShare | None = None,
     ) -> StreamDecryption:
         """A decryption fed global chunks one by one as a download delivers them; see :class:`StreamDecryption`.
 
         ``participants``: the sites the download's header names; a chunk that lists another number of seeds is
-        refused (None: as many as it lists). ``own``: this site's share of the sum, kept when it encrypted."""
-        return StreamDecryption(self, count, total_weight_fraction, write, participants, own)
+        refused (None: as many as it lists)."""
+        return StreamDecryption(self, count, total_weight_fraction, write, participants)
 
-    def decrypt(
-        self, chunks: Iterable[bytes], count: int, total_weight_fraction: float = 1.0, own: OwnShare | None = None
-    ) -> np.ndarray:
+    def decrypt(self, chunks: Iterable[bytes], count: int, total_weight_fraction: float = 1.0) -> np.ndarray:
         """As :meth:`UpdateCipher.decrypt`: the averaged ``count`` values, on the grid."""
         out = np.empty(count, dtype=np.float64)
 
         def write(start: int, values: np.ndarray) -> None:
             out[start : start + values.size] = values
 
-        decryption = self.decryption(count, total_weight_fraction, write, own=own)
+        decryption = self.decryption(count, total_weight_fraction, write)
         try:
             for frame in chunks:
                 decryption.add(frame)
@@ -381,14 +372,13 @@ class StreamDecryption:
         total_weight_fraction: float,
         write: Callable[[int, np.ndarray], None],
         participants: int | None = None,
-        own: OwnShare | None = None,
     ) -> None:
         if not total_weight_fraction > 0:
             raise ValueError(f"total_weight_fraction must be positive, got {total_weight_fraction}")
         self._pool, self._count, self._share, self._write = pool, count, total_weight_fraction, write
-        self._participants, self._own = participants, own
+        self._participants = participants
         self._expected = num_chunks(count, pool.params)
-        self._batch: list[tuple[bytes, bytes | None]] = []  # global chunks with the site's own record of each
+        self._batch: list[bytes] = []
         self._pending: deque = deque()
         self._block: _Block | None = None
         self._submitted = self._added = self._written = 0
@@ -397,7 +387,7 @@ class StreamDecryption:
         if self._added >= self._expected:
             self.close()
             raise CiphertextError("index", f"{self._count} values need {self._expected} chunks, got more")
-        self._batch.append((frame, None if self._own is None else self._own.record(self._added)))
+        self._batch.append(frame)
         self._added += 1
         if len(self._batch) >= (self._pool.batch if self._pool._pool is not None else 1):
             self._closing_on_error(self._submit)
@@ -432,14 +422,12 @@ class StreamDecryption:
         if self._pool._pool is None:
             self._store(batch)
             return
-        sizes = [(len(frame), 0 if own is None else len(own)) for frame, own in batch]
-        largest = max(size + own_size for size, own_size in sizes)
+        sizes = [len(frame) for frame in batch]
+        largest = max(sizes)
         if self._block is None:
-            # Every chunk of one sum has the same size; the block holds it, or the summed form if that is larger,
-            # and the site's own record after it.
+            # Every chunk of one sum has the same size; the block holds it, or the summed form if that is larger.
             n = self._pool.params.values_per_ciphertext
-            own_bytes = 0 if self._own is None else self._own.record_bytes
-            cell = max(largest, global_chunk_bytes(n, 0, summed=True) + own_bytes)
+            cell = max(largest, global_chunk_bytes(n, 0, summed=True))
             self._block = self._pool._block(self._pool.batch, cell, 8 * n)
         if len(self._pending) == self._block.slots:  # its slot's last batch must be out before this one goes in
             self._store(self._pending.popleft())
@@ -448,17 +436,15 @@ class StreamDecryption:
             return
         slot = self._block.slot(self._submitted)
         self._submitted += 1
-        for i, (frame, own) in enumerate(batch):
+        for i, frame in enumerate(batch):
             start = slot.inputs + i * slot.input_bytes
             self._block.buffer[start : start + len(frame)] = frame
-            if own is not None:
-                self._block.buffer[start + len(frame) : start + len(frame) + len(own)] = own
-        task = self._pool._submit(_decrypt_batch, self._block.name, slot, sizes, self._participants)
+        task = self._pool._submit(_decrypt_batch, self._block.name, slot, sizes, self._participants, self._share)
         self._pending.append((slot, len(batch), task))
 
     def _store(self, work) -> None:
         if isinstance(work, list):  # decrypted here: no pool, or chunks that are not of this sum's size
-            decoded = _decrypt_frames(self._pool.cipher, work, self._participants)
+            decoded = _decrypt_frames(self._pool.cipher, work, self._participants, self._share)
         else:
             decoded = self._collected(*work)
         per_chunk = self._pool.params.values_per_ciphertext
@@ -466,8 +452,7 @@ class StreamDecryption:
             if isinstance(values, CiphertextError):
                 raise CiphertextError(values.reason, f"chunk {self._written}: {values}")
             start = self._written * per_chunk
-            averaged = self._pool.cipher.finish(values, self._share)[: max(0, min(per_chunk, self._count - start))]
-            self._write(start, averaged)
+            self._write(start, values[: max(0, min(per_chunk, self._count - start))])
             self._written += 1
 
     def _collected(self, slot: _Slot, size: int, result) -> list[np.ndarray | CiphertextError]:

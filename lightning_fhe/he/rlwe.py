@@ -4,7 +4,7 @@ SEAL's secret-key encryption of a CKKS plaintext at one prime ``q`` is ``c0 = NT
 where ``m`` is the encoded plaintext, ``a`` the expansion of a fresh public 64-byte seed by BLAKE2Xb, ``s`` the
 secret key and ``e`` centred binomial noise; a seeded ciphertext keeps ``c0`` and the seed. Through TenSEAL's
 bindings that costs about 1.9 ms a chunk of 8192 values (a Python list for the encoder, the encoder's own FFT and NTT,
-the encryption, and a save to bytes only to read the seed back). :class:`SeededEncryptor` does the same work in
+the encryption, and a save to bytes only to read the seed back). :class:`SeededCipher` does the same work in
 about a third of that: numpy's FFT for the encoding and one C function (``_rlwe.c``) for the noise, the NTT, the seed
 expansion and the products.
 
@@ -39,19 +39,29 @@ BLAKE2XB = 1  # SEAL's prng_type of the seeds made here
 
 @lru_cache(maxsize=8)
 def ntt_tables(q: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """SEAL's forward NTT tables for ``q`` and ring dimension ``n``: ``psi**bitrev(k)`` and their Shoup factors, with
-    ``psi`` the smallest primitive ``2n``-th root of unity modulo ``q``, as SEAL chooses it."""
+    """SEAL's NTT tables for ``q`` and ring dimension ``n``, forward and inverse, each ``(2, n)`` uint64: factors, then
+    their Shoup factors ``floor(w * 2**64 / q)``.
+
+    Forward: ``psi**bitrev(k)``, with ``psi`` the smallest primitive ``2n``-th root of unity modulo ``q``, as SEAL
+    chooses it. Inverse: ``psi**-bitrev(k)``, and at index 0, which no butterfly uses, ``1/n mod q``.
+    """
     psi = minimal_primitive_root(2 * n, q)
+    psi_inverse = pow(psi, -1, q)
     bits = n.bit_length() - 1
-    roots = [0] * n
-    power = 1
+    forward, inverse = [0] * n, [0] * n
+    power, power_inverse = 1, 1
     for i in range(n):
-        roots[_reverse_bits(i, bits)] = power
-        power = power * psi % q
-    table = np.array(roots, dtype=np.uint64)
-    shoup = np.array([(w << 64) // q for w in roots], dtype=np.uint64)
-    table.flags.writeable = shoup.flags.writeable = False
-    return table, shoup
+        k = _reverse_bits(i, bits)
+        forward[k], inverse[k] = power, power_inverse
+        power, power_inverse = power * psi % q, power_inverse * psi_inverse % q
+    inverse[0] = pow(n, -1, q)
+    return _shoup_table(forward, q), _shoup_table(inverse, q)
+
+
+def _shoup_table(factors: list[int], q: int) -> np.ndarray:
+    table = np.array([factors, [(w << 64) // q for w in factors]], dtype=np.uint64)
+    table.flags.writeable = False
+    return table
 
 
 def minimal_primitive_root(degree: int, q: int) -> int:
@@ -92,6 +102,7 @@ class CKKSEncoding:
         self._at = (positions - 1) // 2  # W index of zeta**(3**i)
         self._conjugate_at = (2 * n - positions - 1) // 2  # and of its conjugate
         self._twiddle = np.exp(-1j * np.pi * np.arange(n) / n) * (scale / n)
+        self._untwiddle = np.exp(1j * np.pi * np.arange(n) / n) * (n / scale)
 
     def encode(self, values: np.ndarray) -> np.ndarray:
         """The plaintext's coefficients (int64) for ``n`` float64 values."""
@@ -102,19 +113,30 @@ class CKKSEncoding:
         coefficients = (np.fft.fft(w) * self._twiddle).real
         return np.rint(coefficients).astype(np.int64)
 
+    def decode(self, coefficients: np.ndarray) -> np.ndarray:
+        """The ``n`` float64 values of a plaintext's coefficients (int64): the inverse of :meth:`encode`, up to the
+        rounding. ``m(zeta**(2u+1)) = n * IFFT(m_j * zeta**j)_u``."""
+        evaluated = np.fft.ifft(coefficients * self._untwiddle)
+        slots = np.empty(self.n // 2, dtype=np.complex128)
+        slots[:] = evaluated[self._at]
+        return slots.view(np.float64)
 
-class SeededEncryptor:
-    """SEAL's secret-key encryption of chunks at the lowest level, as seeded ciphertexts. Needs the secret key.
+
+class SeededCipher:
+    """SEAL's secret-key encryption of chunks at the lowest level, as seeded ciphertexts, and the decryption of sums of
+    them. Needs the secret key.
 
     Example::
 
         >>> import numpy as np
         >>> from lightning_fhe.he import CKKSParams, HEContext
-        >>> context = HEContext.generate(CKKSParams())
-        >>> encryptor = SeededEncryptor(CiphertextLayout(context))
-        >>> parts = encryptor.encrypt(np.full(8192, 0.5))
+        >>> cipher = SeededCipher(CiphertextLayout(HEContext.generate(CKKSParams())))
+        >>> parts = cipher.encrypt(np.full(8192, 0.5))
         >>> parts.c0.size, parts.prng, len(parts.seed)
         (8192, 1, 64)
+        >>> c1 = cipher.layout.second_polynomial([(parts.prng, parts.seed)])
+        >>> np.round(cipher.decrypt(parts.c0, c1)[:3], 6)
+        array([0.5, 0.5, 0.5])
     """
 
     def __init__(self, layout: CiphertextLayout) -> None:
@@ -123,9 +145,8 @@ class SeededEncryptor:
         self.layout = layout
         self.n, self.q = layout.n, layout.q0
         self._encoding = CKKSEncoding(self.n, layout.context.params.scale)
-        self._roots, self._roots_shoup = ntt_tables(self.q, self.n)
-        self._s = secret_key_ntt(layout)
-        self._s_shoup = np.array([(int(s) << 64) // self.q for s in self._s], dtype=np.uint64)
+        self._forward, self._inverse = ntt_tables(self.q, self.n)
+        self._key = _shoup_table([int(s) for s in secret_key_ntt(layout)], self.q)
 
     def encrypt(self, values: np.ndarray, bootstrap_seed: bytes | None = None) -> SeededParts:
         """The seeded ciphertext of ``n`` values. ``bootstrap_seed`` (64 bytes) seeds the randomness, the ciphertext's
@@ -135,10 +156,14 @@ class SeededEncryptor:
         bootstrap_seed = secrets.token_bytes(SEED_BYTES) if bootstrap_seed is None else bootstrap_seed
         c0, seed = np.empty(self.n, dtype=np.uint64), bytearray(SEED_BYTES)
         coefficients = self._encoding.encode(np.ascontiguousarray(values, dtype=np.float64))
-        _rlwe.encrypt_c0(
-            c0, seed, coefficients, bootstrap_seed, self._s, self._s_shoup, self.q, self._roots, self._roots_shoup
-        )
+        _rlwe.encrypt(c0, seed, coefficients, bootstrap_seed, self._key, self.q, self._forward)
         return SeededParts(c0, BLAKE2XB, bytes(seed))
+
+    def decrypt(self, c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
+        """The ``n`` decoded values of the ciphertext ``(c0, c1)``, coefficients below ``q``, in NTT form."""
+        coefficients = np.empty(self.n, dtype=np.int64)
+        _rlwe.decrypt(coefficients, c0, c1, self._key, self.q, self._inverse)
+        return self._encoding.decode(coefficients)
 
 
 def secret_key_ntt(layout: CiphertextLayout) -> np.ndarray:
@@ -149,8 +174,7 @@ def secret_key_ntt(layout: CiphertextLayout) -> np.ndarray:
     data = plaintext_data(thread_buffer().dump(layout.context.secret_key()))
     if data.size % layout.n or data.size == 0:
         raise ValueError(f"the secret key holds {data.size} coefficients, not a multiple of {layout.n}")
-    s = data[: layout.n].copy()
+    s = data[: layout.n]
     if (s >= layout.q0).any():
         raise ValueError("the secret key's first polynomial is not reduced modulo the first prime")
-    s.flags.writeable = False
     return s

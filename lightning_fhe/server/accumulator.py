@@ -41,8 +41,8 @@ from lightning_fhe.he.frames import (
     upload_chunk_bytes,
 )
 from lightning_fhe.he.seeded import CiphertextLayout
-from lightning_fhe.scratch import ScratchFile, ScratchRows
 from lightning_fhe.server.errors import Reason, Refusal, Status
+from lightning_fhe.server.scratch import ScratchFile, ScratchRows
 
 _U64 = np.dtype("<u8")
 # Participants up to which a global chunk carries the seeds rather than the summed second polynomial (server option).

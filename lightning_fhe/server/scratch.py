@@ -5,8 +5,7 @@ sent unencrypted are as large as the model (or a fraction of it), so the server 
 RAM several times over if it kept them in memory. They live in temporary files in ``state_dir`` instead, read and
 written with ``pread``/``pwrite``: the kernel's page cache serves them at memory speed while there is room, and
 none of it counts as the server's own memory (a memory map's touched pages would). The files are unlinked at
-creation, so a crash leaves nothing behind. A site keeps its own share of a round's sum in one
-(:mod:`lightning_fhe.he.own_share`).
+creation, so a crash leaves nothing behind.
 
 Example::
 
