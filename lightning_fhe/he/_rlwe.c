@@ -49,6 +49,12 @@ static inline void store_le64(uint8_t *p, uint64_t v) {
     memcpy(p, &v, 8);
 }
 
+/* memset that the compiler may not drop as a dead store before the memory is freed or goes out of scope */
+static void wipe(void *p, size_t n) {
+    memset(p, 0, n);
+    __asm__ __volatile__("" : : "r"(p) : "memory");
+}
+
 #define G(r, i, a, b, c, d)                      \
     do {                                         \
         a = a + b + m[SIGMA[r][2 * i]];          \
@@ -188,7 +194,7 @@ static void blake2xb_4096(uint8_t out[STREAM_BUFFER], const uint8_t seed[64], ui
     }
 #endif
     for (; i < STREAM_BUFFER / 64; i++) leaf(out + 64 * i, block, i);
-    memset(block, 0, sizeof block);
+    wipe(block, sizeof block);  /* the root: a bootstrap stream's is secret */
 }
 
 /* SEAL's UniformRandomGenerator::generate over the blake2xb stream of one seed. */
@@ -338,7 +344,7 @@ static void encrypt(uint64_t *out, uint8_t public_seed[64], const int64_t *m, co
         r = e < 0 ? (r >= (uint64_t)(-e) ? r - (uint64_t)(-e) : r + q - (uint64_t)(-e)) : r + (uint64_t)e;
         out[i] = r >= q ? r - q : r;  /* m + e: NTT is linear, so one transform gives NTT(m) + NTT(e) */
     }
-    memset(bootstrap.buffer, 0, sizeof bootstrap.buffer);
+    wipe(bootstrap.buffer, sizeof bootstrap.buffer);  /* the noise */
     ntt_forward(out, n, q, roots);
     sample_uniform(a, n, public_seed, q, use_vector);
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -371,7 +377,7 @@ static void decrypt(int64_t *out, const uint64_t *c0, const uint64_t *c1, Table 
     ntt_inverse(work, n, q, inverse);
     const uint64_t half = q >> 1;
     for (Py_ssize_t i = 0; i < n; i++) out[i] = work[i] > half ? -(int64_t)(q - work[i]) : (int64_t)work[i];
-    memset(work, 0, 8 * n);
+    wipe(work, 8 * n);  /* the plaintext */
 }
 
 /* ---- Python ------------------------------------------------------------------------------------------------------ */
@@ -538,7 +544,6 @@ static PyObject *py_encrypt(PyObject *self, PyObject *args) {
     uint64_t *out = v.views[0].buf;
     Py_BEGIN_ALLOW_THREADS
     encrypt(out, public_seed, m, boot, key, n, q, roots, a);
-    memset(a, 0, 8 * n);
     Py_END_ALLOW_THREADS
     PyMem_RawFree(a);
     release(&v);

@@ -69,6 +69,14 @@ def as_source(values: np.ndarray | ValueSource) -> ValueSource:
     return ArraySource(np.asarray(values, dtype=np.float64).ravel())
 
 
+def check_weight_fraction(weight_fraction: float) -> None:
+    if not 0.0 < weight_fraction <= 1.0:
+        raise ValueError(
+            "weight_fraction must be in (0, 1] (this site's weight over the federation's total), "
+            f"got {weight_fraction}"
+        )
+
+
 class HeadroomError(ValueError):
     """An update whose encrypted sum could wrap around the modulus and decrypt to garbage."""
 
@@ -143,28 +151,32 @@ class UpdateCipher:
         ``weight_fraction`` is this site's share ``w_i / W`` of the announced total weight, in (0, 1]. Every value
         is checked (finite, within the headroom) before the first piece is yielded.
         """
-        if not 0.0 < weight_fraction <= 1.0:
-            raise ValueError(
-                "weight_fraction must be in (0, 1] (this site's weight over the federation's total), "
-                f"got {weight_fraction}"
-            )
+        check_weight_fraction(weight_fraction)
+        pieces = self.iter_checked(values, where, chunks_per_piece)
+        return (self.prepare(piece, weight_fraction) for piece in pieces)
+
+    def iter_checked(
+        self, values: np.ndarray | ValueSource, where: Callable[[int], str] | None = None, chunks_per_piece: int = 1
+    ) -> Iterator[np.ndarray]:
+        """The values as they are, ``chunks_per_piece`` chunks at a time, once every one of them was checked (finite,
+        within the headroom): nothing of a refused update is encrypted or sent. :meth:`prepare` weights a piece."""
         source = as_source(values)
         where = where or (lambda i: f"value {i}")
         step = chunks_per_piece * self.params.values_per_ciphertext
         pieces = range(0, source.size, step)
-        for start in pieces:  # all checks first: nothing of a refused update is encrypted or sent
+        for start in pieces:
             self.check_headroom(source.read(start, min(start + step, source.size)), lambda i, s=start: where(s + i))
+        return (source.read(start, min(start + step, source.size)) for start in pieces)
 
-        def prepared() -> Iterator[np.ndarray]:
-            for start in pieces:
-                piece = source.read(start, min(start + step, source.size))
-                # empty, not zeros: calloc's fresh pages cost more than the multiply (bench codec's site process)
-                padded = np.empty(num_chunks(piece.size, self.params) * self.params.values_per_ciphertext)
-                np.multiply(piece, weight_fraction, out=padded[: piece.size])
-                padded[piece.size :] = 0.0
-                yield round_to_grid(padded, self.params.grid_bits)
-
-        return prepared()
+    def prepare(self, piece: np.ndarray, weight_fraction: float, out: np.ndarray | None = None) -> np.ndarray:
+        """``piece * weight_fraction`` on the fixed-point grid, zero-padded to whole chunks, into ``out`` (of that
+        size; it may begin with ``piece`` itself) or a new array."""
+        size = num_chunks(piece.size, self.params) * self.params.values_per_ciphertext
+        # empty, not zeros: calloc's fresh pages cost more than the multiply (bench codec's site process)
+        out = np.empty(size) if out is None else out
+        np.multiply(piece, weight_fraction, out=out[: piece.size])
+        out[piece.size :] = 0.0
+        return round_to_grid(out, self.params.grid_bits)
 
     def encrypt_chunk(self, values: np.ndarray) -> bytes:
         """One upload chunk (:mod:`~lightning_fhe.he.frames`) of ``N`` prepared values."""

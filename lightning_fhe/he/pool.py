@@ -45,7 +45,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from lightning_fhe.he.codec import CiphertextError, UpdateCipher, ValueSource, num_chunks
+from lightning_fhe.he.codec import CiphertextError, UpdateCipher, ValueSource, check_weight_fraction, num_chunks
 from lightning_fhe.he.context import HEContext
 from lightning_fhe.he.frames import global_chunk_bytes, upload_chunk_bytes
 
@@ -86,11 +86,15 @@ def _floats(buffer: memoryview, offset: int, count: int) -> np.ndarray:
     return np.ndarray((count,), dtype=np.float64, buffer=buffer, offset=offset)
 
 
-def _encrypt_batch(block: str, slot: _Slot, count: int) -> int:
-    """Encrypts the ``count`` prepared chunks in ``slot``'s input cells into its output cells."""
+def _encrypt_batch(block: str, slot: _Slot, size: int, weight_fraction: float) -> int:
+    """Weights the ``size`` values in ``slot``'s input cells and puts them on the grid (:meth:`UpdateCipher.prepare`:
+    here, not in the site's process, which the pool's speed-up hinges on), then encrypts them into its output cells.
+    Returns the number of chunks."""
     assert _worker_cipher is not None
     buffer, n = _attached(block), _worker_cipher.params.values_per_ciphertext
+    count = num_chunks(size, _worker_cipher.params)
     values = _floats(buffer, slot.inputs, count * n)
+    _worker_cipher.prepare(values[:size], weight_fraction, out=values)
     for i in range(count):
         frame = _worker_cipher.encrypt_chunk(values[i * n : (i + 1) * n])
         start = slot.outputs + i * slot.output_bytes
@@ -209,7 +213,7 @@ class CipherPool:
         window: batches in flight at most, per worker.
     """
 
-    def __init__(self, context: HEContext, workers: int | None = None, batch: int = 8, window: int = 3) -> None:
+    def __init__(self, context: HEContext, workers: int | None = None, batch: int = 16, window: int = 3) -> None:
         self.cipher = UpdateCipher(context)
         self.params = context.params
         self.workers = default_workers() if workers is None else int(workers)
@@ -276,7 +280,8 @@ class CipherPool:
         """
         if self._pool is None:
             return self.cipher.iter_encrypt(values, weight_fraction, where)
-        return self._encrypted(self.cipher.iter_prepared(values, weight_fraction, where, self.batch))
+        check_weight_fraction(weight_fraction)
+        return self._encrypted(self.cipher.iter_checked(values, where, self.batch), weight_fraction)
 
     def decryption(
         self,
@@ -307,9 +312,10 @@ class CipherPool:
             decryption.close()
         return out
 
-    def _encrypted(self, pieces: Iterator[np.ndarray]) -> Iterator[bytes]:
-        """Upload chunks of the prepared ``pieces`` (a batch each) in order, at most ``window * workers`` batches in
-        flight. The block goes back when the last chunk is out, or when the upload stops reading."""
+    def _encrypted(self, pieces: Iterator[np.ndarray], weight_fraction: float) -> Iterator[bytes]:
+        """Upload chunks of the checked ``pieces`` (a batch each) weighted by ``weight_fraction``, in order, at most
+        ``window * workers`` batches in flight. The block goes back when the last chunk is out, or when the upload
+        stops reading."""
         n = self.params.values_per_ciphertext
         frame_bytes = upload_chunk_bytes(n)
         block = self._block(self.batch, 8 * n, frame_bytes)
@@ -327,7 +333,7 @@ class CipherPool:
                     yield from collected()
                 slot = block.slot(k)
                 _floats(block.buffer, slot.inputs, piece.size)[:] = piece
-                pending.append((slot, self._submit(_encrypt_batch, block.name, slot, piece.size // n)))
+                pending.append((slot, self._submit(_encrypt_batch, block.name, slot, piece.size, weight_fraction)))
             while pending:
                 yield from collected()
         finally:
@@ -359,7 +365,9 @@ class CipherPool:
 class StreamDecryption:
     """Decrypts global chunks as they are added and hands each chunk's averaged values to ``write(start, values)``,
     in order: a download feeds it while the rest is still in transit, and ``write`` puts the values where they go
-    (a model's tensors), so no copy of the whole model is made. At most ``window * workers`` batches are pending.
+    (a model's tensors), so no copy of the whole model is made. ``values`` is valid only during the call (with
+    workers, a view of shared memory that the next batch reuses): ``write`` copies what it keeps. At most
+    ``window * workers`` batches are pending.
 
     :meth:`finish` gives its shared memory back, and so does any error it raises; a download that stops midway
     calls :meth:`close`.
@@ -456,15 +464,15 @@ class StreamDecryption:
             self._written += 1
 
     def _collected(self, slot: _Slot, size: int, result) -> list[np.ndarray | CiphertextError]:
-        """A worker's batch: copies of its output cells (``write`` may keep them; the cells are reused), then its
-        error, if a chunk failed."""
+        """A worker's batch: views of its output cells (valid until the slot's next batch), then its error, if a chunk
+        failed."""
         assert self._block is not None
         failure = self._pool._result(result)
         good = size if failure is None else failure[0]
         n = self._pool.params.values_per_ciphertext
         buffer = self._block.buffer
         decoded: list[np.ndarray | CiphertextError] = [
-            _floats(buffer, slot.outputs + i * slot.output_bytes, n).copy() for i in range(good)
+            _floats(buffer, slot.outputs + i * slot.output_bytes, n) for i in range(good)
         ]
         if failure is not None:
             decoded.append(failure[1])
