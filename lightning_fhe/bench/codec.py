@@ -164,11 +164,20 @@ def _mask_s(layout: CiphertextLayout, frames: list[bytes], clients: int, rng: np
     return time.perf_counter() - start
 
 
-def _decrypt_model(pool: CipherPool, chunks: list[bytes], layout: TensorLayout, total_share: float) -> np.ndarray:
-    """A site's whole decryption: the average of the encrypted tensors, back in the model's tensors."""
-    average = pool.decrypt(chunks, layout.numel, total_share)
-    layout.unflatten(average)
-    return average
+def _decrypt_model(
+    pool: CipherPool, chunks: list[bytes], layout: TensorLayout, total_share: float
+) -> dict[str, torch.Tensor]:
+    """A site's whole decryption, as :func:`lightning_fhe.site.fetch_decrypted` does it: each chunk's average written
+    into the model's tensors as soon as it is decrypted."""
+    tensors = layout.empty()
+    decryption = pool.decryption(layout.numel, total_share, lambda start, values: layout.write(tensors, start, values))
+    try:
+        for frame in chunks:
+            decryption.add(frame)
+        decryption.finish()
+    finally:
+        decryption.close()
+    return tensors
 
 
 def _started_pool(context: HEContext, workers: int | None) -> tuple[CipherPool, float]:
@@ -291,13 +300,15 @@ def _measure_ours(state, layout, params, clients, rng, site, server, pool, one_w
 
     log("lightning_fhe: a site rebuilds and decrypts the sum ...")
     global_chunks = total.chunks()
-    average, decrypt_s = _timed(_decrypt_model, pool, global_chunks, layout, total_share)
+    _, decrypt_s = _timed(_decrypt_model, pool, global_chunks, layout, total_share)
     _, decrypt_one_s = _timed(_decrypt_model, one_worker, global_chunks, layout, total_share)
+    average = pool.decrypt(global_chunks, layout.numel, total_share)  # in float64, for the checks below
     rebuild_s = _rebuild_s(CiphertextLayout(site), global_chunks)
 
     log("lightning_fhe: the server sends the summed second polynomial instead ...")
     summed_chunks, summed_server_s = _timed(total.chunks, summed=CiphertextLayout(server))
-    summed_average, summed_decrypt_s = _timed(_decrypt_model, pool, summed_chunks, layout, total_share)
+    _, summed_decrypt_s = _timed(_decrypt_model, pool, summed_chunks, layout, total_share)
+    summed_average = pool.decrypt(summed_chunks, layout.numel, total_share)
     return {
         "aggregate_kernel": modular.KERNEL,
         "mask_s": mask_s,
