@@ -336,15 +336,16 @@ static void encrypt(uint64_t *out, uint8_t public_seed[64], const int64_t *m, co
     Stream bootstrap;
     stream_init(&bootstrap, bootstrap_seed, use_vector);
     stream_read(&bootstrap, public_seed, 64);
+    uint8_t *noise = (uint8_t *)a;  /* a's room holds 8n bytes; the noise takes 6n before a is sampled */
+    stream_read(&bootstrap, noise, 6 * (size_t)n);
     for (Py_ssize_t i = 0; i < n; i++) {
-        uint8_t x[6];
-        stream_read(&bootstrap, x, 6);
-        int e = cbd(x);
+        int e = cbd(noise + 6 * i);
         uint64_t r = reduce_signed(m[i], q);
         r = e < 0 ? (r >= (uint64_t)(-e) ? r - (uint64_t)(-e) : r + q - (uint64_t)(-e)) : r + (uint64_t)e;
         out[i] = r >= q ? r - q : r;  /* m + e: NTT is linear, so one transform gives NTT(m) + NTT(e) */
     }
     wipe(bootstrap.buffer, sizeof bootstrap.buffer);  /* the noise */
+    wipe(noise, 6 * (size_t)n);
     ntt_forward(out, n, q, roots);
     sample_uniform(a, n, public_seed, q, use_vector);
     for (Py_ssize_t i = 0; i < n; i++) {
