@@ -17,7 +17,7 @@ from lightning_fhe.he import CKKSParams, HEContext
 from lightning_fhe.he.codec import ChunkSum, UpdateCipher
 from lightning_fhe.he.fixed_point import round_to_grid
 from lightning_fhe.he.seal_io import thread_buffer
-from lightning_fhe.he.seeded import CiphertextLayout, _body, plaintext_data
+from lightning_fhe.he.seeded import CiphertextLayout, _body
 
 rlwe = pytest.importorskip("lightning_fhe.he.rlwe")
 if not rlwe.AVAILABLE:
@@ -125,7 +125,7 @@ def test_ntt_is_seals_and_encoding_is_seals_encoder_to_the_last_unit(layout, enc
                           (rng.normal(0, 1000.0, N), False)):
         plaintext = sealapi.Plaintext()
         encoder.encode(values.view(np.complex128).tolist(), parms_id, layout.context.params.scale, plaintext)
-        seals_ntt = plaintext_data(thread_buffer().dump(plaintext))
+        seals_ntt = np.array([plaintext[i] for i in range(N)], dtype=np.uint64)
         seals = _seal_inverse_ntt(layout, seals_ntt)
         transformed = seals.copy()
         _rlwe.ntt(transformed, q, rlwe.ntt_tables(q, N)[0])

@@ -42,7 +42,6 @@ _HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, version major, minor,
 _MAGIC = 0xA15E
 _META = struct.Struct("<4QB3QdQ")
 _COUNT = struct.Struct("<Q")
-_PLAIN_META = 48  # a plaintext's parms_id (4 x u64), coefficient count (u64), scale (f64)
 _NONE, _ZLIB, _ZSTD = 0, 1, 2
 _BLAKE2XB = 1  # SEAL's prng_type
 _VERSION = (sealapi.Serialization.SEALHeader().version_major, sealapi.Serialization.SEALHeader().version_minor)
@@ -190,19 +189,6 @@ class CiphertextLayout:
             return total
         rebuilt = self.rebuild(np.zeros(self.n, dtype=np.uint64), seeds)
         return self.split_full(thread_buffer().dump(rebuilt))[1]
-
-
-def plaintext_data(blob: bytes) -> np.ndarray:
-    """The coefficients of a SEAL plaintext, or of a secret key (a plaintext inside), as SEAL saved it: 48 bytes of
-    parms_id, coefficient count and scale, then a DynArray of u64."""
-    body = _body(blob)
-    offset = _PLAIN_META + _HEADER.size
-    if len(body) < offset + _COUNT.size:
-        raise SealFormatError(f"{len(body)} bytes are too few for a SEAL plaintext")
-    (count,) = _COUNT.unpack_from(body, offset)
-    if len(body) != offset + _COUNT.size + 8 * count:
-        raise SealFormatError(f"the plaintext declares {count} coefficients but holds {len(body) - offset - 8} bytes")
-    return np.frombuffer(body, dtype=_U64, count=count, offset=offset + _COUNT.size).astype(np.uint64)
 
 
 def _seal_header(total: int, compression: int = _NONE) -> bytes:
