@@ -197,7 +197,7 @@ def test_a_worker_that_dies_fails_the_upload_with_a_clear_error_and_the_next_one
         next(chunks)
         victim = workers[0]
         victim.kill()
-        victim.wait(10)
+        _wait_for_exit_unreaped(victim)
         with pytest.raises(CipherWorkerError, match="cipher worker process died"):
             list(chunks)
         assert not pool._blocks  # its shared memory went back
@@ -206,6 +206,19 @@ def test_a_worker_that_dies_fails_the_upload_with_a_clear_error_and_the_next_one
         for i, frame in enumerate(frames):
             total.add(i, frame)
         assert np.array_equal(pool.decrypt(total.chunks(), values.size, share), _on_grid(values, share, pool))
+
+
+def _wait_for_exit_unreaped(process: psutil.Process, timeout: float = 10.0) -> None:
+    """Waits until ``process`` has exited, without reaping it. The pool must see the exit itself: psutil's ``wait()``
+    reaps a child, and multiprocessing then takes the worker for alive forever (its ``waitpid`` fails, which it reads
+    as "not started yet"), so the executor's shutdown would wait for it without end."""
+    deadline = time.monotonic() + timeout
+    try:
+        while process.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, f"worker {process.pid} still running {timeout} s after SIGKILL"
+            time.sleep(0.01)
+    except psutil.NoSuchProcess:  # the executor reaped it already
+        pass
 
 
 _SITE = """
