@@ -170,13 +170,7 @@ def _decrypt_model(
     """A site's whole decryption, as :func:`lightning_fhe.site.fetch_decrypted` does it: each chunk's average written
     into the model's tensors as soon as it is decrypted."""
     tensors = layout.empty()
-    decryption = pool.decryption(layout.numel, total_share, lambda start, values: layout.write(tensors, start, values))
-    try:
-        for frame in chunks:
-            decryption.add(frame)
-        decryption.finish()
-    finally:
-        decryption.close()
+    pool.decrypt_into(chunks, layout.numel, total_share, lambda start, values: layout.write(tensors, start, values))
     return tensors
 
 

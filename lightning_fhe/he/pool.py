@@ -303,6 +303,17 @@ class CipherPool:
         def write(start: int, values: np.ndarray) -> None:
             out[start : start + values.size] = values
 
+        self.decrypt_into(chunks, count, total_weight_fraction, write)
+        return out
+
+    def decrypt_into(
+        self,
+        chunks: Iterable[bytes],
+        count: int,
+        total_weight_fraction: float,
+        write: Callable[[int, np.ndarray], None],
+    ) -> None:
+        """Decrypts all of ``chunks`` through a :meth:`decryption` that hands each chunk's average to ``write``."""
         decryption = self.decryption(count, total_weight_fraction, write)
         try:
             for frame in chunks:
@@ -310,7 +321,6 @@ class CipherPool:
             decryption.finish()
         finally:
             decryption.close()
-        return out
 
     def _encrypted(self, pieces: Iterator[np.ndarray], weight_fraction: float) -> Iterator[bytes]:
         """Upload chunks of the checked ``pieces`` (a batch each) weighted by ``weight_fraction``, in order, at most
