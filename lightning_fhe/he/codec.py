@@ -120,15 +120,17 @@ class UpdateCipher:
         Sites multiply by weight shares that add up to at most 1, so the sum is a convex combination: it cannot
         exceed the largest magnitude any one site sends. Checking each site's own values is therefore enough.
         """
+        limit = self.params.max_abs_sum
+        # Two passes and no temporary where all is well (NaN fails both comparisons); the site's process makes this
+        # check over every value before its first chunk goes, so it is on the upload's path.
+        if values.size == 0 or (values.max() < limit and -values.min() < limit):
+            return
         where = where or (lambda i: f"value {i}")
         finite = np.isfinite(values)
         if not finite.all():
             i = int(np.argmin(finite))
             raise HeadroomError(f"{where(i)} is {values[i]}: an update must be finite to be encrypted")
-        if values.size == 0:
-            return
         i = int(np.argmax(np.abs(values)))
-        limit = self.params.max_abs_sum
         if abs(values[i]) >= limit:
             p = self.params
             raise HeadroomError(
