@@ -1,15 +1,17 @@
-/* SEAL's secret-key encryption of one CKKS ciphertext at a single 60-bit prime, with SEAL's seed expansion.
+/* SEAL's secret-key encryption and decryption of one CKKS ciphertext at a single prime, with SEAL's seed expansion.
  *
- * lightning_fhe.he.rlwe documents it and holds the Python side (tables, encoding, noise bytes). Three pieces, each
- * equal bit for bit to SEAL 4's (the tests compare them with SEAL and with hashlib):
+ * lightning_fhe.he.rlwe documents it and holds the Python side (tables, key, encoding). Each piece is SEAL 4's,
+ * bit for bit (tests/test_rlwe.py holds them against SEAL):
  *   - BLAKE2Xb as SEAL's Blake2xbPRNG uses it: the stream is blake2xb(4096 bytes, key = 64-byte seed,
- *     message = u64 counter) for counter 0, 1, 2, ...;
+ *     message = u64 counter) for counter 0, 1, 2, ...; with AVX-512 (looked up when the module loads; KERNEL says
+ *     which), eight of its output nodes are hashed at once;
  *   - SEAL's sample_poly_uniform: 8 bytes a coefficient, a value >= max_multiple replaced by the stream's next 8
  *     bytes, then reduced mod q (so the result is uniform), already in NTT form;
- *   - SEAL's forward negacyclic NTT (Harvey's butterflies, root powers in bit-reversed order, output bit-reversed).
- * encrypt_c0 puts them together as SEAL's encrypt_zero_symmetric plus the plaintext does:
- * c0 = NTT(m) - (a*s + NTT(e)) mod q with a = uniform(seed), e from the centred binomial noise bytes.
- * The GIL is released while it computes.
+ *   - SEAL's negacyclic NTT (Harvey's butterflies, root powers in bit-reversed order, output bit-reversed) and its
+ *     inverse;
+ *   - SEAL's centred binomial noise, 6 bytes a coefficient.
+ * encrypt() puts them together as SEAL's encrypt_zero_symmetric plus the plaintext does: c0 = NTT(m + e) - a*s
+ * mod q, a = uniform(public seed); decrypt() is INTT(c0 + c1*s), centred. The GIL is released while they compute.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -48,6 +50,8 @@ static inline void store_le64(uint8_t *p, uint64_t v) {
 #endif
     memcpy(p, &v, 8);
 }
+
+static inline uint64_t mulhi(uint64_t a, uint64_t b) { return (uint64_t)(((unsigned __int128)a * b) >> 64); }
 
 /* memset that the compiler may not drop as a dead store before the memory is freed or goes out of scope */
 static void wipe(void *p, size_t n) {
@@ -233,6 +237,7 @@ static void sample_uniform(uint64_t *a, Py_ssize_t n, const uint8_t seed[64], ui
     stream_init(&s, seed, vector);
     stream_read(&s, (uint8_t *)a, (size_t)n * 8);
     const uint64_t max_multiple = UINT64_MAX - UINT64_MAX % q - 1;
+    const uint64_t ratio = UINT64_MAX / q;  /* r mod q without a division: the quotient estimate is at most 2 low */
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t r;
 #if PY_BIG_ENDIAN
@@ -245,13 +250,14 @@ static void sample_uniform(uint64_t *a, Py_ssize_t n, const uint8_t seed[64], ui
             stream_read(&s, more, 8);
             r = le64(more);
         }
-        a[i] = r % q;
+        r -= mulhi(r, ratio) * q;
+        while (r >= q) r -= q;
+        a[i] = r;
     }
 }
 
 /* ---- arithmetic modulo a prime q < 2**62 ------------------------------------------------------------------------ */
 
-static inline uint64_t mulhi(uint64_t a, uint64_t b) { return (uint64_t)(((unsigned __int128)a * b) >> 64); }
 
 /* x * w mod q in [0, 2q), with w_shoup = floor(w * 2**64 / q) (Shoup's trick: no division). */
 static inline uint64_t mul_shoup_lazy(uint64_t x, uint64_t w, uint64_t w_shoup, uint64_t q) {
