@@ -7,6 +7,7 @@ ciphertexts. Nothing here compares the C code with a copy of itself.
 
 from __future__ import annotations
 
+import doctest
 import struct
 
 import numpy as np
@@ -251,3 +252,8 @@ def test_a_larger_ring():
         layout.load(layout.seeded_bytes(parts.c0, parts.prng, parts.seed)), plaintext
     )
     np.testing.assert_allclose(np.array(encoder.decode_complex(plaintext)).view(np.float64), values, atol=1e-6)
+
+
+def test_the_docstring_example_runs():  # here, not in test_docstring_examples: it needs the extension
+    result = doctest.testmod(rlwe, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
