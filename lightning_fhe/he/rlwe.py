@@ -27,7 +27,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from lightning_fhe.he.seeded import SEED_BYTES, CiphertextLayout, SeededParts
+from lightning_fhe.he.seeded import BLAKE2XB, SEED_BYTES, CiphertextLayout, SeededParts
 
 try:
     from lightning_fhe.he import _rlwe
@@ -35,7 +35,6 @@ except ImportError:  # built without a C compiler
     _rlwe = None
 
 AVAILABLE = _rlwe is not None
-BLAKE2XB = 1  # SEAL's prng_type of the seeds made here
 
 
 @lru_cache(maxsize=8)

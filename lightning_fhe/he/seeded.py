@@ -43,7 +43,7 @@ _MAGIC = 0xA15E
 _META = struct.Struct("<4QB3QdQ")
 _COUNT = struct.Struct("<Q")
 _NONE, _ZLIB, _ZSTD = 0, 1, 2
-_BLAKE2XB = 1  # SEAL's prng_type
+BLAKE2XB = 1  # SEAL's prng_type of a BLAKE2Xb seed (2: SHAKE256)
 _VERSION = (sealapi.Serialization.SEALHeader().version_major, sealapi.Serialization.SEALHeader().version_minor)
 _U64 = np.dtype("<u8")
 
@@ -183,7 +183,7 @@ class CiphertextLayout:
         """
         if not seeds:
             raise SealFormatError("a sum of ciphertexts needs at least one seed")
-        if _rlwe is not None and all(prng == _BLAKE2XB for prng, _ in seeds):
+        if _rlwe is not None and all(prng == BLAKE2XB for prng, _ in seeds):
             total = np.empty(self.n, dtype=np.uint64)
             _rlwe.uniform_sum(total, b"".join(seed for _, seed in seeds), self.q0)
             return total

@@ -1,8 +1,8 @@
-"""Anonymous files: what a round needs kept lives on disk, not in the process's memory.
+"""Anonymous files: what the server holds per round lives on disk, not in its memory.
 
-On the server, a round's encrypted sum, each upload's undo record, each participant's seeds, and the plaintext values
-sent unencrypted are as large as the model (or a fraction of it), so the server would only handle models that fit in
-RAM several times over if it kept them in memory. They live in temporary files in ``state_dir`` instead, read and
+A round's encrypted sum, each upload's undo record, each participant's seeds, and the plaintext values sent
+unencrypted are as large as the model (or a fraction of it), so the server would only handle models that fit in RAM
+several times over if it kept them in memory. They live in temporary files in ``state_dir`` instead, read and
 written with ``pread``/``pwrite``: the kernel's page cache serves them at memory speed while there is room, and
 none of it counts as the server's own memory (a memory map's touched pages would). The files are unlinked at
 creation, so a crash leaves nothing behind.
