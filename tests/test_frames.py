@@ -18,6 +18,7 @@ from lightning_fhe.he.frames import (
     FORMAT,
     SEED_ENTRY_BYTES,
     CiphertextError,
+    add_upload_chunk,
     decode_global_chunk,
     decode_upload_chunk,
     encode_global_chunk,
@@ -53,6 +54,19 @@ def _upload(frame):
     return decode_upload_chunk(frame, N, Q0)
 
 
+def _added(frame):
+    """The server's path: the chunk added to a sum, which a refused chunk leaves as it was."""
+    total = np.arange(N, dtype=np.uint64) * 1000
+    try:
+        return add_upload_chunk(total, frame, N, Q0)
+    except CiphertextError:
+        assert total.tolist() == [1000 * i for i in range(N)]
+        raise
+
+
+UPLOAD_READERS = pytest.mark.parametrize("read", [_upload, _added], ids=["decode", "add"])
+
+
 def _global(frame, participants=None):
     return decode_global_chunk(frame, N, Q0, participants)
 
@@ -68,6 +82,14 @@ def test_an_upload_chunk_reads_back_as_written(c0, prng, seed):
     assert chunk.c0.tolist() == c0.tolist()
     assert (chunk.prng, chunk.seed) == (prng, seed)
     assert chunk.seed_entry == bytes([prng]) + seed
+
+
+@given(coefficients, coefficients, prngs, seeds, st.booleans())
+def test_the_server_adds_an_upload_chunk_modulo_q0_and_keeps_its_seed_entry(total, c0, prng, seed, subtract):
+    frame = encode_upload_chunk(c0, prng, seed)
+    expected = [(int(t) + (-1 if subtract else 1) * int(c)) % Q0 for t, c in zip(total, c0)]
+    assert add_upload_chunk(total, frame, N, Q0, subtract) == bytes([prng]) + seed
+    assert total.tolist() == expected
 
 
 @given(coefficients, st.lists(seed_entries, min_size=1, max_size=5))
@@ -102,11 +124,12 @@ def test_a_global_chunk_carries_seeds_or_the_second_polynomial_never_both():
 # -- refusals: upload chunks -------------------------------------------------------------------------------------------
 
 
+@UPLOAD_READERS
 @given(coefficients, prngs, seeds, st.integers(-upload_chunk_bytes(N), 40).filter(bool))
-def test_an_upload_chunk_of_the_wrong_size_is_refused(c0, prng, seed, change):
+def test_an_upload_chunk_of_the_wrong_size_is_refused(read, c0, prng, seed, change):
     frame = encode_upload_chunk(c0, prng, seed)
     frame = frame[:change] if change < 0 else frame + bytes(change)
-    _refused("size", _upload, frame, match=f"chunk of {len(frame)} bytes")
+    _refused("size", read, frame, match=f"chunk of {len(frame)} bytes")
 
 
 @given(coefficients, prngs, seeds, st.integers(0, 255).filter(lambda b: b != FORMAT))
@@ -114,30 +137,34 @@ def test_a_chunk_in_another_format_is_refused(c0, prng, seed, version):
     upload = bytearray(encode_upload_chunk(c0, prng, seed))
     upload[0] = version
     _refused("format", _upload, bytes(upload), match=f"chunk format {version}")
+    _refused("format", _added, bytes(upload), match=f"chunk format {version}")
     download = bytearray(encode_global_chunk(c0, [bytes([prng]) + seed]))
     download[0] = version
     _refused("format", _global, bytes(download), match=f"chunk format {version}")
 
 
+@UPLOAD_READERS
 @given(coefficients, prngs, seeds, st.data())
-def test_any_flipped_bit_after_the_format_byte_is_caught(c0, prng, seed, data):
+def test_any_flipped_bit_after_the_format_byte_is_caught(read, c0, prng, seed, data):
     frame = bytearray(encode_upload_chunk(c0, prng, seed))
     position = data.draw(st.integers(1, len(frame) - 1))  # the checksum itself included
     frame[position] ^= 1 << data.draw(st.integers(0, 7))
-    _refused("corrupt", _upload, bytes(frame), match="checksum")
+    _refused("corrupt", read, bytes(frame), match="checksum")
 
 
+@UPLOAD_READERS
 @given(coefficients, seeds, st.integers(0, 255).filter(lambda p: p not in (1, 2)))
-def test_an_unknown_prng_type_is_refused(c0, seed, prng):
+def test_an_unknown_prng_type_is_refused(read, c0, seed, prng):
     frame = _reframed(bytes([prng]) + seed + pack60(c0))
-    _refused("format", _upload, frame, match=f"PRNG type {prng}")
+    _refused("format", read, frame, match=f"PRNG type {prng}")
 
 
+@UPLOAD_READERS
 @given(coefficients, prngs, seeds, st.integers(0, N - 1), st.integers(Q0, 2**60 - 1))
-def test_a_coefficient_not_below_q0_is_refused_by_its_position(c0, prng, seed, i, value):
+def test_a_coefficient_not_below_q0_is_refused_by_its_position(read, c0, prng, seed, i, value):
     c0[i] = value
     frame = _reframed(bytes([prng]) + seed + pack60(c0))
-    _refused("range", _upload, frame, match=f"coefficient {i} is {value}, not below the first prime")
+    _refused("range", read, frame, match=f"coefficient {i} is {value}, not below the first prime")
 
 
 # -- refusals: global chunks -------------------------------------------------------------------------------------------

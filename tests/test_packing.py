@@ -6,6 +6,9 @@ coefficients (lightning_fhe/he/_packed.c) beside numpy's version of it.
 
 from __future__ import annotations
 
+import zlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -198,3 +201,118 @@ def test_the_compiled_addition_sums_many_chunks_as_numpy_does():
         _compiled_scalar(scalar, chunk, Q0_60_BITS)
     assert np.array_equal(by_numpy, compiled)
     assert np.array_equal(by_numpy, scalar)
+
+
+# -- the checksum in the same pass ------------------------------------------------------------------------------------
+
+
+def _compiled_checked(total, body, packed_at, crc, q, subtract=False, vector=True):
+    if not modular.COMPILED:
+        pytest.skip("the package was built without a C compiler: the server adds with numpy")
+    from lightning_fhe.he import _packed
+
+    bad = _packed.add_checked(total, body, packed_at, crc, q, subtract, vector)
+    return None if bad == -1 else bad
+
+
+def _compiled_checked_scalar(total, body, packed_at, crc, q, subtract=False):
+    return _compiled_checked(total, body, packed_at, crc, q, subtract, vector=False)
+
+
+# The one pass (where the CPU has AVX-512 and PCLMULQDQ), the compiled checksum a byte at a time before the scalar
+# addition, and ISA-L's checksum before the addition (modular.checksum_then_add_mod, what a CPU without them runs).
+CHECKED_ADDERS = pytest.mark.parametrize(
+    "add_checked",
+    [_compiled_checked, _compiled_checked_scalar, modular.checksum_then_add_mod],
+    ids=["compiled", "compiled-scalar", "checksum-first"],
+)
+
+
+def _bodies(max_pairs=70):
+    """A head of any length (an upload chunk's is its 65-byte seed entry) and the coefficients packed after it, at
+    least 64 bytes in all; long enough for many 64-byte folds and a tail."""
+    values = _even_lists(st.integers(0, Q0_60_BITS - 1), max_pairs)
+    return st.tuples(st.binary(max_size=130), values).filter(lambda hv: len(hv[0]) + 15 * len(hv[1]) // 2 >= 64)
+
+
+@CHECKED_ADDERS
+@given(_bodies(), st.booleans(), st.data())
+def test_a_checked_addition_adds_when_the_checksum_matches_and_changes_nothing_otherwise(
+    add_checked, head_values, subtract, data
+):
+    head, values = head_values
+    body = head + pack60(_u64(values))
+    crc = zlib.crc32(body)
+    start = data.draw(st.lists(st.integers(0, Q0_60_BITS - 1), min_size=len(values), max_size=len(values)))
+    total = _u64(start)
+    assert add_checked(total, body, len(head), crc, Q0_60_BITS, subtract) is None
+    sign = -1 if subtract else 1
+    assert total.tolist() == [(x + sign * y) % Q0_60_BITS for x, y in zip(start, values)]
+
+    total = _u64(start)
+    flipped = bytearray(body)
+    flipped[data.draw(st.integers(0, len(body) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+    assert add_checked(total, bytes(flipped), len(head), crc, Q0_60_BITS, subtract) == modular.CORRUPT
+    assert add_checked(total, body, len(head), crc ^ 1, Q0_60_BITS, subtract) == modular.CORRUPT
+    assert total.tolist() == start
+
+
+@CHECKED_ADDERS
+@given(_bodies(), st.data())
+def test_a_checked_addition_names_a_coefficient_not_below_q_unless_the_checksum_fails_first(
+    add_checked, head_values, data
+):
+    head, values = head_values
+    if not values:
+        values = [0, 0]
+    bad = data.draw(st.integers(0, len(values) - 1))
+    values[bad] = data.draw(st.integers(Q0_60_BITS, 2**60 - 1))
+    body = head + pack60(_u64(values))
+    total = np.zeros(len(values), dtype=np.uint64)
+    assert add_checked(total, body, len(head), zlib.crc32(body), Q0_60_BITS) == bad
+    assert add_checked(total, body, len(head), zlib.crc32(body) ^ 1, Q0_60_BITS) == modular.CORRUPT
+    assert not total.any()
+
+
+def test_the_checked_addition_of_whole_chunks_is_the_checksum_and_numpy_s_addition():
+    rng = np.random.default_rng(2)
+    adders = [_compiled_checked, _compiled_checked_scalar, modular.checksum_then_add_mod]
+    totals = [np.zeros(8192, dtype=np.uint64) for _ in adders]
+    by_numpy = np.zeros(8192, dtype=np.uint64)
+    for _ in range(10):
+        packed = pack60(rng.integers(0, Q0_60_BITS, size=8192, dtype=np.uint64))
+        body = rng.bytes(65) + packed  # an upload chunk's: a seed entry, then the first polynomial
+        numpy_add_packed_mod(by_numpy, packed, Q0_60_BITS)
+        for add_checked, total in zip(adders, totals):
+            assert add_checked(total, body, 65, zlib.crc32(body), Q0_60_BITS) is None
+    for total in totals:
+        assert np.array_equal(total, by_numpy)
+
+
+def test_the_folding_constants_are_the_powers_of_x_the_crc_folds_by():
+    """_packed.c folds zlib's CRC-32 by carry-less multiplication with constants derived here: x^k mod P bit-reflected
+    and shifted left by one for the fold distances, and P and floor(x^64 / P) reflected for Barrett's reduction."""
+    poly = 1 << 32 | 0x04C11DB7
+
+    def x_pow_mod(k: int) -> int:
+        r = 1
+        for _ in range(k):
+            r <<= 1
+            r ^= poly if r >> 32 else 0
+        return r
+
+    def reflected(v: int, bits: int) -> int:
+        return int(f"{v:0{bits}b}"[::-1], 2)
+
+    def folding(k: int) -> int:
+        return reflected(x_pow_mod(k) << 32, 64) << 1
+
+    quotient, rest = 0, 1 << 64
+    while rest.bit_length() >= poly.bit_length():
+        shift = rest.bit_length() - poly.bit_length()
+        quotient, rest = quotient | 1 << shift, rest ^ poly << shift
+    constants = [folding(4 * 128 + 32), folding(4 * 128 - 32), folding(128 + 32), folding(128 - 32), folding(64)]
+    constants += [reflected(poly, 33), reflected(quotient, 33)]
+    source = (Path(modular.__file__).parent / "_packed.c").read_text().lower()
+    for constant in constants:
+        assert f"0x{constant:09x}" in source

@@ -27,12 +27,11 @@ from lightning_fhe.he.context import HEContext
 from lightning_fhe.he.fixed_point import round_to_grid
 from lightning_fhe.he.frames import (
     CiphertextError,
-    PackedUploadChunk,
     add_upload_chunk,
-    check_upload_chunk,
     decode_global_chunk,
     encode_global_chunk,
     encode_upload_chunk,
+    upload_seed_entry,
 )
 from lightning_fhe.he.params import CKKSParams
 from lightning_fhe.he.seal_io import thread_buffer
@@ -297,24 +296,23 @@ class ChunkSum:
     def num_chunks(self) -> int:
         return len(self._seeds)
 
-    def _check(self, index: int, frame: bytes) -> PackedUploadChunk:
+    def _check_index(self, index: int) -> None:
         if not 0 <= index < self.num_chunks:
             raise CiphertextError("index", f"chunk index {index} is outside 0..{self.num_chunks - 1}")
-        return check_upload_chunk(frame, self.n)
 
     def add(self, index: int, frame: bytes) -> None:
         """Adds one upload chunk at ``index``; a bad chunk raises :class:`CiphertextError` and changes nothing."""
-        chunk = self._check(index, frame)
-        add_upload_chunk(self._c0[index], chunk, self.q0)
-        self._seeds[index].append(chunk.seed_entry)
+        self._check_index(index)
+        self._seeds[index].append(add_upload_chunk(self._c0[index], frame, self.n, self.q0))
 
     def subtract(self, index: int, frame: bytes) -> None:
         """Takes back a chunk that :meth:`add` accepted before."""
-        chunk = self._check(index, frame)
-        if chunk.seed_entry not in self._seeds[index]:
+        self._check_index(index)
+        seed_entry = upload_seed_entry(frame, self.n)
+        if seed_entry not in self._seeds[index]:
             raise ValueError(f"chunk {index} was never added, so it cannot be subtracted")
-        add_upload_chunk(self._c0[index], chunk, self.q0, subtract=True)
-        self._seeds[index].remove(chunk.seed_entry)
+        add_upload_chunk(self._c0[index], frame, self.n, self.q0, subtract=True)
+        self._seeds[index].remove(seed_entry)
 
     def chunks(self, summed: CiphertextLayout | None = None) -> list[bytes]:
         """The global chunks: the seeds, or with ``summed`` (a layout to expand them) the summed second polynomial."""

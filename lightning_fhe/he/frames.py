@@ -1,7 +1,7 @@
 """The bytes of one encrypted chunk under protocol v2, up (a site's ciphertext) and down (the sum), and their checks.
 
-No SEAL and no key: the server parses, checks and adds chunks with numpy (and a small C loop for the addition,
-:func:`~lightning_fhe.he.modular.add_packed_mod`). A chunk carries ``N``
+No SEAL and no key: the server parses, checks and adds chunks with numpy (and a small C loop that checks and adds,
+:func:`~lightning_fhe.he.modular.add_checked_mod`). A chunk carries ``N``
 values (``N/2`` complex slots of two reals). Little-endian throughout; ``P(x)`` is
 :func:`~lightning_fhe.he.packing.pack60` of ``N`` coefficients (``15 * N / 2`` bytes, 61,440 for N=8192)::
 
@@ -35,12 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-try:  # ISA-L's CRC-32 is zlib's checksum, ten times faster: zlib's was most of the server's work on a chunk
-    from isal.isal_zlib import crc32
-except ImportError:  # a platform without isal's wheels
-    from zlib import crc32
-
-from lightning_fhe.he.modular import add_packed_mod, first_not_below
+from lightning_fhe.he.modular import CORRUPT, add_checked_mod, crc32, first_not_below
 from lightning_fhe.he.packing import PackingError, pack60, packed_size, unpack60
 
 FORMAT = 2
@@ -65,11 +60,13 @@ class CiphertextError(ValueError):
         return type(self), (self.reason, str(self))
 
 
-class _SeededChunk:
-    """A site's chunk names its second polynomial by a seed entry: SEAL's PRNG type and the 64-byte seed."""
+@dataclass(frozen=True, slots=True)
+class UploadChunk:
+    """A site's chunk: its first polynomial, and the seed entry (SEAL's PRNG type and the 64-byte seed) that names its
+    second."""
 
-    __slots__ = ()
     seed_entry: bytes  # as a global chunk lists it
+    c0: np.ndarray  # uint64, N coefficients below q0
 
     @property
     def prng(self) -> int:
@@ -78,21 +75,6 @@ class _SeededChunk:
     @property
     def seed(self) -> bytes:
         return self.seed_entry[1:]
-
-
-@dataclass(frozen=True, slots=True)
-class UploadChunk(_SeededChunk):
-    seed_entry: bytes
-    c0: np.ndarray  # uint64, N coefficients below q0
-
-
-@dataclass(frozen=True, slots=True)
-class PackedUploadChunk(_SeededChunk):
-    """An upload chunk whose size, format, checksum and PRNG type were checked; its coefficients still packed, to be
-    added to a sum by :func:`add_upload_chunk` (which checks their range)."""
-
-    seed_entry: bytes
-    packed: memoryview  # pack60 of N coefficients
 
 
 @dataclass(frozen=True)
@@ -120,30 +102,44 @@ def encode_upload_chunk(c0: np.ndarray, prng: int, seed: bytes) -> bytes:
     return _framed(bytes([prng]) + seed + pack60(c0))
 
 
-def check_upload_chunk(frame: bytes, n: int) -> PackedUploadChunk:
-    """Checks an upload chunk's size, format, checksum and PRNG type, leaving its coefficients packed."""
-    expected = upload_chunk_bytes(n)
-    if len(frame) != expected:
-        raise CiphertextError("size", f"chunk of {len(frame)} bytes; an upload chunk of N={n} takes {expected}")
-    body = _unframed(frame)
-    if body[0] not in PRNG_TYPES:
-        raise CiphertextError("format", f"chunk names PRNG type {body[0]}; SEAL's are {PRNG_TYPES}")
-    return PackedUploadChunk(bytes(body[:SEED_ENTRY_BYTES]), body[SEED_ENTRY_BYTES:])
-
-
 def decode_upload_chunk(frame: bytes, n: int, q0: int) -> UploadChunk:
     """Parses and checks an upload chunk: size, format, checksum, PRNG type, every coefficient below ``q0``."""
-    chunk = check_upload_chunk(frame, n)
-    return UploadChunk(chunk.seed_entry, _coefficients(chunk.packed, n, q0))
+    _check_upload_size(frame, n)
+    body = _unframed(frame)
+    if body[0] not in PRNG_TYPES:
+        raise _wrong_prng(body[0])
+    return UploadChunk(bytes(body[:SEED_ENTRY_BYTES]), _coefficients(body[SEED_ENTRY_BYTES:], n, q0))
 
 
-def add_upload_chunk(total: np.ndarray, chunk: PackedUploadChunk, q0: int, subtract: bool = False) -> None:
-    """``total = (total +/- c0) mod q0`` in place, ``c0`` the chunk's first polynomial: the server's addition. A
-    coefficient not below ``q0`` raises :class:`CiphertextError` and leaves ``total`` as it was."""
-    bad = add_packed_mod(total, chunk.packed, q0, subtract)
+def upload_seed_entry(frame: bytes, n: int) -> bytes:
+    """An upload chunk's seed entry (PRNG type and seed), its size checked, nothing else: the server keeps it
+    beside the chunk before :func:`add_upload_chunk` checks the rest."""
+    _check_upload_size(frame, n)
+    return bytes(frame[_UPLOAD_HEAD - SEED_ENTRY_BYTES : _UPLOAD_HEAD])
+
+
+def add_upload_chunk(total: np.ndarray, frame: bytes, n: int, q0: int, subtract: bool = False) -> bytes:
+    """``total = (total +/- c0) mod q0`` in place, ``c0`` the first polynomial of the upload chunk ``frame``: the
+    server's addition. Returns the chunk's seed entry.
+
+    The chunk is checked as :func:`decode_upload_chunk` checks it (size, format, checksum, PRNG type, every
+    coefficient below ``q0``) in the same pass that adds it (:func:`~lightning_fhe.he.modular.add_checked_mod`); a
+    bad chunk raises :class:`CiphertextError` and leaves ``total`` as it was.
+    """
+    _check_upload_size(frame, n)
+    version, checksum = struct.unpack_from("<BI", frame)
+    if version != FORMAT:
+        raise _wrong_format(version)
+    body = memoryview(frame)[5:]
+    if body[0] not in PRNG_TYPES:
+        raise _corrupt() if crc32(body) != checksum else _wrong_prng(body[0])
+    bad = add_checked_mod(total, body, SEED_ENTRY_BYTES, checksum, q0, subtract)
+    if bad == CORRUPT:
+        raise _corrupt()
     if bad is not None:
-        pair = unpack60(chunk.packed[bad // 2 * 15 : bad // 2 * 15 + 15], 2)
-        raise _out_of_range(bad, int(pair[bad % 2]), q0)
+        at = SEED_ENTRY_BYTES + bad // 2 * 15
+        raise _out_of_range(bad, int(unpack60(body[at : at + 15], 2)[bad % 2]), q0)
+    return bytes(body[:SEED_ENTRY_BYTES])
 
 
 def encode_global_chunk(
@@ -193,14 +189,32 @@ def _framed(body: bytes) -> bytes:
     return struct.pack("<BI", FORMAT, crc32(body)) + body
 
 
+def _check_upload_size(frame: bytes, n: int) -> None:
+    expected = upload_chunk_bytes(n)
+    if len(frame) != expected:
+        raise CiphertextError("size", f"chunk of {len(frame)} bytes; an upload chunk of N={n} takes {expected}")
+
+
 def _unframed(frame: bytes) -> memoryview:
     version, checksum = struct.unpack_from("<BI", frame)
     if version != FORMAT:
-        raise CiphertextError("format", f"chunk format {version}; this version reads format {FORMAT}")
+        raise _wrong_format(version)
     body = memoryview(frame)[5:]
     if crc32(body) != checksum:
-        raise CiphertextError("corrupt", "chunk bytes do not match their checksum: corrupted in transit or storage")
+        raise _corrupt()
     return body
+
+
+def _wrong_format(version: int) -> CiphertextError:
+    return CiphertextError("format", f"chunk format {version}; this version reads format {FORMAT}")
+
+
+def _corrupt() -> CiphertextError:
+    return CiphertextError("corrupt", "chunk bytes do not match their checksum: corrupted in transit or storage")
+
+
+def _wrong_prng(prng: int) -> CiphertextError:
+    return CiphertextError("format", f"chunk names PRNG type {prng}; SEAL's are {PRNG_TYPES}")
 
 
 def _coefficients(data: memoryview, n: int, q0: int) -> np.ndarray:

@@ -34,11 +34,10 @@ from lightning_fhe.he.fixed_point import round_to_grid
 from lightning_fhe.he.frames import (
     SEED_ENTRY_BYTES,
     CiphertextError,
-    PackedUploadChunk,
     add_upload_chunk,
-    check_upload_chunk,
     encode_global_chunk,
     upload_chunk_bytes,
+    upload_seed_entry,
 )
 from lightning_fhe.he.seeded import CiphertextLayout
 from lightning_fhe.server.errors import Reason, Refusal, Status
@@ -179,10 +178,10 @@ class Upload:
                 f"0..{accumulator.num_chunks - 1}",
             )
         try:
-            chunk = check_upload_chunk(blob, accumulator.layout.n)
+            seed_entry = upload_seed_entry(blob, accumulator.layout.n)
             self._undo.write(index, blob)
-            self.seeds.write(index, chunk.seed_entry)
-            accumulator.add_to_sum(index, chunk)  # checks the coefficients' range before it changes the sum
+            self.seeds.write(index, seed_entry)
+            accumulator.add_to_sum(index, blob)  # checks the rest of the chunk, and changes nothing if it is bad
         except CiphertextError as err:
             raise _bad(Reason.BAD_CHUNK, f"chunk {index}: {err}") from None
         self._added += 1
@@ -225,9 +224,8 @@ class Upload:
             return
         accumulator = self._accumulator
         accumulator.active.discard(self)
-        layout = accumulator.layout
         for index in reversed(range(self._added)):
-            accumulator.subtract_from_sum(index, check_upload_chunk(self._undo.read(index), layout.n))
+            accumulator.subtract_from_sum(index, self._undo.read(index))
         self._added = 0
         self._undo.close()
         self.seeds.close()
@@ -289,13 +287,13 @@ class RoundAccumulator:
         total = np.frombuffer(self._plaintext_sum.read(8 * start, weighted.nbytes), dtype=_FLOAT64) + weighted
         self._plaintext_sum.write(8 * start, total.tobytes())
 
-    def add_to_sum(self, index: int, chunk: PackedUploadChunk, subtract: bool = False) -> None:
+    def add_to_sum(self, index: int, frame: bytes, subtract: bool = False) -> None:
         row = bytearray(self._sum.read(index))
-        add_upload_chunk(np.frombuffer(row, dtype=_U64), chunk, self.layout.q0, subtract)
+        add_upload_chunk(np.frombuffer(row, dtype=_U64), frame, self.layout.n, self.layout.q0, subtract)
         self._sum.write(index, row)
 
-    def subtract_from_sum(self, index: int, chunk: PackedUploadChunk) -> None:
-        self.add_to_sum(index, chunk, subtract=True)
+    def subtract_from_sum(self, index: int, frame: bytes) -> None:
+        self.add_to_sum(index, frame, subtract=True)
 
     def begin(self, site: str, share: float) -> Upload:
         if site in self.participants:
