@@ -118,16 +118,17 @@ def test_decryption_runs_at_most_window_times_workers_batches_ahead(pool1, pool2
     pool = pool1 if workers == 1 else pool2
     frames = global_chunks * 2  # 18 chunks: more than the window holds
     per_chunk = pool.params.values_per_ciphertext
-    written = []
-    decryption = pool.decryption(len(frames) * per_chunk, 1.0, lambda start, values: written.append(start))
+    written = []  # (start, values) of each write: a batch of chunks at a time
+    decryption = pool.decryption(len(frames) * per_chunk, 1.0, lambda at, values: written.append((at, values.size)))
     ahead = []  # after each chunk added: chunks added and not yet written
     for added, frame in enumerate(frames, 1):
         decryption.add(frame)
-        ahead.append(added - len(written))
+        ahead.append(added - sum(size for _, size in written) // per_chunk)
     decryption.finish()
-    assert written == [i * per_chunk for i in range(len(frames))]  # every chunk, in order
+    batches = range(0, len(frames), BATCH)
+    assert written == [(i * per_chunk, min(BATCH, len(frames) - i) * per_chunk) for i in batches]  # all, in order
     if workers == 1:
-        assert max(ahead) == 0  # decrypted as it is added
+        assert max(ahead) == BATCH - 1  # decrypted as soon as its batch is complete
     else:
         # Pipelined (so it overlaps), never beyond the window's batches in flight and the one being filled.
         assert BATCH < max(ahead) < (WINDOW * workers + 1) * BATCH
@@ -156,24 +157,48 @@ def _shared_memory_files() -> set[str]:
     return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 
 
-def test_every_operation_gives_its_shared_memory_back(pool2, global_chunks, update):
-    """Finished, abandoned midway, or failed: no operation leaves its block behind, so a long fit never grows."""
+def test_every_operation_gives_its_shared_memory_back(site_context, global_chunks, update):
+    """Finished, abandoned midway, or failed: an operation's block goes back, kept for the next operation of its kind
+    or unlinked, and closing the pool unlinks the kept ones, so a long fit never grows."""
     before = _shared_memory_files()
     values, share = update
+    with CipherPool(site_context, workers=2, batch=BATCH, window=WINDOW) as pool:
+        list(pool.iter_encrypt(values, share))
+        abandoned = pool.iter_encrypt(values, share)
+        next(abandoned)
+        abandoned.close()  # an upload that stopped reading
+        frames = list(global_chunks)
+        frames[4] = frames[4][:-1]
+        with pytest.raises(CiphertextError):
+            pool.decrypt(frames, values.size, share)
+        stopped = pool.decryption(values.size, share, lambda start, values: None)
+        for frame in global_chunks[:5]:
+            stopped.add(frame)
+        stopped.close()  # a download that broke off
+        pool.decrypt(global_chunks, values.size, share)
+        assert not pool._blocks
+        kept = {name for name in _shared_memory_files() - before if name.startswith("psm_")}  # not the pipes' locks
+        assert len(kept) <= 2  # an upload's block and a download's, for the next ones
+    assert _shared_memory_files() <= before
+
+
+def test_an_operation_reuses_the_block_of_one_that_finished_not_of_one_abandoned_midway(pool2, update):
+    """Reused, a block costs no fresh pages; but an upload abandoned with batches in flight may still be written to by
+    a worker, so its block is unlinked instead."""
+    values, share = update
     list(pool2.iter_encrypt(values, share))
+    kept = {block.name for block in pool2._spare.values()}
+    list(pool2.iter_encrypt(values, share))
+    assert {block.name for block in pool2._spare.values()} == kept
     abandoned = pool2.iter_encrypt(values, share)
     next(abandoned)
-    abandoned.close()  # an upload that stopped reading
-    frames = list(global_chunks)
-    frames[4] = frames[4][:-1]
-    with pytest.raises(CiphertextError):
-        pool2.decrypt(frames, values.size, share)
-    stopped = pool2.decryption(values.size, share, lambda start, values: None)
-    for frame in global_chunks[:5]:
-        stopped.add(frame)
-    stopped.close()  # a download that broke off
-    assert not pool2._blocks
-    assert _shared_memory_files() <= before
+    abandoned.close()
+    assert kept.isdisjoint(_shared_memory_files())
+    frames = list(pool2.iter_encrypt(values, share))  # in a new block
+    total = ChunkSum.for_context(pool2.cipher.context, len(frames))
+    for i, frame in enumerate(frames):
+        total.add(i, frame)
+    assert np.array_equal(pool2.decrypt(total.chunks(), values.size, share), _on_grid(values, share, pool2))
 
 
 def test_a_chunk_larger_than_the_sums_chunks_is_refused_in_its_place(pool2, global_chunks, update):

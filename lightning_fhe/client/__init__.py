@@ -20,7 +20,7 @@ Example::
             chunks = pool.iter_encrypt(enc_layout.flatten(state), info.share)   # a CipherPool
             client.submit(r, chunks, plain_layout.flatten(state))   # encryption and upload overlap
             tensors = enc_layout.empty()                            # the global model's encrypted tensors, filled
-            write = lambda start, values: enc_layout.write(tensors, start, values)   # a chunk at a time
+            write = lambda start, values: enc_layout.write(tensors, start, values)   # a batch at a time
             model = client.fetch_global(                            # download and decryption overlap
                 r, chunks_into=lambda incoming: pool.decryption(enc_layout.numel, incoming.total_share, write)
             )

@@ -1,16 +1,17 @@
-"""Encryption and decryption on every core: SEAL holds the GIL, so threads would not help; processes do.
+"""Encryption and decryption on every core: SEAL and the numpy steps of our own C path hold the GIL, so threads
+would not help (two threads decrypted 1.07x as fast as one, in bench codec's update); processes do.
 
 :class:`CipherPool` runs :class:`~lightning_fhe.he.codec.UpdateCipher`'s chunk work on worker processes, started
 once (a site starts its pool when ``fit`` starts) and fed batches of chunks. Both directions are pipelined and
 bounded: :meth:`CipherPool.iter_encrypt` yields upload chunks in order while later batches are still being
 encrypted, so an upload that reads it overlaps encryption with the transfer; a :class:`StreamDecryption` takes
-global chunks as a download delivers them and writes each chunk's values where they go. At most ``window`` batches
+global chunks as a download delivers them and writes each batch's values where they go. At most ``window`` batches
 per worker are in flight, so memory stays a few batches whatever the model's size. The chunks themselves cross
-between the site and its workers through one shared-memory block per upload or download (a slot per batch in
-flight); only the tasks go through pipes. With one worker everything runs in the calling process, and nothing is
-started. A worker that dies (killed; out of memory, for one) fails the upload or download it served with
-:class:`CipherWorkerError` rather than leaving it waiting, and new workers take over; workers end with the site's
-process, however it ends.
+between the site and its workers through a shared-memory block per upload or download (a slot per batch in
+flight), which the next one of the same kind reuses; only the tasks go through pipes. With one worker everything
+runs in the calling process, and nothing is started. A worker that dies (killed; out of memory, for one) fails the
+upload or download it served with :class:`CipherWorkerError` rather than leaving it waiting, and new workers take
+over; workers end with the site's process, however it ends.
 
 Workers are spawned, not forked: a process that runs gRPC's threads must not fork. A spawned process normally
 imports the parent's ``__main__`` first (a training script: Lightning, torch, the data, some 400 MB and seconds per
@@ -50,7 +51,8 @@ from lightning_fhe.he.context import HEContext
 from lightning_fhe.he.frames import global_chunk_bytes, upload_chunk_bytes
 
 _worker_cipher: UpdateCipher | None = None
-_worker_block: shared_memory.SharedMemory | None = None
+_worker_blocks: dict[str, shared_memory.SharedMemory] = {}  # attached, the most recently used last
+_ATTACHED = 2  # an upload's block and a download's: the site reuses them operation after operation
 
 
 def _start_worker(context_bytes: bytes) -> None:
@@ -70,15 +72,17 @@ def _exit_with_parent() -> None:
 
 
 def _attached(name: str) -> memoryview:
-    """The buffer of the site's block ``name``, attached once per operation (the site makes one per upload or
-    download). Spawned workers share the site's resource tracker, so attaching registers nothing new and only the
-    site unlinks the block."""
-    global _worker_block
-    if _worker_block is None or _worker_block.name != name:
-        if _worker_block is not None:
-            _worker_block.close()
-        _worker_block = shared_memory.SharedMemory(name=name)
-    return _worker_block.buf
+    """The buffer of the site's block ``name``, attached the first time a task names it and kept attached while it
+    is one of the last two used (the site reuses its blocks; a block it retired is detached when two others have
+    been used since). Spawned workers share the site's resource tracker, so attaching registers nothing new and only
+    the site unlinks a block."""
+    block = _worker_blocks.pop(name, None)
+    if block is None:
+        block = shared_memory.SharedMemory(name=name)
+        while len(_worker_blocks) >= _ATTACHED:
+            _worker_blocks.pop(next(iter(_worker_blocks))).close()
+    _worker_blocks[name] = block
+    return block.buf
 
 
 def _floats(buffer: memoryview, offset: int, count: int) -> np.ndarray:
@@ -122,16 +126,16 @@ def _decrypt_batch(
 
 def _decrypt_frames(
     cipher: UpdateCipher, frames: list[bytes], participants: int | None, share: float
-) -> list[np.ndarray | CiphertextError]:
-    """The averaged chunks; a bad one ends the list as its error, so the caller can name the chunk."""
-    decoded: list[np.ndarray | CiphertextError] = []
-    for frame in frames:
+) -> tuple[np.ndarray, CiphertextError | None]:
+    """The averaged chunks, one row each, up to a bad one, which comes back as the error, so the caller can name
+    the chunk."""
+    out = np.empty((len(frames), cipher.params.values_per_ciphertext))
+    for i, frame in enumerate(frames):
         try:
-            decoded.append(cipher.finish(cipher.decrypt_chunk(frame, participants), share))
+            out[i] = cipher.finish(cipher.decrypt_chunk(frame, participants), share)
         except CiphertextError as err:
-            decoded.append(err)
-            break
-    return decoded
+            return out[:i], err
+    return out, None
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,7 @@ class _Block:
         self._slot_bytes = batch * (input_bytes + output_bytes)
         self.slots, self.batch, self.input_bytes = slots, batch, input_bytes
         self._output_bytes = output_bytes
+        self.shape = (slots, batch, input_bytes, output_bytes)
         self._memory = shared_memory.SharedMemory(create=True, size=slots * self._slot_bytes)
         self.name = self._memory.name
         self.buffer = self._memory.buf
@@ -225,6 +230,10 @@ class CipherPool:
         self._in_flight = window * self.workers
         self._pool: ProcessPoolExecutor | None = None
         self._blocks: set[_Block] = set()  # the operations' shared memory not yet given back, closed with the pool
+        # A finished operation's block, by shape, for the next one: fresh pages would cost the site's process and
+        # every worker a page fault each, about a tenth of the site's own work in an upload.
+        self._spare: dict[tuple[int, int, int, int], _Block] = {}
+        self._spare_lock = threading.Lock()  # a download's decryption and an upload may run on different threads
         if self.workers > 1:
             self._context_bytes = context.serialize(with_secret_key=True)
             self._start()
@@ -313,7 +322,7 @@ class CipherPool:
         total_weight_fraction: float,
         write: Callable[[int, np.ndarray], None],
     ) -> None:
-        """Decrypts all of ``chunks`` through a :meth:`decryption` that hands each chunk's average to ``write``."""
+        """Decrypts all of ``chunks`` through a :meth:`decryption` that hands the averages to ``write``."""
         decryption = self.decryption(count, total_weight_fraction, write)
         try:
             for frame in chunks:
@@ -347,23 +356,34 @@ class CipherPool:
             while pending:
                 yield from collected()
         finally:
-            self._give_back(block)
+            self._give_back(block, settled=not pending)
 
     def _block(self, batch: int, input_bytes: int, output_bytes: int) -> _Block:
-        block = _Block(self._in_flight, batch, input_bytes, output_bytes)
+        with self._spare_lock:
+            block = self._spare.pop((self._in_flight, batch, input_bytes, output_bytes), None)
+        block = block or _Block(self._in_flight, batch, input_bytes, output_bytes)
         self._blocks.add(block)
         return block
 
-    def _give_back(self, block: _Block) -> None:
-        block.close()
+    def _give_back(self, block: _Block, settled: bool = False) -> None:
+        """``settled``: no task of the operation is pending, so no worker writes into the block any more and the
+        next operation of its shape may reuse it; otherwise it is retired."""
         self._blocks.discard(block)
+        with self._spare_lock:
+            if settled and self._pool is not None and block.shape not in self._spare:
+                self._spare[block.shape] = block
+                return
+        block.close()
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)  # a batch at most still running on each worker
             self._pool = None
-        for block in list(self._blocks):
-            self._give_back(block)
+        with self._spare_lock:
+            spare, self._spare = list(self._spare.values()), {}
+        for block in list(self._blocks) + spare:
+            self._blocks.discard(block)
+            block.close()
 
     def __enter__(self) -> CipherPool:
         return self
@@ -373,11 +393,11 @@ class CipherPool:
 
 
 class StreamDecryption:
-    """Decrypts global chunks as they are added and hands each chunk's averaged values to ``write(start, values)``,
-    in order: a download feeds it while the rest is still in transit, and ``write`` puts the values where they go
-    (a model's tensors), so no copy of the whole model is made. ``values`` is valid only during the call (with
-    workers, a view of shared memory that the next batch reuses): ``write`` copies what it keeps. At most
-    ``window * workers`` batches are pending.
+    """Decrypts global chunks as they are added and hands their averaged values to ``write(start, values)``, a batch
+    of chunks at a time, in order: a download feeds it while the rest is still in transit, and ``write`` puts the
+    values where they go (a model's tensors), so no copy of the whole model is made. ``values`` is valid only
+    during the call (with workers, a view of shared memory that the next batch reuses): ``write`` copies what it
+    keeps. At most ``window * workers`` batches are pending.
 
     :meth:`finish` gives its shared memory back, and so does any error it raises; a download that stops midway
     calls :meth:`close`.
@@ -407,7 +427,7 @@ class StreamDecryption:
             raise CiphertextError("index", f"{self._count} values need {self._expected} chunks, got more")
         self._batch.append(frame)
         self._added += 1
-        if len(self._batch) >= (self._pool.batch if self._pool._pool is not None else 1):
+        if len(self._batch) >= self._pool.batch:
             self._closing_on_error(self._submit)
 
     def finish(self) -> None:
@@ -425,7 +445,7 @@ class StreamDecryption:
     def close(self) -> None:
         """Gives the shared memory back; chunks still pending are dropped."""
         if self._block is not None:
-            self._pool._give_back(self._block)
+            self._pool._give_back(self._block, settled=not self._pending)
             self._block = None
 
     def _closing_on_error(self, step: Callable[[], None]) -> None:
@@ -461,29 +481,26 @@ class StreamDecryption:
         self._pending.append((slot, len(batch), task))
 
     def _store(self, work) -> None:
+        """Hands a batch's values to ``write`` in one call (once per chunk cost the site's process three times as
+        much: a model's tensors are many)."""
         if isinstance(work, list):  # decrypted here: no pool, or chunks that are not of this sum's size
-            decoded = _decrypt_frames(self._pool.cipher, work, self._participants, self._share)
+            decoded, failure = _decrypt_frames(self._pool.cipher, work, self._participants, self._share)
         else:
-            decoded = self._collected(*work)
-        per_chunk = self._pool.params.values_per_ciphertext
-        for values in decoded:
-            if isinstance(values, CiphertextError):
-                raise CiphertextError(values.reason, f"chunk {self._written}: {values}")
-            start = self._written * per_chunk
-            self._write(start, values[: max(0, min(per_chunk, self._count - start))])
-            self._written += 1
+            decoded, failure = self._collected(*work)
+        start = self._written * self._pool.params.values_per_ciphertext
+        values = decoded.reshape(-1)[: max(0, self._count - start)]
+        if values.size:
+            self._write(start, values)
+        self._written += len(decoded)
+        if failure is not None:
+            raise CiphertextError(failure.reason, f"chunk {self._written}: {failure}")
 
-    def _collected(self, slot: _Slot, size: int, result) -> list[np.ndarray | CiphertextError]:
-        """A worker's batch: views of its output cells (valid until the slot's next batch), then its error, if a chunk
-        failed."""
+    def _collected(self, slot: _Slot, size: int, result) -> tuple[np.ndarray, CiphertextError | None]:
+        """A worker's batch: a view of its output cells, a row per chunk (valid until the slot's next batch), up to
+        a chunk that failed, and that chunk's error."""
         assert self._block is not None
         failure = self._pool._result(result)
         good = size if failure is None else failure[0]
         n = self._pool.params.values_per_ciphertext
-        buffer = self._block.buffer
-        decoded: list[np.ndarray | CiphertextError] = [
-            _floats(buffer, slot.outputs + i * slot.output_bytes, n) for i in range(good)
-        ]
-        if failure is not None:
-            decoded.append(failure[1])
-        return decoded
+        decoded = _floats(self._block.buffer, slot.outputs, good * n).reshape(good, n)
+        return decoded, None if failure is None else failure[1]
