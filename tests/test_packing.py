@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from lightning_fhe.he import modular
 from lightning_fhe.he.modular import add_mod, numpy_add_packed_mod, sub_mod
-from lightning_fhe.he.packing import PackingError, pack60, packed_size, unpack60
+from lightning_fhe.he.packing import PackingError, numpy_pack60_into, pack60, pack60_into, packed_size, unpack60
 
 BELOW_2_60 = st.integers(0, 2**60 - 1)
 # A prime of 60 bits, as the first prime of the seed's parameters is: sums of two coefficients reach 2**61.
@@ -78,6 +78,26 @@ def test_odd_counts_other_dtypes_and_wrong_lengths_are_refused():
 def test_nothing_packs_to_nothing():
     assert pack60(_u64([])) == b""
     assert unpack60(b"", 0).size == 0
+
+
+@given(_even_lists(st.integers(0, 2**64 - 1)))
+def test_the_compiled_packing_writes_numpy_s_bytes_and_refuses_the_same_coefficient(values):
+    if not modular.COMPILED:
+        pytest.skip("the package was built without a C compiler: numpy packs")
+    from lightning_fhe.he import _packed
+
+    by_numpy, compiled = bytearray(packed_size(len(values))), bytearray(packed_size(len(values)))
+    bad = numpy_pack60_into(by_numpy, _u64(values))
+    assert _packed.pack60(compiled, _u64(values)) == bad
+    if bad < 0:
+        assert compiled == by_numpy
+    else:
+        assert values[bad] >= 2**60 and all(v < 2**60 for v in values[:bad])
+
+
+def test_packing_into_a_buffer_of_another_size_is_refused():
+    with pytest.raises(PackingError, match="4 coefficients pack into 30 bytes, the buffer holds 29"):
+        pack60_into(bytearray(29), _u64([1, 2, 3, 4]))
 
 
 # -- arithmetic modulo q0 ----------------------------------------------------------------------------------------------

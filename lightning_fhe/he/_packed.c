@@ -1,11 +1,14 @@
-/* Adds 60-bit packed coefficients into a sum modulo q, in one pass over each: the server's work on a chunk.
+/* Adds 60-bit packed coefficients into a sum modulo q, in one pass over each: the server's work on a chunk; and
+ * packs them, a site's.
  *
- * lightning_fhe.he.modular.add_packed_mod documents it and holds the numpy version, which is the reference (the
- * tests compare the two). Packing (lightning_fhe.he.packing): coefficients a, b become the 120-bit little-endian
- * integer a | b << 60, written as 15 bytes. A coefficient not below q stops the addition, and what was added before
- * it is taken back out, so a refused chunk changes nothing. The GIL is released while the loop runs: the server
- * adds on many threads. Where the CPU has AVX-512 (F, BW and VBMI, looked up when the module loads; KERNEL says
- * which loop runs), eight coefficients go at a time, and the scalar loop does the rest of a chunk.
+ * lightning_fhe.he.modular.add_packed_mod and add_checked_mod document the addition and hold the numpy versions,
+ * which are the reference (the tests compare them). Packing (lightning_fhe.he.packing): coefficients a, b become
+ * the 120-bit little-endian integer a | b << 60, written as 15 bytes. A coefficient not below q stops the addition,
+ * and what was added before it is taken back out, so a refused chunk changes nothing; add_checked also checks the
+ * chunk's CRC-32 in the same pass, and takes everything back out on a mismatch. The GIL is released while a loop
+ * runs: the server adds on many threads. Where the CPU has AVX-512 (F, BW and VBMI) and PCLMULQDQ, looked up when
+ * the module loads (KERNEL says which loop runs), eight coefficients go at a time, and the scalar loop does the rest
+ * of a chunk.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -311,10 +314,56 @@ done:
     return result;
 }
 
+static inline void store64(unsigned char *p, uint64_t v) {
+#if PY_BIG_ENDIAN
+    v = __builtin_bswap64(v);
+#endif
+    memcpy(p, &v, 8);
+}
+
+/* A site's side: packs coefficients as pair() reads them. Bytes 0..7 take a | b << 60 and bytes 7..14 take
+ * (a | b << 60) >> 56; byte 7 is written twice, with the same value. */
+static PyObject *pack60(PyObject *self, PyObject *args) {
+    Py_buffer out, values;
+    if (!PyArg_ParseTuple(args, "w*y*", &out, &values)) {
+        return NULL;
+    }
+    Py_ssize_t n = values.len / 8, first_bad = -1;
+    PyObject *result = NULL;
+    if (values.len % 8 || n % 2 || out.len != n / 2 * 15) {
+        PyErr_Format(PyExc_ValueError, "pack60: %zd bytes of uint64 values (an even count) take %zd bytes, got %zd",
+                     values.len, n / 2 * 15, out.len);
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const unsigned char *in = values.buf;
+    unsigned char *o = out.buf;
+    for (Py_ssize_t i = 0; i < n / 2; i++) {
+        uint64_t a, b; /* the values are numpy's, in the machine's byte order */
+        memcpy(&a, in + 16 * i, 8);
+        memcpy(&b, in + 16 * i + 8, 8);
+        if ((a | b) >> 60) {
+            first_bad = 2 * i + !(a >> 60);
+            break;
+        }
+        store64(o + 15 * i, a | b << 60);
+        store64(o + 15 * i + 7, a >> 56 | b << 4);
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(first_bad);
+done:
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&values);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"add_packed", add_packed, METH_VARARGS,
      "add_packed(total, packed, q, subtract, vector=True) -> -1, or the index of the first coefficient >= q (nothing "
      "changed). vector=False keeps to the scalar loop where the CPU has AVX-512 (for tests)."},
+    {"pack60", pack60, METH_VARARGS,
+     "pack60(out, values) -> -1, or the index of the first value not below 2**60 (out is then partly written). "
+     "values: uint64, an even count; out: exactly 15 bytes per pair."},
     {"add_checked", add_checked, METH_VARARGS,
      "add_checked(total, body, packed_at, crc, q, subtract, vector=True) -> add_packed(total, body[packed_at:], q, "
      "subtract) where zlib.crc32(body) == crc; else -2 and nothing changed. One pass over body where the CPU has "

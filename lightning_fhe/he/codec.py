@@ -30,7 +30,8 @@ from lightning_fhe.he.frames import (
     add_upload_chunk,
     decode_global_chunk,
     encode_global_chunk,
-    encode_upload_chunk,
+    encode_upload_chunk_into,
+    upload_chunk_bytes,
     upload_seed_entry,
 )
 from lightning_fhe.he.params import CKKSParams
@@ -181,6 +182,12 @@ class UpdateCipher:
 
     def encrypt_chunk(self, values: np.ndarray) -> bytes:
         """One upload chunk (:mod:`~lightning_fhe.he.frames`) of ``N`` prepared values."""
+        frame = bytearray(self.chunk_bytes)
+        self.encrypt_chunk_into(values, frame)
+        return bytes(frame)
+
+    def encrypt_chunk_into(self, values: np.ndarray, out: bytearray | memoryview) -> None:
+        """:meth:`encrypt_chunk` into ``out``, :attr:`chunk_bytes` long (a worker's cell of shared memory)."""
         if self._seeded is not None:
             parts = self._seeded.encrypt(values)
         else:
@@ -188,7 +195,12 @@ class UpdateCipher:
             # A list converts to SEAL's vector faster than pybind11 walks a numpy array.
             self._encoder.encode(values.view(np.complex128).tolist(), self._parms_id, self.params.scale, plaintext)
             parts = self.layout.split_seeded(thread_buffer().dump(self._encryptor.encrypt_symmetric(plaintext)))
-        return encode_upload_chunk(parts.c0, parts.prng, parts.seed)
+        encode_upload_chunk_into(out, parts.c0, parts.prng, parts.seed)
+
+    @property
+    def chunk_bytes(self) -> int:
+        """The size of an upload chunk."""
+        return upload_chunk_bytes(self.layout.n)
 
     @property
     def encryptor(self) -> str:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lightning_fhe.he.modular import CORRUPT, add_checked_mod, crc32, first_not_below
-from lightning_fhe.he.packing import PackingError, pack60, packed_size, unpack60
+from lightning_fhe.he.packing import PackingError, pack60, pack60_into, packed_size, unpack60
 
 FORMAT = 2
 SEED_BYTES = 64
@@ -97,9 +97,23 @@ def global_chunk_bytes(n: int, participants: int, summed: bool) -> int:
 
 
 def encode_upload_chunk(c0: np.ndarray, prng: int, seed: bytes) -> bytes:
+    frame = bytearray(upload_chunk_bytes(c0.size))
+    encode_upload_chunk_into(frame, c0, prng, seed)
+    return bytes(frame)
+
+
+def encode_upload_chunk_into(out: bytearray | memoryview, c0: np.ndarray, prng: int, seed: bytes) -> None:
+    """:func:`encode_upload_chunk` into ``out``, exactly :func:`upload_chunk_bytes` long: a site's worker writes its
+    chunks straight into shared memory."""
     if len(seed) != SEED_BYTES:
         raise ValueError(f"a seed takes {SEED_BYTES} bytes, got {len(seed)}")
-    return _framed(bytes([prng]) + seed + pack60(c0))
+    if len(out) != upload_chunk_bytes(c0.size):
+        raise ValueError(f"an upload chunk of N={c0.size} takes {upload_chunk_bytes(c0.size)} bytes, not {len(out)}")
+    out = memoryview(out)
+    pack60_into(out[_UPLOAD_HEAD:], c0)
+    out[5] = prng
+    out[6:_UPLOAD_HEAD] = seed
+    struct.pack_into("<BI", out, 0, FORMAT, crc32(out[5:]))
 
 
 def decode_upload_chunk(frame: bytes, n: int, q0: int) -> UploadChunk:

@@ -22,6 +22,11 @@ from __future__ import annotations
 
 import numpy as np
 
+try:
+    from lightning_fhe.he._packed import pack60 as _compiled_pack60
+except ImportError:  # installed without a C compiler
+    _compiled_pack60 = None
+
 BITS = 60
 _MASK = np.uint64((1 << BITS) - 1)
 _U64 = np.dtype("<u8")
@@ -40,18 +45,47 @@ def packed_size(count: int) -> int:
 
 def pack60(values: np.ndarray) -> bytes:
     """``values`` (uint64, each below ``2**60``, an even count) as ``15 * len(values) / 2`` bytes."""
-    values = np.asarray(values)
-    if values.dtype != np.uint64:
-        raise PackingError(f"60-bit packing takes uint64 coefficients, got {values.dtype}")
-    pairs = packed_size(values.size) // 15
+    values = _uint64(values)
+    out = bytearray(packed_size(values.size))
+    pack60_into(out, values)
+    return bytes(out)
+
+
+def pack60_into(out: bytearray | memoryview, values: np.ndarray) -> None:
+    """:func:`pack60` into ``out``, a writable buffer of exactly :func:`packed_size` bytes: a site's worker packs its
+    chunks straight into shared memory. In C where the package was built with it (``_packed.c``, ten times faster),
+    else numpy's same layout."""
+    values = _uint64(values)
+    size = packed_size(values.size)
+    if len(out) != size:
+        raise PackingError(f"{values.size} coefficients pack into {size} bytes, the buffer holds {len(out)}")
+    if _compiled_pack60 is not None:
+        bad = _compiled_pack60(out, np.ascontiguousarray(values))
+    else:
+        bad = numpy_pack60_into(out, values)
+    if bad >= 0:
+        raise PackingError(f"coefficient {bad} is {int(values[bad])}, not below 2**60")
+
+
+def numpy_pack60_into(out: bytearray | memoryview, values: np.ndarray) -> int:
+    """:func:`pack60_into` in numpy, the reference the compiled one is tested against: -1, or the index of the
+    first value not below ``2**60`` (nothing written then)."""
     if values.size and int(values.max()) >> BITS:
-        i = int(np.argmax(values >> np.uint64(BITS)))
-        raise PackingError(f"coefficient {i} is {int(values[i])}, not below 2**60")
+        return int(np.argmax(values >= np.uint64(1 << BITS)))  # the first one, not the largest
+    pairs = values.size // 2
     v = values.reshape(pairs, 2)
     words = np.empty((pairs, 2), dtype=_U64)
     np.bitwise_or(v[:, 0], v[:, 1] << np.uint64(BITS), out=words[:, 0])
     np.right_shift(v[:, 1], np.uint64(64 - BITS), out=words[:, 1])
-    return words.view(np.uint8).reshape(pairs, 16)[:, :15].tobytes()
+    np.frombuffer(out, dtype=np.uint8).reshape(pairs, 15)[:] = words.view(np.uint8).reshape(pairs, 16)[:, :15]
+    return -1
+
+
+def _uint64(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values)
+    if values.dtype != np.uint64:
+        raise PackingError(f"60-bit packing takes uint64 coefficients, got {values.dtype}")
+    return values
 
 
 def unpack60(data: bytes | memoryview, count: int) -> np.ndarray:

@@ -100,9 +100,8 @@ def _encrypt_batch(block: str, slot: _Slot, size: int, weight_fraction: float) -
     values = _floats(buffer, slot.inputs, count * n)
     _worker_cipher.prepare(values[:size], weight_fraction, out=values)
     for i in range(count):
-        frame = _worker_cipher.encrypt_chunk(values[i * n : (i + 1) * n])
         start = slot.outputs + i * slot.output_bytes
-        buffer[start : start + len(frame)] = frame
+        _worker_cipher.encrypt_chunk_into(values[i * n : (i + 1) * n], buffer[start : start + slot.output_bytes])
     return count
 
 
