@@ -109,11 +109,11 @@ def encode_upload_chunk_into(out: bytearray | memoryview, c0: np.ndarray, prng: 
         raise ValueError(f"a seed takes {SEED_BYTES} bytes, got {len(seed)}")
     if len(out) != upload_chunk_bytes(c0.size):
         raise ValueError(f"an upload chunk of N={c0.size} takes {upload_chunk_bytes(c0.size)} bytes, not {len(out)}")
-    out = memoryview(out)
-    pack60_into(out[_UPLOAD_HEAD:], c0)
-    out[5] = prng
-    out[6:_UPLOAD_HEAD] = seed
-    struct.pack_into("<BI", out, 0, FORMAT, crc32(out[5:]))
+    frame = memoryview(out)
+    pack60_into(frame[_UPLOAD_HEAD:], c0)
+    frame[5] = prng
+    frame[6:_UPLOAD_HEAD] = seed
+    struct.pack_into("<BI", frame, 0, FORMAT, crc32(frame[5:]))
 
 
 def decode_upload_chunk(frame: bytes, n: int, q0: int) -> UploadChunk:
