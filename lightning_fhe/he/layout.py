@@ -242,7 +242,7 @@ def _short(value: Any) -> str:
 # Conversions between a tensor's dtype and float64 go through numpy, on the calling thread, wherever numpy has the
 # dtype: torch hands a copy of more than 32768 values to its intra-op threads, which then keep spinning on the cores
 # that the cipher workers need (bench codec: with torch's 2 threads a site's decryption into tensors took 0.32 s with
-# 2 workers and 0.33 to 0.52 s with 1; with numpy, 0.16 s and 0.26 s).
+# 2 workers and 0.33 to 0.52 s with 1; with numpy, 0.16 s and 0.25 s).
 def _numpy_view(tensor: torch.Tensor) -> np.ndarray | None:
     if tensor.device.type != "cpu" or tensor.dtype == torch.bfloat16 or tensor.requires_grad:
         return None

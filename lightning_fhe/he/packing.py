@@ -53,8 +53,8 @@ def pack60(values: np.ndarray) -> bytes:
 
 def pack60_into(out: bytearray | memoryview, values: np.ndarray) -> None:
     """:func:`pack60` into ``out``, a writable buffer of exactly :func:`packed_size` bytes: a site's worker packs its
-    chunks straight into shared memory. In C where the package was built with it (``_packed.c``, ten times faster),
-    else numpy's same layout."""
+    chunks straight into shared memory. In C where the package was built with it (``_packed.c``: 5 to 8 us for 8192
+    coefficients), else numpy's same layout (49 us)."""
     values = _uint64(values)
     size = packed_size(values.size)
     if len(out) != size:
