@@ -15,21 +15,14 @@
 #include <stdint.h>
 #include <string.h>
 
-#define MASK60 ((UINT64_C(1) << 60) - 1)
+#include "_le64.h"
 
-static inline uint64_t load64(const unsigned char *p) {
-    uint64_t v;
-    memcpy(&v, p, 8);
-#if PY_BIG_ENDIAN
-    v = __builtin_bswap64(v);
-#endif
-    return v;
-}
+#define MASK60 ((UINT64_C(1) << 60) - 1)
 
 static inline void pair(const unsigned char *p, uint64_t *a, uint64_t *b) {
     /* bytes 0..7 hold a and b's low 4 bits; bytes 7..14 hold bits 56..119, that is b shifted left by 4 */
-    *a = load64(p) & MASK60;
-    *b = load64(p + 7) >> 4;
+    *a = load_le64(p) & MASK60;
+    *b = load_le64(p + 7) >> 4;
 }
 
 static inline uint64_t add_mod(uint64_t t, uint64_t v, uint64_t q) {
@@ -314,13 +307,6 @@ done:
     return result;
 }
 
-static inline void store64(unsigned char *p, uint64_t v) {
-#if PY_BIG_ENDIAN
-    v = __builtin_bswap64(v);
-#endif
-    memcpy(p, &v, 8);
-}
-
 /* A site's side: packs coefficients as pair() reads them. Bytes 0..7 take a | b << 60 and bytes 7..14 take
  * (a | b << 60) >> 56; byte 7 is written twice, with the same value. */
 static PyObject *pack60(PyObject *self, PyObject *args) {
@@ -346,8 +332,8 @@ static PyObject *pack60(PyObject *self, PyObject *args) {
             first_bad = 2 * i + !(a >> 60);
             break;
         }
-        store64(o + 15 * i, a | b << 60);
-        store64(o + 15 * i + 7, a >> 56 | b << 4);
+        store_le64(o + 15 * i, a | b << 60);
+        store_le64(o + 15 * i + 7, a >> 56 | b << 4);
     }
     Py_END_ALLOW_THREADS
     result = PyLong_FromSsize_t(first_bad);

@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_le64.h"
+
 /* ---- BLAKE2b (RFC 7693) -------------------------------------------------------------------------------------- */
 
 static const uint64_t IV[8] = {
@@ -35,22 +37,6 @@ static const uint8_t SIGMA[12][16] = {
 
 static inline uint64_t rotr64(uint64_t x, int r) { return (x >> r) | (x << (64 - r)); }
 
-static inline uint64_t le64(const uint8_t *p) {
-    uint64_t v;
-    memcpy(&v, p, 8);
-#if PY_BIG_ENDIAN
-    v = __builtin_bswap64(v);
-#endif
-    return v;
-}
-
-static inline void store_le64(uint8_t *p, uint64_t v) {
-#if PY_BIG_ENDIAN
-    v = __builtin_bswap64(v);
-#endif
-    memcpy(p, &v, 8);
-}
-
 static inline uint64_t mulhi(uint64_t a, uint64_t b) { return (uint64_t)(((unsigned __int128)a * b) >> 64); }
 
 /* memset that the compiler may not drop as a dead store before the memory is freed or goes out of scope */
@@ -58,6 +44,20 @@ static void wipe(void *p, size_t n) {
     memset(p, 0, n);
     __asm__ __volatile__("" : : "r"(p) : "memory");
 }
+
+/* BLAKE2b's twelve rounds over the working vector v: G mixes the four columns, then the four diagonals (RFC 7693,
+ * 3.2). G is the mixing function for v's type: one state (G) or eight, a lane each (GV). */
+#define ROUNDS(G, v)                                                                                                 \
+    for (int r = 0; r < 12; r++) {                                                                                    \
+        G(r, 0, v[0], v[4], v[8], v[12]);                                                                            \
+        G(r, 1, v[1], v[5], v[9], v[13]);                                                                            \
+        G(r, 2, v[2], v[6], v[10], v[14]);                                                                           \
+        G(r, 3, v[3], v[7], v[11], v[15]);                                                                           \
+        G(r, 4, v[0], v[5], v[10], v[15]);                                                                           \
+        G(r, 5, v[1], v[6], v[11], v[12]);                                                                           \
+        G(r, 6, v[2], v[7], v[8], v[13]);                                                                            \
+        G(r, 7, v[3], v[4], v[9], v[14]);                                                                            \
+    }
 
 #define G(r, i, a, b, c, d)                      \
     do {                                         \
@@ -74,23 +74,14 @@ static void wipe(void *p, size_t n) {
 /* One compression of a 128-byte block; t is the byte count so far (below 2**64 here), last marks the final block. */
 static void compress(uint64_t h[8], const uint8_t block[128], uint64_t t, int last) {
     uint64_t m[16], v[16];
-    for (int i = 0; i < 16; i++) m[i] = le64(block + 8 * i);
+    for (int i = 0; i < 16; i++) m[i] = load_le64(block + 8 * i);
     for (int i = 0; i < 8; i++) {
         v[i] = h[i];
         v[i + 8] = IV[i];
     }
     v[12] ^= t;
     if (last) v[14] = ~v[14];
-    for (int r = 0; r < 12; r++) {
-        G(r, 0, v[0], v[4], v[8], v[12]);
-        G(r, 1, v[1], v[5], v[9], v[13]);
-        G(r, 2, v[2], v[6], v[10], v[14]);
-        G(r, 3, v[3], v[7], v[11], v[15]);
-        G(r, 4, v[0], v[5], v[10], v[15]);
-        G(r, 5, v[1], v[6], v[11], v[12]);
-        G(r, 6, v[2], v[7], v[8], v[13]);
-        G(r, 7, v[3], v[4], v[9], v[14]);
-    }
+    ROUNDS(G, v);
     for (int i = 0; i < 8; i++) h[i] ^= v[i] ^ v[i + 8];
 }
 
@@ -131,7 +122,7 @@ static void leaf(uint8_t out[64], const uint8_t block[128], uint32_t offset) {
 __attribute__((target("avx512f"))) static void leaves8(uint8_t out[512], const uint8_t block[128], uint32_t first) {
     __m512i m[16], v[16], h[8];
     uint64_t h0[8], lanes[8][8];
-    for (int k = 0; k < 16; k++) m[k] = _mm512_set1_epi64((long long)le64(block + 8 * k));
+    for (int k = 0; k < 16; k++) m[k] = _mm512_set1_epi64((long long)load_le64(block + 8 * k));
     init_param(h0, 64, 0, 0, 0, 64, 0, STREAM_BUFFER, 64);
     for (int i = 0; i < 8; i++) h[i] = _mm512_set1_epi64((long long)h0[i]);
     h[1] = _mm512_xor_si512(h[1], _mm512_add_epi64(_mm512_set1_epi64(first), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0)));
@@ -152,16 +143,7 @@ __attribute__((target("avx512f"))) static void leaves8(uint8_t out[512], const u
         c = _mm512_add_epi64(c, d);                                            \
         b = _mm512_ror_epi64(_mm512_xor_si512(b, c), 63);                      \
     } while (0)
-    for (int r = 0; r < 12; r++) {
-        GV(r, 0, v[0], v[4], v[8], v[12]);
-        GV(r, 1, v[1], v[5], v[9], v[13]);
-        GV(r, 2, v[2], v[6], v[10], v[14]);
-        GV(r, 3, v[3], v[7], v[11], v[15]);
-        GV(r, 4, v[0], v[5], v[10], v[15]);
-        GV(r, 5, v[1], v[6], v[11], v[12]);
-        GV(r, 6, v[2], v[7], v[8], v[13]);
-        GV(r, 7, v[3], v[4], v[9], v[14]);
-    }
+    ROUNDS(GV, v);
 #undef GV
     for (int i = 0; i < 8; i++) {
         _mm512_storeu_si512((void *)lanes[i], _mm512_xor_si512(h[i], _mm512_xor_si512(v[i], v[i + 8])));
@@ -248,7 +230,7 @@ static void sample_uniform(uint64_t *a, Py_ssize_t n, const uint8_t seed[64], ui
         while (r >= max_multiple) {
             uint8_t more[8];
             stream_read(&s, more, 8);
-            r = le64(more);
+            r = load_le64(more);
         }
         r -= mulhi(r, ratio) * q;
         while (r >= q) r -= q;
@@ -398,6 +380,17 @@ static void release(Views *v) {
     for (int i = 0; i < v->count; i++) PyBuffer_Release(&v->views[i]);
 }
 
+/* n words of scratch for a call whose arguments were all taken (ok); otherwise, or out of memory, NULL with the
+ * views released and the error set. */
+static uint64_t *scratch(Views *v, int ok, Py_ssize_t n) {
+    uint64_t *words = ok ? PyMem_RawMalloc(8 * n) : NULL;
+    if (!words) {
+        release(v);
+        if (ok) PyErr_NoMemory();
+    }
+    return words;
+}
+
 /* Takes a contiguous buffer of exactly `bytes` bytes (any, when bytes < 0); writable when asked. */
 static void *take(Views *v, PyObject *obj, Py_ssize_t bytes, int writable, const char *name) {
     Py_buffer *view = &v->views[v->count];
@@ -475,11 +468,8 @@ static PyObject *py_uniform_sum(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "the seeds must be one or more of 64 bytes, got %zd bytes", v.views[1].len);
         seeds = NULL;
     }
-    uint64_t *a = seeds ? PyMem_RawMalloc(8 * n) : NULL;
-    if (!a) {
-        release(&v);
-        return seeds ? PyErr_NoMemory() : NULL;
-    }
+    uint64_t *a = scratch(&v, seeds != NULL, n);
+    if (!a) return NULL;
     uint64_t *out = v.views[0].buf;
     Py_BEGIN_ALLOW_THREADS
     uniform_sum(out, n, seeds, count, q, a);
@@ -542,12 +532,10 @@ static PyObject *py_encrypt(PyObject *self, PyObject *args) {
     uint8_t *public_seed = n ? take(&v, seed_obj, 64, 1, "the public seed") : NULL;
     const int64_t *m = public_seed ? take(&v, m_obj, 8 * n, 0, "the coefficients") : NULL;
     const uint8_t *boot = m ? take(&v, boot_obj, 64, 0, "the bootstrap seed") : NULL;
-    int ok = boot && take_table(&v, key_obj, n, "the secret key", &key) && take_table(&v, roots_obj, n, "roots", &roots);
-    uint64_t *a = ok ? PyMem_RawMalloc(8 * n) : NULL;
-    if (!a) {
-        release(&v);
-        return ok ? PyErr_NoMemory() : NULL;
-    }
+    int ok = boot && take_table(&v, key_obj, n, "the secret key", &key) &&
+             take_table(&v, roots_obj, n, "roots", &roots);
+    uint64_t *a = scratch(&v, ok, n);
+    if (!a) return NULL;
     uint64_t *out = v.views[0].buf;
     Py_BEGIN_ALLOW_THREADS
     encrypt(out, public_seed, m, boot, key, n, q, roots, a);
@@ -577,11 +565,8 @@ static PyObject *py_decrypt(PyObject *self, PyObject *args) {
             ok = 0;
         }
     }
-    uint64_t *work = ok ? PyMem_RawMalloc(8 * n) : NULL;
-    if (!work) {
-        release(&v);
-        return ok ? PyErr_NoMemory() : NULL;
-    }
+    uint64_t *work = scratch(&v, ok, n);
+    if (!work) return NULL;
     int64_t *out = v.views[0].buf;
     Py_BEGIN_ALLOW_THREADS
     decrypt(out, c0, c1, key, n, q, inverse, work);
