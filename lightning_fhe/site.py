@@ -401,8 +401,8 @@ def fetch_decrypted(
     shape: UpdateShape,
     progress: Callable[[int, int], None] | None = None,
 ) -> ReceivedModel:
-    """Fetches round ``shape.round``'s global model; its chunks are decrypted as they arrive, each chunk's
-    average written straight into the encrypted layout's tensors, in their own dtypes."""
+    """Fetches round ``shape.round``'s global model; its chunks are decrypted as they arrive, their averages
+    written straight into the encrypted layout's tensors, a batch of chunks at a time, in their own dtypes."""
     layout = shape.encrypted_layout
 
     def new_tensors() -> tuple[dict[str, torch.Tensor], Callable[[int, np.ndarray], None]]:

@@ -178,8 +178,8 @@ def _mask_s(layout: CiphertextLayout, frames: list[bytes], clients: int, rng: np
 def _decrypt_model(
     pool: CipherPool, chunks: list[bytes], layout: TensorLayout, total_share: float
 ) -> dict[str, torch.Tensor]:
-    """A site's whole decryption, as :func:`lightning_fhe.site.fetch_decrypted` does it: each chunk's average written
-    into the model's tensors as soon as it is decrypted."""
+    """A site's whole decryption, as :func:`lightning_fhe.site.fetch_decrypted` does it: the averages written into
+    the model's tensors a batch of chunks at a time, as soon as they are decrypted."""
     tensors = layout.empty()
     pool.decrypt_into(chunks, layout.numel, total_share, lambda start, values: layout.write(tensors, start, values))
     return tensors

@@ -147,7 +147,7 @@ class TensorLayout:
         return out
 
     def empty(self) -> dict[str, torch.Tensor]:
-        """The layout's tensors, uninitialized: for :meth:`write` to fill a chunk at a time."""
+        """The layout's tensors, uninitialized: for :meth:`write` to fill a piece at a time."""
         return {spec.name: torch.empty(spec.shape, dtype=SUPPORTED_DTYPES[spec.dtype]) for spec in self.specs}
 
     def write(self, tensors: Mapping[str, torch.Tensor], start: int, values: np.ndarray) -> None:
