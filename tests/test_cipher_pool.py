@@ -234,15 +234,15 @@ def test_a_worker_that_dies_fails_the_upload_with_a_clear_error_and_the_next_one
 
 
 def _wait_for_exit_unreaped(process: psutil.Process, timeout: float = 10.0) -> None:
-    """Waits until ``process`` has exited, without reaping it. The pool must see the exit itself: psutil's ``wait()``
-    reaps a child, and multiprocessing then takes the worker for alive forever (its ``waitpid`` fails, which it reads
-    as "not started yet"), so the executor's shutdown would wait for it without end."""
+    """Waits until ``process`` has exited, without reaping it: the pool reaps its own workers, and psutil's ``wait()``
+    would leave multiprocessing taking the worker for alive forever (its ``waitpid`` fails, which it reads as "not
+    started yet")."""
     deadline = time.monotonic() + timeout
     try:
         while process.status() != psutil.STATUS_ZOMBIE:
             assert time.monotonic() < deadline, f"worker {process.pid} still running {timeout} s after SIGKILL"
             time.sleep(0.01)
-    except psutil.NoSuchProcess:  # the executor reaped it already
+    except psutil.NoSuchProcess:  # the pool reaped it already
         pass
 
 

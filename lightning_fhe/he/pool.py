@@ -1,5 +1,6 @@
-"""Encryption and decryption on every core: SEAL and the numpy steps of our own C path hold the GIL, so threads
-would not help (two threads decrypted 1.07x as fast as one, in bench codec's update); processes do.
+"""Encryption and decryption on every core, in processes: threads scale poorly, because the Python and numpy steps
+between the kernels that release the GIL (ours in C, numpy's FFT) hold it (two threads decrypted a chunk stream 1.05x
+to 1.5x as fast as one, and encrypted it 1.5x to 2.0x, on 2 cores).
 
 :class:`CipherPool` runs :class:`~lightning_fhe.he.codec.UpdateCipher`'s chunk work on worker processes, started
 once (a site starts its pool when ``fit`` starts) and fed batches of chunks. Both directions are pipelined and
@@ -11,11 +12,8 @@ between the site and its workers through a shared-memory block per upload or dow
 flight), which the next one of the same kind reuses; only the tasks go through pipes. With one worker everything
 runs in the calling process, and nothing is started. A worker that dies (killed; out of memory, for one) fails the
 upload or download it served with :class:`CipherWorkerError` rather than leaving it waiting, and new workers take
-over; workers end with the site's process, however it ends.
-
-Workers are spawned, not forked: a process that runs gRPC's threads must not fork. A spawned process normally
-imports the parent's ``__main__`` first (a training script: Lightning, torch, the data, some 400 MB and seconds per
-worker); the workers need none of it, so they are started without it (:func:`_without_main_module`).
+over; workers end with the site's process, however it ends. The workers and their pipes are
+:mod:`~lightning_fhe.he.workers`'s.
 
 Example::
 
@@ -32,15 +30,10 @@ Example::
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
@@ -49,6 +42,7 @@ import numpy as np
 from lightning_fhe.he.codec import CiphertextError, UpdateCipher, ValueSource, check_weight_fraction, num_chunks
 from lightning_fhe.he.context import HEContext
 from lightning_fhe.he.frames import global_chunk_bytes, upload_chunk_bytes
+from lightning_fhe.he.workers import Ticket, WorkerDied, WorkerProcesses
 
 _worker_cipher: UpdateCipher | None = None
 _worker_blocks: dict[str, shared_memory.SharedMemory] = {}  # attached, the most recently used last
@@ -60,15 +54,6 @@ def _start_worker(context_bytes: bytes) -> None:
     import tenseal as ts
 
     _worker_cipher = UpdateCipher(HEContext(ts.context_from(context_bytes)))
-    _exit_with_parent()
-
-
-def _exit_with_parent() -> None:
-    """Ends this worker when the site's process ends, however it ends (killed included): an executor's workers would
-    otherwise wait for tasks forever, holding the key and the site's standard output."""
-    parent = multiprocessing.parent_process()
-    if parent is not None:
-        threading.Thread(target=lambda: (parent.join(), os._exit(0)), name="exit-with-site", daemon=True).start()
 
 
 def _attached(name: str) -> memoryview:
@@ -175,25 +160,6 @@ class _Block:
             self._memory = None
 
 
-@contextmanager
-def _without_main_module() -> Iterator[None]:
-    """Hides ``__main__``'s name and file while processes are spawned, so they do not import it: multiprocessing
-    reads ``__main__.__spec__`` and ``__main__.__file__`` to decide what a spawned child imports first."""
-    main = sys.modules.get("__main__")
-    spec, has_file, file = getattr(main, "__spec__", None), hasattr(main, "__file__"), getattr(main, "__file__", None)
-    try:
-        if main is not None:
-            main.__spec__ = None
-            if has_file:
-                del main.__file__
-        yield
-    finally:
-        if main is not None:
-            main.__spec__ = spec
-            if has_file:
-                main.__file__ = file
-
-
 def default_workers() -> int:
     """The cores this process may run on."""
     try:
@@ -227,7 +193,7 @@ class CipherPool:
             raise ValueError(f"batch and window must be at least 1, got {batch} and {window}")
         self.batch = batch
         self._in_flight = window * self.workers
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: WorkerProcesses | None = None
         self._blocks: set[_Block] = set()  # the operations' shared memory not yet given back, closed with the pool
         # A finished operation's block, by shape, for the next one: fresh pages would cost the site's process and
         # every worker a page fault each, about a tenth of the site's own work in an upload.
@@ -238,38 +204,31 @@ class CipherPool:
             self._start()
 
     def _start(self) -> None:
-        """Starts the workers. An executor, not ``multiprocessing.Pool``: a worker that dies fails its tasks (which
-        a Pool would wait for forever) and is not replaced behind our back, by a process importing ``__main__``."""
-        spawn = multiprocessing.get_context("spawn")
-        with _without_main_module():  # the processes start here, and take what to import from __main__ now
-            self._pool = ProcessPoolExecutor(self.workers, spawn, _start_worker, (self._context_bytes,))
-            # A worker is spawned for each task that finds none idle: as many tasks as workers start them all now.
-            started = [self._pool.submit(os.getpid) for _ in range(self.workers)]
+        """Starts the workers (:mod:`~lightning_fhe.he.workers`: not ``multiprocessing.Pool``, which waits forever
+        for the tasks of a worker that died, and replaces it behind our back by a process importing ``__main__``)."""
         try:
-            for future in started:
-                future.result()
-        except BrokenProcessPool:  # not _result's restart: workers that cannot start would be started forever
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = WorkerProcesses(self.workers, _start_worker, (self._context_bytes,))
+        except WorkerDied:  # not _result's restart: workers that cannot start would be started forever
             self._pool = None
             raise CipherWorkerError("the cipher worker processes could not start; their error is above") from None
 
-    def _submit(self, work: Callable, *args) -> Future:
+    def _submit(self, work: Callable, *args) -> Ticket:
         assert self._pool is not None
         try:
             return self._pool.submit(work, *args)
-        except BrokenProcessPool:
+        except WorkerDied:
             raise self._restarted() from None
 
-    def _result(self, future: Future):
+    def _result(self, ticket: Ticket):
         """A task's result; a dead worker raises :class:`CipherWorkerError`, after new workers have started."""
         try:
-            return future.result()
-        except BrokenProcessPool:
+            return ticket.result()
+        except WorkerDied:
             raise self._restarted() from None
 
     def _restarted(self) -> CipherWorkerError:
         assert self._pool is not None
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.close()
         self._start()
         return CipherWorkerError(
             "a cipher worker process died while it held chunks (killed, or out of memory?): this upload or download "
@@ -355,6 +314,8 @@ class CipherPool:
             while pending:
                 yield from collected()
         finally:
+            for _, ticket in pending:  # an upload that stopped reading
+                ticket.forget()
             self._give_back(block, settled=not pending)
 
     def _block(self, batch: int, input_bytes: int, output_bytes: int) -> _Block:
@@ -376,7 +337,7 @@ class CipherPool:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)  # a batch at most still running on each worker
+            self._pool.close()  # a batch at most still running on each worker
             self._pool = None
         with self._spare_lock:
             spare, self._spare = list(self._spare.values()), {}
@@ -444,6 +405,9 @@ class StreamDecryption:
     def close(self) -> None:
         """Gives the shared memory back; chunks still pending are dropped."""
         if self._block is not None:
+            for work in self._pending:
+                if not isinstance(work, list):
+                    work[2].forget()
             self._pool._give_back(self._block, settled=not self._pending)
             self._block = None
 
