@@ -76,3 +76,16 @@ def test_locate_names_the_element():
     assert layout.locate(5) == "tensor 'w'[1, 2]"
     assert layout.locate(6) == "tensor 's'[]"
     assert layout.locate(8) == "tensor 'b'[1]"
+
+
+@settings(max_examples=40, deadline=None)
+@given(state_dicts(), st.integers(1, 7))
+def test_writing_the_stream_a_piece_at_a_time_gives_the_tensors_unflatten_gives(state, piece):
+    """As a download does, a batch of chunks at a time, wherever the pieces cut the tensors."""
+    layout = TensorLayout.from_tensors(state)
+    stream = layout.flatten(state) * 1.000001  # not already representable in every dtype
+    expected, tensors = layout.unflatten(stream), layout.empty()
+    for start in range(0, stream.size, piece):
+        layout.write(tensors, start, stream[start : start + piece])
+    for name in state:
+        assert torch.equal(tensors[name], expected[name]), name
