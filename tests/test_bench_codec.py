@@ -32,6 +32,7 @@ def test_the_record_keeps_the_old_keys_and_adds_the_new_ones(result):
         "rebuild_s", "encrypt_s_one_worker", "decrypt_s_one_worker", "summed", "mask_s", "mask_vs_encrypt",
     } <= result["lightning_fhe"].keys()  # fmt: skip
     assert {"download_bytes", "decrypt_s"} <= result["lightning_fhe"]["summed"].keys()
+    assert result["lightning_fhe"]["ceiling"].keys() == {"encrypt_s_one", "encrypt_s", "decrypt_s_one", "decrypt_s"}
     assert result["workers"] == 2 and result["clients"] == 3
 
 
@@ -67,10 +68,11 @@ def test_the_table_shows_every_target(result):
     for line in ("upload vs fp32", "download vs fp32, 3 sites", "encrypt speed-up", "decrypt speed-up",
                  "pool speed-up, encrypt", "pool speed-up, decrypt", "aggregation speed-up vs SEAL",
                  "same bits as plaintext FedAvg", "same bits, summed download", "download: summed",
-                 "pairwise masks, one site with 2 peers", "server aggregation per site update: ours ("):  # fmt: skip
+                 "pairwise masks, one site with 2 peers", "server aggregation per site update: ours (",
+                 "the machine's limit: 2 processes sharing nothing"):  # fmt: skip
         assert line in table
     one_worker = codec.format_table({**result, "workers": 1})
-    assert "pool speed-up" not in one_worker  # nothing to compare against
+    assert "pool speed-up" not in one_worker and "machine's limit" not in one_worker  # nothing to compare against
 
 
 def test_the_download_target_depends_on_the_number_of_sites():

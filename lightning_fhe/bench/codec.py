@@ -10,6 +10,10 @@ sum's second polynomial from the sites' seeds.
 Besides the JSON keys below, the run measures in the same process, on the same ciphertexts:
 
 - the pool against one worker (``encrypt_s_one_worker``, ``decrypt_s_one_worker``), so its speed-up is a ratio;
+- the most any pool could give on this machine (``ceiling``): the same chunks split between ``workers`` processes
+  that each hold their share and send nothing anywhere, against one process doing them all. What that falls short of
+  ``workers`` times is the machine's (cores that slow each other down: shared caches, clocks, a host's other tenants),
+  so the pool's speed-up is read against it;
 - the rebuild alone (``rebuild_s``: expanding the K seeds of every chunk, in one process);
 - the server path protocol v1 had (``baseline.aggregate_s_per_client``): SEAL loads each site's seeded ciphertexts,
   expanding their seeds, and ``add_inplace`` adds them, against our modular addition of the packed first polynomials
@@ -42,12 +46,13 @@ import torch
 from tenseal import sealapi
 
 from lightning_fhe.he import CKKSParams, HEContext, modular
-from lightning_fhe.he.codec import ChunkSum
+from lightning_fhe.he.codec import ChunkSum, UpdateCipher
 from lightning_fhe.he.fixed_point import round_to_grid
 from lightning_fhe.he.frames import decode_global_chunk, decode_upload_chunk
 from lightning_fhe.he.layout import TensorLayout
 from lightning_fhe.he.pool import CipherPool
 from lightning_fhe.he.seeded import CiphertextLayout
+from lightning_fhe.he.workers import WorkerProcesses
 from lightning_fhe.masking import PairwiseMasks
 from lightning_fhe.models import build_model
 
@@ -185,6 +190,53 @@ def _decrypt_model(
     return tensors
 
 
+# -- the machine's own limit: the chunks split between processes that share nothing ----------------------------------
+
+_split_cipher: UpdateCipher | None = None
+_split_share: list = []  # a split process's share of the chunks
+
+
+def _split_start(context_bytes: bytes) -> None:
+    global _split_cipher
+    _split_cipher = UpdateCipher(HEContext(ts.context_from(context_bytes)))
+
+
+def _split_hold(share: list) -> None:
+    _split_share[:] = share
+
+
+def _split_run(kind: str) -> None:
+    assert _split_cipher is not None
+    _run_chunks(_split_cipher, kind, _split_share)
+
+
+def _run_chunks(cipher: UpdateCipher, kind: str, work: list) -> None:
+    """Encrypts prepared chunks of values, or decrypts global chunks, and keeps nothing: the pool's work without its
+    transport or its writes."""
+    if kind == "encrypt":
+        for values in work:
+            cipher.encrypt_chunk(values)
+    else:
+        for frame in work:
+            cipher.finish(cipher.decrypt_chunk(frame), 1.0)
+
+
+def _ceiling(context: HEContext, workers: int, prepared: list[np.ndarray], frames: list[bytes]) -> dict[str, float]:
+    """One process encrypting ``prepared`` and decrypting ``frames``, against ``workers`` processes each doing its
+    share, held in its own memory beforehand (:data:`SAMPLES` alternate timings each)."""
+    cipher, times = UpdateCipher(context), {}
+    with WorkerProcesses(workers, _split_start, (context.serialize(with_secret_key=True),)) as split:
+        for kind, work in (("encrypt", prepared), ("decrypt", frames)):
+            for ticket in [split.submit(_split_hold, work[k::workers]) for k in range(workers)]:  # one each, in turn
+                ticket.result()
+            times[f"{kind}_s_one"], times[f"{kind}_s"] = _shortest_pair(
+                lambda kind=kind, work=work: _run_chunks(cipher, kind, work),
+                lambda kind=kind: [t.result() for t in [split.submit(_split_run, kind) for _ in range(workers)]],
+                SAMPLES,
+            )
+    return times
+
+
 def _started_pool(context: HEContext, workers: int | None) -> tuple[CipherPool, float]:
     """A pool whose workers have started and run a task, so the measurements leave out its start (once per fit)."""
     start = time.perf_counter()
@@ -298,6 +350,7 @@ def _measure_ours(state, layout, params, clients, rng, site, server, pool, one_w
         values = layout.flatten({n: t + 0.01 * torch.randn_like(t) for n, t in state.items()})
         frames = list(pool.iter_encrypt(values, shares[k], where=layout.locate))
         if k == 0:  # once is enough for the ratios, and keeps 30 sites affordable
+            prepared = list(one_worker.cipher.iter_prepared(values, shares[k]))  # what the pool's workers encrypt
             encrypt_one_s, encrypt_s = _shortest_pair(
                 lambda v=values, w=shares[k]: list(one_worker.iter_encrypt(v, w, where=layout.locate)),
                 lambda v=values, w=shares[k]: list(pool.iter_encrypt(v, w, where=layout.locate)),
@@ -332,6 +385,11 @@ def _measure_ours(state, layout, params, clients, rng, site, server, pool, one_w
     )
     average = pool.decrypt(global_chunks, layout.numel, total_share)  # in float64, for the checks below
     rebuild_s = _rebuild_s(CiphertextLayout(site), global_chunks)
+    ceiling = None
+    if pool.workers > 1:
+        log(f"the same chunks split between {pool.workers} processes that share nothing ...")
+        ceiling = _ceiling(site, pool.workers, prepared, global_chunks)
+    del prepared
 
     log("lightning_fhe: the server sends the summed second polynomial instead ...")
     summed_chunks, summed_server_s = _timed(total.chunks, summed=CiphertextLayout(server))
@@ -348,6 +406,7 @@ def _measure_ours(state, layout, params, clients, rng, site, server, pool, one_w
         "encrypt_s_one_worker": encrypt_one_s,
         "decrypt_s_one_worker": decrypt_one_s,
         "rebuild_s": rebuild_s,
+        "ceiling": ceiling,
         # The first site makes the sum (SEAL loads without adding; numpy's first writes fault in its pages): the
         # figure is adding an update to a sum, from the second site on.
         "aggregate_s_per_client": float(np.mean(aggregate_s)),
@@ -390,6 +449,20 @@ def _checks(result: dict[str, Any]) -> list[tuple[str, float, str, float]]:
     return checks
 
 
+def _machine_limit(ours: dict[str, Any], workers: int) -> list[str]:
+    """The split processes' speed-up, and how much of it the pool's reached: a line, if there were several workers."""
+    ceiling = ours.get("ceiling")
+    if not ceiling or workers == 1:
+        return []
+    split = {kind: ceiling[f"{kind}_s_one"] / ceiling[f"{kind}_s"] for kind in ("encrypt", "decrypt")}
+    pool = {kind: ours[f"{kind}_s_one_worker"] / ours[f"{kind}_s"] for kind in ("encrypt", "decrypt")}
+    return [
+        f"the machine's limit: {workers} processes sharing nothing, each its share of the chunks, against one: "
+        f"encrypt {split['encrypt']:.2f}x, decrypt {split['decrypt']:.2f}x; the pool reached "
+        f"{pool['encrypt'] / split['encrypt']:.0%} and {pool['decrypt'] / split['decrypt']:.0%} of it"
+    ]
+
+
 def format_table(result: dict[str, Any]) -> str:
     raw, base, ours = result["raw_bytes"], result["baseline"], result["lightning_fhe"]
     summed, k, workers = ours["summed"], result["clients"], result["workers"]
@@ -430,6 +503,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"server expanding the seeds for the summed download: {summed['server_s']:.2f} s",
         f"pool start (once per fit): {ours['pool_start_s']:.2f} s",
         masks,
+        *_machine_limit(ours, workers),
         "",
     ]
     for name, value, op, target in _checks(result):
