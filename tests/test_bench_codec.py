@@ -71,6 +71,9 @@ def test_the_table_shows_every_target(result):
                  "pairwise masks, one site with 2 peers", "server aggregation per site update: ours (",
                  "the machine's limit: 2 processes sharing nothing"):  # fmt: skip
         assert line in table
+    assert "decrypt speed-up vs baseline at 3 sites: " in table and "target, 5x, is for 2 sites" in table
+    two_sites = codec.format_table({**result, "clients": 2})
+    assert "decrypt speed-up vs baseline           " in two_sites and "at 2 sites" not in two_sites
     one_worker = codec.format_table({**result, "workers": 1})
     assert "pool speed-up" not in one_worker and "machine's limit" not in one_worker  # nothing to compare against
 

@@ -436,17 +436,21 @@ def _checks(result: dict[str, Any]) -> list[tuple[str, float, str, float]]:
         ("upload vs fp32", ours["upload_bytes"] / raw, "<=", TARGETS["upload_vs_raw"]),
         (f"download vs fp32, {k} sites", ours["download_bytes"] / raw, "<=", download_target(k)),
         ("encrypt speed-up vs baseline", base["encrypt_s"] / ours["encrypt_s"], ">=", TARGETS["encrypt_speedup"]),
-        ("decrypt speed-up vs baseline", base["decrypt_s"] / ours["decrypt_s"], ">=", TARGETS["decrypt_speedup"]),
+    ]
+    if k <= 2:  # the target is the issue's for 2 sites; with more, each site's seed costs its rebuild
+        checks.append(
+            ("decrypt speed-up vs baseline", base["decrypt_s"] / ours["decrypt_s"], ">=", TARGETS["decrypt_speedup"])
+        )
+    if result["workers"] > 1:  # one worker has no speed-up to show
+        checks += [
+            ("pool speed-up, encrypt", ours["encrypt_s_one_worker"] / ours["encrypt_s"], ">=", TARGETS["pool_speedup"]),
+            ("pool speed-up, decrypt", ours["decrypt_s_one_worker"] / ours["decrypt_s"], ">=", TARGETS["pool_speedup"]),
+        ]
+    return checks + [
         ("aggregation speed-up vs SEAL", base["aggregate_s_per_client"] / ours["aggregate_s_per_client"], ">=",
          TARGETS["aggregate_speedup"]),
         ("max abs error of the average", ours["max_abs_error"], "<=", TARGETS["max_abs_error"]),
     ]
-    if result["workers"] > 1:  # one worker has no speed-up to show
-        checks[4:4] = [
-            ("pool speed-up, encrypt", ours["encrypt_s_one_worker"] / ours["encrypt_s"], ">=", TARGETS["pool_speedup"]),
-            ("pool speed-up, decrypt", ours["decrypt_s_one_worker"] / ours["decrypt_s"], ">=", TARGETS["pool_speedup"]),
-        ]
-    return checks
 
 
 def _machine_limit(ours: dict[str, Any], workers: int) -> list[str]:
@@ -460,6 +464,18 @@ def _machine_limit(ours: dict[str, Any], workers: int) -> list[str]:
         f"the machine's limit: {workers} processes sharing nothing, each its share of the chunks, against one: "
         f"encrypt {split['encrypt']:.2f}x, decrypt {split['decrypt']:.2f}x; the pool reached "
         f"{pool['encrypt'] / split['encrypt']:.0%} and {pool['decrypt'] / split['decrypt']:.0%} of it"
+    ]
+
+
+def _decrypt_many_sites(result: dict[str, Any]) -> list[str]:
+    """Beyond 2 sites, the decryption's speed-up in both download forms, as a line (its target is for 2 sites)."""
+    k, base, ours = result["clients"], result["baseline"], result["lightning_fhe"]
+    if k <= 2:
+        return []
+    seeds, summed = base["decrypt_s"] / ours["decrypt_s"], base["decrypt_s"] / ours["summed"]["decrypt_s"]
+    return [
+        f"decrypt speed-up vs baseline at {k} sites: {seeds:.1f}x with the seeds, {summed:.1f}x summed "
+        f"(the target, {TARGETS['decrypt_speedup']:g}x, is for 2 sites)"
     ]
 
 
@@ -504,6 +520,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"pool start (once per fit): {ours['pool_start_s']:.2f} s",
         masks,
         *_machine_limit(ours, workers),
+        *_decrypt_many_sites(result),
         "",
     ]
     for name, value, op, target in _checks(result):
