@@ -25,16 +25,24 @@ def workers():
         yield processes
 
 
-def test_tasks_go_to_the_workers_in_turn_and_their_results_come_back_in_order(workers):
-    pids = [ticket.result() for ticket in [workers.submit(os.getpid) for _ in range(6)]]
-    assert pids == pids[:2] * 3
+def test_tasks_spread_over_the_workers_and_their_results_come_back_in_order(workers):
+    tickets = [workers.submit(os.getpid) for _ in range(6)]
+    pids = [ticket.result() for ticket in tickets]
+    assert pids[0] != pids[1]  # the second finds the first worker busy (or answered: then it is the other's turn)
     assert set(pids) == set(workers.pids) and len(set(pids)) == 2 and os.getpid() not in pids
+    assert [workers.submit(math.factorial, n).result() for n in range(6)] == [1, 1, 2, 6, 24, 120]
+
+
+def test_a_busy_worker_gets_no_task_while_another_is_idle(workers):
+    busy = workers.submit(time.sleep, 1.0, to=0)
+    assert [workers.submit(os.getpid).result() for _ in range(5)] == [workers.pids[1]] * 5
+    assert busy.result() is None
+    assert {workers.submit(os.getpid, to=k).result() for k in (0, 1)} == set(workers.pids)
 
 
 def test_a_result_asked_for_late_is_kept_for_whoever_asks(workers):
-    first, second = workers.submit(math.factorial, 5), workers.submit(math.factorial, 6)
-    third = workers.submit(math.factorial, 7)  # the first one's worker again: its answer comes after the first's
-    assert third.worker is first.worker
+    first, second = workers.submit(math.factorial, 5, to=0), workers.submit(math.factorial, 6, to=1)
+    third = workers.submit(math.factorial, 7, to=0)  # its answer comes after the first's, on the same pipe
     assert third.result() == 5040
     assert (second.result(), first.result()) == (720, 120)
 
@@ -76,16 +84,16 @@ def test_threads_waiting_on_the_same_worker_each_get_their_own_result(workers):
 
 def test_a_killed_worker_fails_its_task_and_the_next_one_sent_to_it_at_once():
     with WorkerProcesses(2) as processes:
-        held = processes.submit(time.sleep, 60)
-        other = processes.submit(math.factorial, 3)
+        held = processes.submit(time.sleep, 60, to=0)
+        other = processes.submit(math.factorial, 3, to=1)
         os.kill(processes.pids[0], signal.SIGKILL)
         start = time.monotonic()
         with pytest.raises(WorkerDied, match=f"{processes.pids[0]} died while it held a task"):
             held.result()
         assert time.monotonic() - start < 10
         assert other.result() == 6  # the other worker is unharmed
-        with pytest.raises(WorkerDied):  # the dead one's turn: refused on sending, or on reading the answer
-            processes.submit(math.factorial, 3).result()
+        with pytest.raises(WorkerDied):  # refused on sending, or on reading the answer
+            processes.submit(math.factorial, 3, to=0).result()
 
 
 def test_workers_that_cannot_start_are_reported_and_none_is_left_running(capfd):

@@ -11,9 +11,10 @@ Besides the JSON keys below, the run measures in the same process, on the same c
 
 - the pool against one worker (``encrypt_s_one_worker``, ``decrypt_s_one_worker``), so its speed-up is a ratio;
 - the most any pool could give on this machine (``ceiling``): the same chunks split between ``workers`` processes
-  that each hold their share and send nothing anywhere, against one process doing them all. What that falls short of
-  ``workers`` times is the machine's (cores that slow each other down: shared caches, clocks, a host's other tenants),
-  so the pool's speed-up is read against it;
+  that each hold their share and send nothing anywhere, against one process doing them all, the processes' time
+  taken as if the work were shared in proportion to the speed each ran at. What that falls short of ``workers``
+  times is the machine's (cores that slow each other down: shared caches, clocks, a host's other tenants), so the
+  pool's speed-up is read against it;
 - the rebuild alone (``rebuild_s``: expanding the K seeds of every chunk, in one process);
 - the server path protocol v1 had (``baseline.aggregate_s_per_client``): SEAL loads each site's seeded ciphertexts,
   expanding their seeds, and ``add_inplace`` adds them, against our modular addition of the packed first polynomials
@@ -205,9 +206,12 @@ def _split_hold(share: list) -> None:
     _split_share[:] = share
 
 
-def _split_run(kind: str) -> None:
+def _split_run(kind: str) -> float:
+    """Seconds this process took for its share."""
     assert _split_cipher is not None
+    start = time.perf_counter()
     _run_chunks(_split_cipher, kind, _split_share)
+    return time.perf_counter() - start
 
 
 def _run_chunks(cipher: UpdateCipher, kind: str, work: list) -> None:
@@ -223,18 +227,30 @@ def _run_chunks(cipher: UpdateCipher, kind: str, work: list) -> None:
 
 def _ceiling(context: HEContext, workers: int, prepared: list[np.ndarray], frames: list[bytes]) -> dict[str, float]:
     """One process encrypting ``prepared`` and decrypting ``frames``, against ``workers`` processes each doing its
-    share, held in its own memory beforehand (:data:`SAMPLES` alternate timings each)."""
+    share, held in its own memory beforehand (:data:`SAMPLES` alternate timings each).
+
+    The processes' time is what they would take with the work shared in proportion to the speed each ran at: on a
+    shared host one core is often slower than the other, and equal shares would charge the machine's limit with the
+    imbalance, which a pool that hands each task to the least busy worker avoids."""
     cipher, times = UpdateCipher(context), {}
     with WorkerProcesses(workers, _split_start, (context.serialize(with_secret_key=True),)) as split:
         for kind, work in (("encrypt", prepared), ("decrypt", frames)):
-            for ticket in [split.submit(_split_hold, work[k::workers]) for k in range(workers)]:  # one each, in turn
+            shares = [work[k::workers] for k in range(workers)]
+            for ticket in [split.submit(_split_hold, share, to=k) for k, share in enumerate(shares)]:
                 ticket.result()
-            times[f"{kind}_s_one"], times[f"{kind}_s"] = _shortest_pair(
-                lambda kind=kind, work=work: _run_chunks(cipher, kind, work),
-                lambda kind=kind: [t.result() for t in [split.submit(_split_run, kind) for _ in range(workers)]],
-                SAMPLES,
-            )
+            ones, splits = [], []
+            for _ in range(SAMPLES):
+                ones.append(_timed(_run_chunks, cipher, kind, work)[1])
+                splits.append(_balanced_seconds(split, kind, [len(share) for share in shares]))
+            times[f"{kind}_s_one"], times[f"{kind}_s"] = min(ones), min(splits)
     return times
+
+
+def _balanced_seconds(split: WorkerProcesses, kind: str, sizes: list[int]) -> float:
+    """Runs every split process on its share at once; the seconds they would take for all of it at the rates they
+    ran at, shared in proportion."""
+    seconds = [ticket.result() for ticket in [split.submit(_split_run, kind, to=k) for k in range(len(sizes))]]
+    return sum(sizes) / sum(size / s for size, s in zip(sizes, seconds))
 
 
 def _started_pool(context: HEContext, workers: int | None) -> tuple[CipherPool, float]:

@@ -6,10 +6,10 @@ the workers wait for on a 2-core machine. ``concurrent.futures.ProcessPoolExecut
 threads of the calling process (its queue's feeder, the executor's manager, the result reader); here the calling
 thread writes a task to its worker's pipe and reads the result back itself, and nothing else runs in between.
 
-Tasks go to the workers in turn and each worker answers in order, so a result is read from the one pipe it will come
-back on. A worker that dies (killed; out of memory) closes its pipe: whoever waits on it gets :class:`WorkerDied`
-at once. A worker ends when the calling process closes the pipes or ends, however it ends: the pipe's end of file
-tells it.
+Each task goes to the worker with the fewest tasks not yet done, and each worker answers in order, so a result is
+read from the one pipe it will come back on. A worker that dies (killed; out of memory) closes its pipe: whoever
+waits on it gets :class:`WorkerDied` at once. A worker ends when the calling process closes the pipes or ends,
+however it ends: the pipe's end of file tells it.
 
 Workers are spawned, not forked: a process that runs gRPC's threads must not fork. A spawned process normally
 imports the parent's ``__main__`` first (a training script: Lightning, torch, the data, some 400 MB and seconds per
@@ -95,6 +95,7 @@ class _Worker:
         self.numbers = itertools.count()
         self.arrived: dict[int, tuple[bool, Any]] = {}  # results read while waiting for an earlier task's
         self.forgotten: set[int] = set()
+        self.running = 0  # tasks sent whose answers have not been read yet
 
     def started(self) -> int:
         """Waits for the worker to start; its pid."""
@@ -110,23 +111,41 @@ class _Worker:
                 self.conn.send((number, work, args))
             except OSError:
                 raise WorkerDied(f"worker process {self.process.pid} is gone") from None
+            self.running += 1
         return number
+
+    def load(self) -> int:
+        """Its tasks not yet done, once the answers already in its pipe are read (without waiting for any)."""
+        if self.receive_lock.acquire(blocking=False):
+            try:
+                while self.running and self.conn.poll():
+                    self._read()
+            except (EOFError, OSError):
+                pass  # dead: whoever asks for its results hears it
+            finally:
+                self.receive_lock.release()
+        return self.running
 
     def result(self, number: int) -> Any:
         with self.receive_lock:
             while number not in self.arrived:
                 try:
-                    done, ok, value = self.conn.recv()
+                    self._read()
                 except (EOFError, OSError):
                     raise WorkerDied(f"worker process {self.process.pid} died while it held a task") from None
-                if done in self.forgotten:
-                    self.forgotten.discard(done)
-                else:
-                    self.arrived[done] = (ok, value)
             ok, value = self.arrived.pop(number)
         if not ok:
             raise value
         return value
+
+    def _read(self) -> None:
+        """Reads the next answer (the receive lock held)."""
+        done, ok, value = self.conn.recv()
+        self.running -= 1
+        if done in self.forgotten:
+            self.forgotten.discard(done)
+        else:
+            self.arrived[done] = (ok, value)
 
     def forget(self, number: int) -> None:
         with self.receive_lock:
@@ -173,11 +192,20 @@ class WorkerProcesses:
             raise
         self._turn = itertools.count()
 
-    def submit(self, work: Callable, *args: Any) -> Ticket:
-        """Sends ``work(*args)`` to the next worker in turn."""
+    def submit(self, work: Callable, *args: Any, to: int | None = None) -> Ticket:
+        """Sends ``work(*args)`` to the worker with the fewest tasks not yet done (the next in turn among equals), or
+        to worker number ``to``.
+
+        The fewest, not each in turn, as a queue that all workers take from would do: on a shared host one core is
+        often slowed down by another tenant, and a worker on it that got every other task would finish last while the
+        other waited."""
         if not self._workers:
             raise RuntimeError("the worker processes were closed")
-        worker = self._workers[next(self._turn) % len(self._workers)]
+        if to is not None:
+            worker = self._workers[to]
+        else:
+            turn = next(self._turn) % len(self._workers)
+            worker = min(self._workers[turn:] + self._workers[:turn], key=_Worker.load)
         return Ticket(worker, worker.submit(work, args))
 
     def close(self, timeout: float = 10.0) -> None:
