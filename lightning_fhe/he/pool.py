@@ -377,7 +377,7 @@ class StreamDecryption:
         self._participants = participants
         self._expected = num_chunks(count, pool.params)
         self._batch: list[bytes] = []
-        self._pending: deque = deque()
+        self._pending: deque = deque()  # a batch's frames to decrypt here, or a worker's (slot, size, ticket)
         self._block: _Block | None = None
         self._submitted = self._added = self._written = 0
 
@@ -406,8 +406,9 @@ class StreamDecryption:
         """Gives the shared memory back; chunks still pending are dropped."""
         if self._block is not None:
             for work in self._pending:
-                if not isinstance(work, list):
-                    work[2].forget()
+                if not isinstance(work, list):  # a worker's batch
+                    _, _, ticket = work
+                    ticket.forget()
             self._pool._give_back(self._block, settled=not self._pending)
             self._block = None
 
