@@ -115,9 +115,10 @@ class HEFederation(Callback):
         progress: show progress bars for uploads (encrypted as they go) and downloads (decrypted as they arrive) on
             a terminal (global rank 0 only).
         he_workers: processes that encrypt and decrypt the updates (SEAL holds the GIL, so threads would not help);
-            default: every core this process may use; 1: in the training process itself. They start once per fit,
-            when the site joins (on global rank 0 only), and end when fit ends, also on an exception. Set it lower
-            when several sites or other work share the machine's cores.
+            default: every core this process may use, but no more than the encrypted update's tasks of 16 chunks
+            (8192 values each: a model of under 131,072 encrypted values starts none); 1: in the training process
+            itself. They start once per fit, when the site joins (on global rank 0 only), and end when fit ends, also
+            on an exception. Set it lower when several sites or other work share the machine's cores.
         masking: pairwise masks on the encrypted update, so that the server together with other sites (or with
             whoever provisioned the key) cannot read this site's update; only the sum of a round's members decrypts
             (``docs/security.md``). None: on when every member masks and there are 3 or more sites; True: join only

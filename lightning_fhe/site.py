@@ -33,10 +33,10 @@ from lightning_fhe.client import (
     SubmitReceipt,
 )
 from lightning_fhe.federated_metrics import METRICS_SPEC, carried_names, decode_metrics, encode_metrics
-from lightning_fhe.he.codec import ValueSource
+from lightning_fhe.he.codec import ValueSource, num_chunks
 from lightning_fhe.he.context import HEContext
 from lightning_fhe.he.layout import TensorLayout
-from lightning_fhe.he.pool import CipherPool
+from lightning_fhe.he.pool import CipherPool, default_workers
 from lightning_fhe.privacy import UpdateMechanism
 from lightning_fhe.proto.update_shape import INITIAL_MODEL_ROUND, UpdateShape, update_shape
 from lightning_fhe.selection import TensorSplit
@@ -121,7 +121,8 @@ class FederatedSite:
         federated_metrics: carry validation metrics in the update (every site of a federation must agree: the
             layout differs).
         workers: processes that encrypt and decrypt (:class:`~lightning_fhe.he.pool.CipherPool`), started here
-            and ended by :meth:`close`; default: every core this process may use; 1: in this process.
+            and ended by :meth:`close`; default: every core this process may use, but no more than the encrypted
+            update's tasks of 16 chunks (a small model, or an update in plaintext, starts none); 1: in this process.
     """
 
     def __init__(
@@ -153,6 +154,8 @@ class FederatedSite:
         self.info: JoinInfo | None = None
         # Noise must be unpredictable to anyone else: a fresh OS-seeded generator, never a configured seed.
         self._rng = np.random.default_rng()
+        if workers is None:  # every core that has chunks to work on
+            workers = default_workers(num_chunks(self.wire_encrypted.numel, self.params))
         # Last, so that nothing can fail once its worker processes are running (close() ends them).
         self.pool = CipherPool(he_context, workers=workers)
 

@@ -18,7 +18,7 @@ import pytest
 
 from lightning_fhe.he.codec import ChunkSum, CiphertextError
 from lightning_fhe.he.fixed_point import round_to_grid
-from lightning_fhe.he.pool import CipherPool, CipherWorkerError
+from lightning_fhe.he.pool import CipherPool, CipherWorkerError, default_workers
 
 BATCH, WINDOW = 2, 2
 
@@ -132,6 +132,16 @@ def test_decryption_runs_at_most_window_times_workers_batches_ahead(pool1, pool2
     else:
         # Pipelined (so it overlaps), never beyond the window's batches in flight and the one being filled.
         assert BATCH < max(ahead) < (WINDOW * workers + 1) * BATCH
+
+
+def test_by_default_no_more_workers_start_than_an_update_has_tasks():
+    cores = len(os.sched_getaffinity(0))
+    assert default_workers() == cores
+    assert default_workers(chunks=0) == 1  # nothing encrypted: no process to start
+    assert default_workers(chunks=1) == default_workers(chunks=16) == 1  # one task
+    assert default_workers(chunks=17) == min(cores, 2)
+    assert default_workers(chunks=10**6) == cores
+    assert default_workers(chunks=17, batch=4) == min(cores, 5)
 
 
 def test_bad_settings_are_refused(site_context):

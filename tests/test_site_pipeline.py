@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 import torch
 from test_server_support import (
@@ -193,6 +194,21 @@ def test_a_download_broken_midway_is_retried_and_still_decrypts_exactly(kits, tm
     globals_ = federate(kits, tmp_path / "broken", workers=2, before_round=before_round)
     assert broken == {"site-1": [2], "site-2": [2]}  # each site's first download of round 1 broke after 2 chunks
     assert_exact_average(globals_)  # and the retried one started over and decrypted exactly
+
+
+def test_a_site_starts_no_worker_processes_for_an_update_of_one_task_unless_asked(kits):
+    # 20,000 encrypted values are 3 chunks, one task of 16: a second process could never be busy. (No server is
+    # needed: the client connects on its first call.)
+    kit = load_site_kit(kits / "site-1")
+    for workers, expected in ((None, 1), (2, 2)):
+        before = {child.pid for child in psutil.Process().children()}
+        site = FederatedSite(AggregatorClient(kit, "127.0.0.1:1"), kit.he_context, SPLIT, MODEL_STATE, workers=workers)
+        try:
+            started = {child.pid for child in psutil.Process().children()} - before
+            assert site.pool.workers == expected
+            assert len(started) >= expected if workers else not started  # (multiprocessing's tracker may start too)
+        finally:
+            site.close()
 
 
 def test_the_kept_update_is_read_back_from_its_file_not_kept_in_memory(kits):

@@ -47,6 +47,7 @@ from lightning_fhe.he.workers import Ticket, WorkerDied, WorkerProcesses
 _worker_cipher: UpdateCipher | None = None
 _worker_blocks: dict[str, shared_memory.SharedMemory] = {}  # attached, the most recently used last
 _ATTACHED = 2  # an upload's block and a download's: the site reuses them operation after operation
+DEFAULT_BATCH = 16  # chunks per task
 
 
 def _start_worker(context_bytes: bytes) -> None:
@@ -160,12 +161,17 @@ class _Block:
             self._memory = None
 
 
-def default_workers() -> int:
-    """The cores this process may run on."""
+def default_workers(chunks: int | None = None, batch: int = DEFAULT_BATCH) -> int:
+    """The cores this process may run on, and no more than there are tasks: ``chunks`` (an update's, if known) in
+    tasks of ``batch``. A worker with no task to do would only cost its start (a process, about 0.4 CPU-seconds) and
+    its memory: a small model, or an update sent in plaintext, is encrypted and decrypted in the calling process."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    if chunks is None:
+        return cores
+    return max(1, min(cores, -(-chunks // batch)))
 
 
 class CipherWorkerError(RuntimeError):
@@ -183,7 +189,9 @@ class CipherPool:
         window: batches in flight at most, per worker.
     """
 
-    def __init__(self, context: HEContext, workers: int | None = None, batch: int = 16, window: int = 3) -> None:
+    def __init__(
+        self, context: HEContext, workers: int | None = None, batch: int = DEFAULT_BATCH, window: int = 3
+    ) -> None:
         self.cipher = UpdateCipher(context)
         self.params = context.params
         self.workers = default_workers() if workers is None else int(workers)
