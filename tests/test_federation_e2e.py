@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from site_processes import SITE, SiteProcess, start_site
 
 from lightning_fhe.he.codec import num_chunks
 from lightning_fhe.he.params import CKKSParams
@@ -21,7 +22,6 @@ from lightning_fhe.server.app import AggregatorServer
 from lightning_fhe.server.config import load_server_config
 
 REPO = Path(__file__).resolve().parents[1]
-SITE = REPO / "tests" / "sites" / "boring_site.py"
 ROUNDS = 3
 
 pytestmark = pytest.mark.slow
@@ -44,9 +44,8 @@ def federate(kits: Path, tmp: Path, sites: dict[str, list[str]], rounds: int = R
     processes = {}
     try:
         for name, args in sites.items():
-            command = [sys.executable, str(SITE), "--kit", str(kits / name), "--server", f"localhost:{port}"]
-            command += ["--out", str(tmp / f"{name}.pt"), "--max-epochs", str(rounds), *args]
-            processes[name] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            argv = ["--kit", str(kits / name), "--server", f"localhost:{port}", "--out", str(tmp / f"{name}.pt")]
+            processes[name] = start_site([*argv, "--max-epochs", str(rounds), *args], output=tmp / f"{name}.log")
         for name, process in processes.items():
             output, _ = process.communicate(timeout=240)
             assert process.returncode == 0, f"{name} failed:\n{output[-4000:]}"
@@ -220,10 +219,12 @@ def federate_with_restart(
     port = server.start()
     checkpoint = tmp / "site-1.ckpt"
 
-    def site(name: str, seed: int, *extra: str) -> subprocess.Popen:
-        command = [sys.executable, str(SITE), "--kit", str(kits / name), "--server", f"localhost:{port}"]
-        command += ["--out", str(tmp / f"{name}.pt"), "--seed", str(seed), *args, *extra]
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started = []
+
+    def site(name: str, seed: int, *extra: str) -> SiteProcess:
+        started.append(name)
+        argv = ["--kit", str(kits / name), "--server", f"localhost:{port}", "--out", str(tmp / f"{name}.pt")]
+        return start_site([*argv, "--seed", str(seed), *args, *extra], output=tmp / f"{name}-{len(started)}.log")
 
     try:
         other = site("site-2", 1)

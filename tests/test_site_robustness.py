@@ -8,11 +8,8 @@ Lightning Trainers (tests/sites/boring_site.py) where a process is what shows th
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
+from site_processes import start_site
 from test_server_federation import (  # noqa: F401 - cipher is a fixture
     FakeClock,
     cipher,
@@ -43,7 +41,6 @@ from lightning_fhe.server.errors import Reason, Status
 from lightning_fhe.server.messages import Phase, PlaintextPart, UploadHeader
 
 REPO = Path(__file__).resolve().parents[1]
-SITE = REPO / "tests" / "sites" / "boring_site.py"
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +62,9 @@ def free_port() -> int:
 
 
 def site_process(kits: Path, name: str, port: int, out: Path, *args: str, kit: str | None = None, cwd=None):
-    command = [sys.executable, str(SITE), "--kit", kit or str(kits / name), "--server", f"localhost:{port}"]
-    command += ["--out", str(out / f"{name}.pt"), *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env)
+    argv = ["--kit", kit or str(kits / name), "--server", f"localhost:{port}", "--out", str(out / f"{name}.pt")]
+    logs = len(list(out.glob(f"{name}-*.log")))
+    return start_site([*argv, *args], output=out / f"{name}-{logs + 1}.log", cwd=cwd)
 
 
 def trainer(federation: HEFederation, **options) -> L.Trainer:
