@@ -9,7 +9,7 @@ sockets, threads, Trainer and cipher workers, running ``boring_site.py`` as ``__
 suite took 670 s and 693 s before, 531 s after, in runs on one machine.)
 
 :func:`start_site` answers with a :class:`SiteProcess`, which offers the part of ``subprocess.Popen`` the tests use;
-the site's output (stdout and stderr) goes to a file, and comes back as text.
+the site's output (stdout and stderr) goes to a file beside its other files, and comes back as text.
 """
 
 from __future__ import annotations
@@ -54,8 +54,7 @@ class SiteProcess:
     """A forked site, as much of a ``subprocess.Popen`` as the tests need."""
 
     def __init__(self, argv: list[str], output: Path, cwd: str | os.PathLike | None) -> None:
-        self._output = output
-        output.write_bytes(b"")  # here, so that its lines can be read from the start
+        self._output = output  # created before the site starts, so that its lines can be read from the start
         self._process = _FORKS.Process(target=_run, args=(list(argv), str(output), cwd and str(cwd)))
         self._process.start()
         self.pid = self._process.pid
@@ -109,6 +108,15 @@ class SiteProcess:
             self._process.join(10)
 
 
-def start_site(argv: list[str], output: Path, cwd: str | os.PathLike | None = None) -> SiteProcess:
-    """Starts ``boring_site.py argv`` in a forked process, its output to the file ``output``, in ``cwd``."""
-    return SiteProcess(argv, Path(output), cwd)
+def start_site(argv: list[str], logs: Path, name: str, cwd: str | os.PathLike | None = None) -> SiteProcess:
+    """Starts ``boring_site.py argv`` in a forked process, in ``cwd``; its output goes to a new file in ``logs``,
+    ``<name>-1.log`` for the first site of that name, ``<name>-2.log`` for a restart."""
+    number = 1
+    while True:
+        output = logs / f"{name}-{number}.log"
+        try:
+            os.close(os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            number += 1
+            continue
+        return SiteProcess(argv, output, cwd)

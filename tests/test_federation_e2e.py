@@ -45,7 +45,7 @@ def federate(kits: Path, tmp: Path, sites: dict[str, list[str]], rounds: int = R
     try:
         for name, args in sites.items():
             argv = ["--kit", str(kits / name), "--server", f"localhost:{port}", "--out", str(tmp / f"{name}.pt")]
-            processes[name] = start_site([*argv, "--max-epochs", str(rounds), *args], output=tmp / f"{name}.log")
+            processes[name] = start_site([*argv, "--max-epochs", str(rounds), *args], tmp, name)
         for name, process in processes.items():
             output, _ = process.communicate(timeout=240)
             assert process.returncode == 0, f"{name} failed:\n{output[-4000:]}"
@@ -219,12 +219,9 @@ def federate_with_restart(
     port = server.start()
     checkpoint = tmp / "site-1.ckpt"
 
-    started = []
-
     def site(name: str, seed: int, *extra: str) -> SiteProcess:
-        started.append(name)
         argv = ["--kit", str(kits / name), "--server", f"localhost:{port}", "--out", str(tmp / f"{name}.pt")]
-        return start_site([*argv, "--seed", str(seed), *args, *extra], output=tmp / f"{name}-{len(started)}.log")
+        return start_site([*argv, "--seed", str(seed), *args, *extra], tmp, name)
 
     try:
         other = site("site-2", 1)

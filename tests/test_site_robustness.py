@@ -63,8 +63,7 @@ def free_port() -> int:
 
 def site_process(kits: Path, name: str, port: int, out: Path, *args: str, kit: str | None = None, cwd=None):
     argv = ["--kit", kit or str(kits / name), "--server", f"localhost:{port}", "--out", str(out / f"{name}.pt")]
-    logs = len(list(out.glob(f"{name}-*.log")))
-    return start_site([*argv, *args], output=out / f"{name}-{logs + 1}.log", cwd=cwd)
+    return start_site([*argv, *args], out, name, cwd=cwd)
 
 
 def trainer(federation: HEFederation, **options) -> L.Trainer:
