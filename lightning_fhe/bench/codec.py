@@ -27,9 +27,10 @@ Besides the JSON keys below, the run measures in the same process, on the same c
 
 Both codecs see the same tensors on the same machine, so the ratios hold even where absolute times are noisy; and
 every time is the shortest of ``--repeat`` runs (default 3) for both alike, as ``timeit`` reports: on a shared
-machine, noise only ever adds time. Within a run, the short steps that a ratio compares are timed :data:`SAMPLES`
-times, alternately: the pool and one worker, encrypting and decrypting, and our aggregation and SEAL's. The
-baseline's encryption and decryption, which take seconds, are timed once a run.
+machine, noise only ever adds time. Within a run, the short steps that a ratio compares are timed several times,
+alternately: the pool and one worker, encrypting and decrypting, and the machine's limit :data:`POOL_SAMPLES` times,
+our aggregation and SEAL's :data:`SAMPLES` times. The baseline's encryption and decryption, which take seconds, are
+timed once a run.
 """
 
 from __future__ import annotations
@@ -68,10 +69,15 @@ TARGETS = {
     "aggregate_speedup": 20.0,
     "max_abs_error": 1e-6,
 }
-#: Within a run, each of the short timings that a ratio compares (the pool and one worker, encrypting and
-#: decrypting; our aggregation and SEAL's) is taken this many times, the two sides alternately, and each side's
-#: shortest kept: a single sample of a 0.01 s to 0.4 s step on a shared 2-core host moved these ratios by 0.3x.
+#: Within a run, each of the short timings that a ratio compares (our aggregation and SEAL's) is taken this many
+#: times, the two sides alternately, and each side's shortest kept: a single sample of a 0.01 s to 0.4 s step on a
+#: shared 2-core host moved these ratios by 0.3x.
 SAMPLES = 3
+#: The same for the steps that use every core (the pool against one worker, and the machine's limit), which another
+#: tenant of the host slows down far more than a step on one core. In one process on a busy host, 36 alternate pairs
+#: each took 299 to 530 ms with one worker decrypting and 160 to 292 ms with the pool; of the runs of 9 consecutive
+#: pairs (3 samples in each of 3 repeats) 64% gave a speed-up of 1.7x or more, of the runs of 15, 91%.
+POOL_SAMPLES = 7
 
 
 def download_target(clients: int) -> float:
@@ -227,7 +233,7 @@ def _run_chunks(cipher: UpdateCipher, kind: str, work: list) -> None:
 
 def _ceiling(context: HEContext, workers: int, prepared: list[np.ndarray], frames: list[bytes]) -> dict[str, float]:
     """One process encrypting ``prepared`` and decrypting ``frames``, against ``workers`` processes each doing its
-    share, held in its own memory beforehand (:data:`SAMPLES` alternate timings each).
+    share, held in its own memory beforehand (:data:`POOL_SAMPLES` alternate timings each).
 
     The processes' time is what they would take with the work shared in proportion to the speed each ran at: on a
     shared host one core is often slower than the other, and equal shares would charge the machine's limit with the
@@ -239,7 +245,7 @@ def _ceiling(context: HEContext, workers: int, prepared: list[np.ndarray], frame
             for ticket in [split.submit(_split_hold, share, to=k) for k, share in enumerate(shares)]:
                 ticket.result()
             ones, splits = [], []
-            for _ in range(SAMPLES):
+            for _ in range(POOL_SAMPLES):
                 ones.append(_timed(_run_chunks, cipher, kind, work)[1])
                 splits.append(_balanced_seconds(split, kind, [len(share) for share in shares]))
             times[f"{kind}_s_one"], times[f"{kind}_s"] = min(ones), min(splits)
@@ -370,7 +376,7 @@ def _measure_ours(state, layout, params, clients, rng, site, server, pool, one_w
             encrypt_one_s, encrypt_s = _shortest_pair(
                 lambda v=values, w=shares[k]: list(one_worker.iter_encrypt(v, w, where=layout.locate)),
                 lambda v=values, w=shares[k]: list(pool.iter_encrypt(v, w, where=layout.locate)),
-                SAMPLES,
+                POOL_SAMPLES,
             )
             log(f"lightning_fhe: site 1 masks its chunks with {clients - 1} peers ...")
             mask_s = _mask_s(CiphertextLayout(server), frames, clients, rng)
@@ -397,7 +403,7 @@ def _measure_ours(state, layout, params, clients, rng, site, server, pool, one_w
     decrypt_one_s, decrypt_s = _shortest_pair(
         lambda: _decrypt_model(one_worker, global_chunks, layout, total_share),
         lambda: _decrypt_model(pool, global_chunks, layout, total_share),
-        SAMPLES,
+        POOL_SAMPLES,
     )
     average = pool.decrypt(global_chunks, layout.numel, total_share)  # in float64, for the checks below
     rebuild_s = _rebuild_s(CiphertextLayout(site), global_chunks)
