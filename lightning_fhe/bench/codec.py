@@ -372,7 +372,8 @@ def _measure_ours(state, layout, params, clients, rng, site, server, pool, one_w
         values = layout.flatten({n: t + 0.01 * torch.randn_like(t) for n, t in state.items()})
         frames = list(pool.iter_encrypt(values, shares[k], where=layout.locate))
         if k == 0:  # once is enough for the ratios, and keeps 30 sites affordable
-            prepared = list(one_worker.cipher.iter_prepared(values, shares[k]))  # what the pool's workers encrypt
+            # What the pool's workers encrypt, for the machine's limit (which one worker has none of).
+            prepared = list(one_worker.cipher.iter_prepared(values, shares[k])) if pool.workers > 1 else []
             encrypt_one_s, encrypt_s = _shortest_pair(
                 lambda v=values, w=shares[k]: list(one_worker.iter_encrypt(v, w, where=layout.locate)),
                 lambda v=values, w=shares[k]: list(pool.iter_encrypt(v, w, where=layout.locate)),
